@@ -1,0 +1,180 @@
+"""Self-describing checkpoints, written atomically and read without unpickling code.
+
+A checkpoint is one `torch.save` dict of plain types and tensors that rebuilds its model alone:
+
+    format      "slimctl/1"
+    arch, num_classes, arch_args    what `create_model` needs (arch_args: {"width": …})
+    widths      module name → resizable shape (see models.layers.module_widths)
+    state_dict  of the unwrapped model (no `module.` / `_orig_mod.` prefixes)
+    config      the resolved run config (dict)
+    stage       "sparse-train" | "prune" | "finetune"
+    parent      {path, sha256} of the input checkpoint, or None
+    metrics     {params, flops, top1, …}
+    prune       {ratio, threshold, min_channels, layers: [{name, kept, total}]} or None
+    resume      {epoch, optimizer, best_top1, rng, …} while a run can be resumed, else None
+    versions    {slimctl, torch}
+
+Writes go to a temp file in the same folder, are flushed and fsync'ed, then `os.replace`d over the
+target: a crash leaves either the old file or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import pickle
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from slimctl.errors import SlimctlError
+
+FORMAT = "slimctl/1"
+REQUIRED_KEYS = ("format", "arch", "num_classes", "arch_args", "widths", "state_dict", "stage")
+STAGES = ("sparse-train", "prune", "finetune")
+
+
+# --------------------------------------------------------------------------- atomic writes
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# --------------------------------------------------------------------------- save
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain model inside DDP (`.module`) and torch.compile (`._orig_mod`) wrappers."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        else:
+            return model
+
+
+def make_checkpoint(
+    model: nn.Module,
+    *,
+    stage: str,
+    config: dict[str, Any] | None = None,
+    parent: str | Path | None = None,
+    metrics: dict[str, Any] | None = None,
+    prune: dict[str, Any] | None = None,
+    resume: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    from slimctl import __version__
+    from slimctl.models import module_widths
+
+    model = unwrap(model)
+    spec = model.arch_spec  # set by create_model
+    return {
+        "format": FORMAT,
+        "arch": spec["arch"],
+        "num_classes": spec["num_classes"],
+        "arch_args": dict(spec["arch_args"]),
+        "widths": module_widths(model),
+        "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+        "config": config,
+        "stage": stage,
+        "parent": None if parent is None else {"path": str(Path(parent).resolve()), "sha256": file_sha256(parent)},
+        "metrics": metrics or {},
+        "prune": prune,
+        "resume": resume,
+        "versions": {"slimctl": __version__, "torch": str(torch.__version__)},
+    }
+
+
+def save_checkpoint(path: str | Path, checkpoint: dict[str, Any]) -> None:
+    buffer = io.BytesIO()
+    torch.save(checkpoint, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+# --------------------------------------------------------------------------- load
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read and validate a checkpoint; every way it can be wrong is a SlimctlError."""
+    path = Path(path)
+    if not path.exists():
+        raise SlimctlError(f"checkpoint not found: {path}")
+    if path.is_dir():
+        raise SlimctlError(f"{path} is a folder; pass a checkpoint file such as {path / 'best.pt'}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise SlimctlError(f"{path} is not a slimctl checkpoint (unsafe or unreadable content: {first[:200]})") from None
+    except Exception as exc:  # truncated zip, random bytes, permission denied, …
+        raise SlimctlError(f"{path} is not a readable slimctl checkpoint ({type(exc).__name__}: {str(exc)[:200]})") from None
+    if not isinstance(ckpt, dict) or "format" not in ckpt:
+        raise SlimctlError(f"{path} is not a slimctl checkpoint (no 'format' key); was it written by slimctl?")
+    if ckpt["format"] != FORMAT:
+        raise SlimctlError(
+            f"{path} has checkpoint format {ckpt['format']!r}; this slimctl reads {FORMAT!r} (upgrade slimctl?)"
+        )
+    missing = [k for k in REQUIRED_KEYS if k not in ckpt]
+    if missing:
+        raise SlimctlError(f"{path} is missing checkpoint keys: {', '.join(missing)}")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt: dict[str, Any], device: str | torch.device = "cpu", source: str = "checkpoint") -> nn.Module:
+    """Rebuild the model from the checkpoint alone: arch + widths, then the state_dict (strict)."""
+    from slimctl.models import create_model, list_models
+
+    arch = ckpt["arch"]
+    if arch not in list_models():
+        raise SlimctlError(f"{source}: unknown arch {arch!r}; known: {', '.join(list_models())}")
+    widths, state = ckpt["widths"], ckpt["state_dict"]
+    if not isinstance(widths, dict) or not isinstance(state, dict):
+        raise SlimctlError(f"{source}: 'widths' and 'state_dict' must be mappings")
+    args = ckpt["arch_args"] if isinstance(ckpt["arch_args"], dict) else {}
+    try:
+        model = create_model(arch, int(ckpt["num_classes"]), widths=widths, **args)
+    except SlimctlError as exc:
+        raise SlimctlError(f"{source}: {exc}") from None
+    except (TypeError, ValueError) as exc:
+        raise SlimctlError(f"{source}: cannot build {arch!r} from its recorded arguments ({exc})") from None
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        detail = " ".join(str(exc).split())[:300]
+        raise SlimctlError(f"{source}: weights do not match the recorded widths ({detail})") from None
+    return model.to(device)
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
+    """The eval-mode model stored in a slimctl checkpoint (no code is unpickled)."""
+    model = model_from_checkpoint(load_checkpoint(path), device=device, source=str(path))
+    return model.eval()

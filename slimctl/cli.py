@@ -1,0 +1,229 @@
+"""`slimctl` command line: each command parses options, makes one library call, prints the result.
+
+Exit codes: 0 ok; 2 bad input (one message on stderr, no traceback); 1 anything unexpected.
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from slimctl import __version__
+from slimctl.errors import SlimctlError
+
+
+class UserError(click.ClickException):
+    """Shown as `Error: message` on stderr; exit code 2 like click's own usage errors."""
+
+    exit_code = 2
+
+
+class Group(click.Group):
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except SlimctlError as exc:
+            raise UserError(str(exc)) from None
+
+
+out_console = Console()
+err_console = Console(stderr=True, soft_wrap=True)
+
+
+def print_json(data: dict[str, Any]) -> None:
+    click.echo(json.dumps(data, indent=2))
+
+
+@contextmanager
+def progress_bar():
+    """Per-batch progress on stderr; it vanishes when the epoch line is printed."""
+    progress = Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+        console=err_console, transient=True,
+    )
+    with progress:
+        yield progress
+
+
+SET_HELP = "Override a config key, YAML-typed, e.g. --set train.epochs=10 --set data.subset=512. Repeatable."
+RESUME_HELP = "Continue the run in the output folder from its last.pt."
+FORCE_HELP = "Start over in an output folder that already holds checkpoints (they are replaced)."
+
+
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="slimctl")
+def cli() -> None:
+    """Network slimming (Liu et al., ICCV 2017): sparse-train → prune → finetune.
+
+    \b
+    slimctl sparse-train -c configs/demo.yaml -o runs/demo/sparse
+    slimctl prune runs/demo/sparse/best.pt --ratio 0.5 -o runs/demo/pruned.pt
+    slimctl finetune runs/demo/pruned.pt -c configs/demo.yaml -o runs/demo/finetune
+    slimctl report runs/demo/finetune/best.pt
+
+    Checkpoints carry their model's shape, so every stage (and `prune` again: the multi-pass
+    scheme) reads the previous stage's output directly.
+    """
+
+
+def _load_config(config: Path, overrides: tuple[str, ...]):
+    from slimctl.config import load_config
+
+    return load_config(config, overrides)
+
+
+@cli.command("sparse-train")
+@click.option("-c", "--config", "config", type=click.Path(path_type=Path), required=True,
+              help="YAML config (see configs/). Its `train` section is used.")
+@click.option("-o", "--out", type=click.Path(path_type=Path), default=None,
+              help="Run folder for config.yaml, metrics.jsonl, last.pt, best.pt [default: runs/<config name>/sparse].")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
+@click.option("--resume", is_flag=True, help=RESUME_HELP)
+@click.option("--force", is_flag=True, help=FORCE_HELP)
+def sparse_train_cmd(config: Path, out: Path | None, overrides: tuple[str, ...], resume: bool, force: bool) -> None:
+    """Train from scratch with the L1 sparsity penalty λ·Σ|γ| on BN scales (λ = train.sparsity).
+
+    With train.sparsity: 0 this is plain training (the baseline the paper compares against).
+    """
+    from slimctl.stages import sparse_train
+
+    cfg = _load_config(config, overrides)
+    run_dir = out or Path("runs") / config.stem / "sparse"
+    with progress_bar() as progress:
+        result = sparse_train(cfg, run_dir, resume=resume, force=force, progress=progress, log=err_console.print)
+    out_console.print(f"best test top-1 {result['best_top1']:.2f}%  → {result['best']}")
+
+
+@cli.command("prune")
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option("--ratio", type=float, default=None,
+              help="Fraction of all BN channels to remove, in [0, 1), by one global |γ| threshold "
+                   "[default: the checkpoint config's prune.ratio].")
+@click.option("-o", "--out", type=click.Path(path_type=Path), default=None,
+              help="Pruned checkpoint to write [default: pruned-r<RATIO>.pt beside CHECKPOINT].")
+@click.option("--min-channels", type=int, default=None,
+              help="No layer keeps fewer channels than this (its largest |γ|) [default: prune.min_channels, 1].")
+@click.option("--round-to", type=int, default=1, show_default=True,
+              help="Keep a multiple of N channels per layer (faster on GPUs/vector units); 1 = the paper.")
+@click.option("--data-root", default=None, help="Where the data set lives, if not where the checkpoint's config says.")
+@click.option("--no-eval", is_flag=True, help="Skip the test-set evaluation of the pruned model.")
+@click.option("--device", default="cpu", show_default=True, help="Device for that evaluation (cpu, cuda, auto).")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables.")
+def prune_cmd(checkpoint: Path, ratio: float | None, out: Path | None, min_channels: int | None, round_to: int,
+              data_root: str | None, no_eval: bool, device: str, force: bool, as_json: bool) -> None:
+    """Remove the channels whose BN |γ| falls under one global threshold; write a narrower model.
+
+    Also writes a |γ| histogram (OUT stem + _gamma.png) with the threshold marked, and evaluates
+    the pruned model (before any fine-tuning) when its data set is on disk.
+    """
+    from slimctl.report import before_after_table, prune_table
+    from slimctl.stages import prune_checkpoint
+
+    if out is None:
+        label = "cfg" if ratio is None else f"{ratio:g}"
+        out = checkpoint.with_name(f"pruned-r{label}.pt")
+    result = prune_checkpoint(checkpoint, out, ratio=ratio, min_channels=min_channels, round_to=round_to,
+                              evaluate_model=not no_eval, data_root=data_root, force=force, device=device)
+    if as_json:
+        print_json(result)
+        return
+    out_console.print(prune_table(result))
+    out_console.print(before_after_table(result))
+    if "eval_skipped" in result:
+        err_console.print(f"[yellow]not evaluated:[/] {result['eval_skipped']}")
+    out_console.print(f"→ {result['out']}  (histogram {result['histogram']})")
+
+
+@cli.command("finetune")
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option("-c", "--config", "config", type=click.Path(path_type=Path), required=True,
+              help="YAML config; its `finetune` section (unset keys inherit `train`) and `data` are used.")
+@click.option("-o", "--out", type=click.Path(path_type=Path), default=None,
+              help="Run folder [default: <CHECKPOINT stem>-finetune beside CHECKPOINT].")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
+@click.option("--resume", is_flag=True, help=RESUME_HELP)
+@click.option("--force", is_flag=True, help=FORCE_HELP)
+def finetune_cmd(checkpoint: Path, config: Path, out: Path | None, overrides: tuple[str, ...], resume: bool,
+                 force: bool) -> None:
+    """Train a pruned checkpoint's narrower model back to accuracy (no sparsity term)."""
+    from slimctl.stages import finetune
+
+    cfg = _load_config(config, overrides)
+    run_dir = out or checkpoint.with_name(f"{checkpoint.stem}-finetune")
+    with progress_bar() as progress:
+        result = finetune(checkpoint, cfg, run_dir, resume=resume, force=force, progress=progress,
+                          log=err_console.print)
+    out_console.print(f"best test top-1 {result['best_top1']:.2f}%  → {result['best']}")
+
+
+@cli.command("eval")
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option("--data-root", default=None, help="Where the data set lives, if not where the checkpoint's config says.")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or auto.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object: top1 (%), loss, params, flops.")
+def eval_cmd(checkpoint: Path, data_root: str | None, device: str, as_json: bool) -> None:
+    """Test-set top-1 of a checkpoint, on the data set its config names."""
+    from slimctl.stages import evaluate_checkpoint
+
+    result = evaluate_checkpoint(checkpoint, device=device, data_root=data_root)
+    if as_json:
+        print_json(result)
+    else:
+        out_console.print(
+            f"{result['data']} test top-1 {result['top1']:.2f}%  loss {result['loss']:.4f}  "
+            f"params {result['params']:,}  FLOPs {result['flops']:,}"
+        )
+
+
+@cli.command("info")
+@click.argument("checkpoint", type=click.Path(path_type=Path), required=False)
+@click.option("--arch", default=None, help="Describe a registered architecture instead of a checkpoint.")
+@click.option("--num-classes", type=click.IntRange(min=1), default=10, show_default=True, help="With --arch.")
+@click.option("--width", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
+              help="With --arch: width multiplier.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object: arch, params, flops, widths.")
+def info_cmd(checkpoint: Path | None, arch: str | None, num_classes: int, width: float, as_json: bool) -> None:
+    """Params, FLOPs (the paper's count, 1×3×32×32 input) and layer widths of a checkpoint or an arch."""
+    from slimctl.checkpoint import load_checkpoint, model_from_checkpoint
+    from slimctl.models import create_model, list_models
+    from slimctl.stages import describe
+
+    if (checkpoint is None) == (arch is None):
+        raise UserError(f"give either a CHECKPOINT or --arch NAME (one of: {', '.join(list_models())})")
+    if arch is not None:
+        model = create_model(arch, num_classes, width=width)
+    else:
+        model = model_from_checkpoint(load_checkpoint(checkpoint), source=str(checkpoint))
+    info = describe(model)
+    if as_json:
+        print_json(info)
+    else:
+        from slimctl.report import info_table
+
+        out_console.print(info_table(info))
+
+
+@cli.command("report")
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list of stages.")
+def report_cmd(checkpoint: Path, as_json: bool) -> None:
+    """Params, FLOPs and test top-1 of a checkpoint and of each ancestor it records (parent chain)."""
+    from slimctl.report import lineage_table
+    from slimctl.stages import lineage
+
+    rows = lineage(checkpoint)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+    else:
+        out_console.print(lineage_table(rows))
+
+
+def main() -> None:
+    cli(prog_name="slimctl")

@@ -1,0 +1,292 @@
+"""Run configuration: YAML file + dotted `--set key=value` overrides → frozen dataclasses.
+
+Every key has a type and a range; anything else is a `SlimctlError` that names the key, so the
+CLI shows one line and exits with code 2. The resolved config (all defaults filled in) is what a
+run writes to its folder and stores in its checkpoints: a run can be repeated from it alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from slimctl.errors import SlimctlError
+
+DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    arch: str = "vgg19"
+    # Multiplies every channel width of the family (at least 1 channel per layer).
+    width: float = 1.0
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    name: str = "cifar10"
+    root: str = "data"
+    download: bool = False
+    batch_size: int = 64
+    test_batch_size: int = 256
+    # Keep at most this many training samples (chosen by `seed`); for smoke runs.
+    subset: int | None = None
+    # Seeds the shuffling/augmentation stream and the choice of `subset`.
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 160
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    # Fractions of `epochs` at which the lr is multiplied by `lr_decay`; applied as integer epochs.
+    milestones: tuple[float, ...] = (0.5, 0.75)
+    lr_decay: float = 0.1
+    # λ of the L1 penalty on BN scales (the paper's sparsity term); 0 trains normally.
+    sparsity: float = 0.0
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "auto"
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Same keys as `train`; a key left unset (null) inherits the `train` value."""
+
+    epochs: int | None = None
+    lr: float | None = None
+    momentum: float | None = None
+    weight_decay: float | None = None
+    milestones: tuple[float, ...] | None = None
+    lr_decay: float | None = None
+    sparsity: float | None = None
+    seed: int | None = None
+    device: str | None = None
+    precision: str | None = None
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    ratio: float = 0.7
+    # No layer keeps fewer channels than this (its largest |γ| are kept).
+    min_channels: int = 1
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
+
+    def finetune_train(self) -> TrainConfig:
+        """The `train` settings with the `finetune` overrides applied; sparsity is always 0."""
+        overrides = {k: v for k, v in dataclasses.asdict(self.finetune).items() if v is not None}
+        overrides["sparsity"] = 0.0
+        return dataclasses.replace(self.train, **overrides)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON/YAML types only (tuples become lists)."""
+        return _plain(dataclasses.asdict(self))
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML config (or start from defaults), apply `key.sub=value` overrides, validate."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        raw = _read_yaml(Path(path))
+    for item in overrides:
+        key, value = _parse_override(item)
+        _set_dotted(raw, key, value)
+    return config_from_dict(raw)
+
+
+def config_from_dict(raw: Any) -> Config:
+    if not isinstance(raw, dict):
+        raise SlimctlError(f"config: expected a mapping of sections, got {_type_name(raw)}")
+    cfg = _build(Config, raw, prefix="")
+    validate(cfg)
+    return cfg
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise SlimctlError(f"config file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SlimctlError(f"cannot read config file {path}: {exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise SlimctlError(f"config file {path} is not valid YAML: {first}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise SlimctlError(f"config file {path}: expected a mapping of sections, got {_type_name(data)}")
+    return data
+
+
+def _parse_override(item: str) -> tuple[str, Any]:
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise SlimctlError(f"--set expects key=value (e.g. --set train.epochs=10), got {item!r}")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        raise SlimctlError(f"--set {key}: cannot parse value {text!r} as YAML") from None
+    return key, value
+
+
+def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = raw
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise SlimctlError(f"--set {key}: {'.'.join(parts[: i + 1])} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _build(cls: type, raw: dict[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs: dict[str, Any] = {}
+    for key, value in raw.items():
+        dotted = f"{prefix}{key}"
+        if not isinstance(key, str) or key not in names:
+            raise SlimctlError(f"unknown config key '{dotted}'{_suggest(str(key), names, prefix)}")
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            if value is None:
+                continue
+            if not isinstance(value, dict):
+                raise SlimctlError(f"config key '{dotted}' must be a section (mapping), got {_type_name(value)}")
+            kwargs[key] = _build(hint, value, prefix=f"{dotted}.")
+        else:
+            kwargs[key] = _coerce(value, hint, dotted)
+    return cls(**kwargs)
+
+
+def _suggest(key: str, names: list[str], prefix: str) -> str:
+    close = difflib.get_close_matches(key, names, n=1, cutoff=0.5)
+    if close:
+        return f"; did you mean '{prefix}{close[0]}'?"
+    return f"; valid keys here: {', '.join(names)}"
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Check `value` against a field type; ints are accepted where floats are expected."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(value, inner, key)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise SlimctlError(f"config key '{key}' must be a list, got {_type_name(value)}")
+        (item_type, _ellipsis) = typing.get_args(hint)
+        return tuple(_coerce(v, item_type, f"{key}[{i}]") for i, v in enumerate(value))
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+    raise SlimctlError(f"config key '{key}' must be {hint.__name__}, got {_type_name(value)} {value!r}")
+
+
+def _type_name(value: Any) -> str:
+    return {dict: "a mapping", list: "a list", type(None): "null"}.get(type(value), type(value).__name__)
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _check(ok: bool, key: str, rule: str, value: Any) -> None:
+    if not ok:
+        raise SlimctlError(f"config key '{key}' must be {rule}, got {value!r}")
+
+
+def validate_train(t: TrainConfig, section: str) -> None:
+    _check(t.epochs >= 1, f"{section}.epochs", ">= 1", t.epochs)
+    _check(t.lr > 0, f"{section}.lr", "> 0", t.lr)
+    _check(0 <= t.momentum < 1, f"{section}.momentum", "in [0, 1)", t.momentum)
+    _check(t.weight_decay >= 0, f"{section}.weight_decay", ">= 0", t.weight_decay)
+    _check(all(0 < m <= 1 for m in t.milestones), f"{section}.milestones", "fractions in (0, 1]", list(t.milestones))
+    _check(0 < t.lr_decay <= 1, f"{section}.lr_decay", "in (0, 1]", t.lr_decay)
+    _check(t.sparsity >= 0, f"{section}.sparsity", ">= 0", t.sparsity)
+    _check(t.device in DEVICES, f"{section}.device", f"one of {', '.join(DEVICES)}", t.device)
+    _check(t.precision in PRECISIONS, f"{section}.precision", f"one of {', '.join(PRECISIONS)}", t.precision)
+
+
+def validate(cfg: Config) -> None:
+    from slimctl.data import DATASETS
+    from slimctl.models import list_models
+
+    archs = list_models()
+    _check(cfg.model.arch in archs, "model.arch", f"one of {', '.join(archs)}", cfg.model.arch)
+    _check(cfg.model.width > 0, "model.width", "> 0", cfg.model.width)
+    d = cfg.data
+    _check(d.name in DATASETS, "data.name", f"one of {', '.join(DATASETS)}", d.name)
+    _check(d.batch_size >= 1, "data.batch_size", ">= 1", d.batch_size)
+    _check(d.test_batch_size >= 1, "data.test_batch_size", ">= 1", d.test_batch_size)
+    _check(d.subset is None or d.subset >= 1, "data.subset", ">= 1 or null", d.subset)
+    validate_train(cfg.train, "train")
+    if cfg.finetune.sparsity not in (None, 0):
+        raise SlimctlError(
+            "config key 'finetune.sparsity' must be 0 or unset: fine-tuning never applies the sparsity term"
+        )
+    validate_train(cfg.finetune_train(), "finetune")
+    validate_ratio(cfg.prune.ratio, "prune.ratio")
+    _check(cfg.prune.min_channels >= 1, "prune.min_channels", ">= 1", cfg.prune.min_channels)
+
+
+def validate_ratio(ratio: float, name: str = "--ratio") -> None:
+    if not 0 <= ratio < 1:
+        raise SlimctlError(
+            f"{name} must be in [0, 1) (the fraction of all BN channels to remove), got {ratio}"
+        )
+
+
+def save_config(cfg: Config, path: Path, extra: dict[str, Any] | None = None) -> None:
+    """Write the resolved config as YAML (atomically); `extra` adds a provenance section."""
+    from slimctl.checkpoint import atomic_write_text
+
+    data = cfg.to_dict()
+    if extra:
+        data = {**data, **extra}
+    atomic_write_text(path, yaml.safe_dump(data, sort_keys=False))

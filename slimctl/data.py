@@ -1,0 +1,430 @@
+"""Data sets and loaders: small image sets held as one uint8 tensor on the training device.
+
+CIFAR-10/100 (the paper's data sets) and scikit-learn's bundled 8×8 digits (offline, for smoke
+runs) all fit in device memory as uint8 (CIFAR-10 train = 50,000 × 3 × 32 × 32 bytes = 150 MB).
+`TensorLoader` cuts batches out of that tensor and augments them on the device in a few batched
+ops: no PIL, no worker processes, and the random stream depends only on (seed, epoch), so a
+resumed run sees exactly the batches it would have seen.
+
+CIFAR files are pickles; they are read with a restricted unpickler that only rebuilds numpy
+arrays, so a tampered data file cannot run code.
+"""
+
+from __future__ import annotations
+
+import math
+import pickle
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from slimctl.config import DataConfig
+from slimctl.errors import SlimctlError
+
+DATASETS: tuple[str, ...] = ("cifar10", "cifar100", "digits")
+
+# The paper's normalisation for CIFAR (both 10 and 100), per RGB channel, in [0, 1] pixel units.
+CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR_STD = (0.2023, 0.1994, 0.2010)
+
+_NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "digits": 10}
+
+CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar.html"
+_IMAGE_VALUES = 3 * 32 * 32  # one CIFAR row: 1024 R, then 1024 G, then 1024 B, each row-major
+
+# scikit-learn's digits: 1797 images; a fixed split keeps 360 (20%) for testing.
+_DIGITS_TEST = 360
+
+
+@dataclass(frozen=True, eq=False)  # eq=False: tensors have no single truth value to compare by
+class ImageSet:
+    """A whole split in memory. `images` is uint8 N×3×H×W on the CPU, contiguous."""
+
+    images: torch.Tensor
+    labels: torch.Tensor  # int64, N
+    num_classes: int
+    # Per-channel normalisation, in [0, 1] pixel units (i.e. after dividing uint8 values by 255).
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    # Whether a horizontal flip keeps the label valid (true for photos, false for digits).
+    flip: bool
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+
+def num_classes_of(name: str) -> int:
+    """Number of classes of a data set, without loading it."""
+    _check_name(name)
+    return _NUM_CLASSES[name]
+
+
+def load_dataset(name: str, root: str | Path, *, train: bool, download: bool) -> ImageSet:
+    """Load the training or test split of `name`; `root` holds the CIFAR folders (unused for digits)."""
+    _check_name(name)
+    if name == "digits":
+        return _load_digits(train=train)
+    return _load_cifar(name, Path(root), train=train, download=download)
+
+
+def build_loaders(
+    cfg: DataConfig, *, device: torch.device | str, channels_last: bool = False
+) -> tuple[TensorLoader, TensorLoader, int]:
+    """(train loader, test loader, number of classes) for a `data:` config section."""
+    train_set = load_dataset(cfg.name, cfg.root, train=True, download=cfg.download)
+    test_set = load_dataset(cfg.name, cfg.root, train=False, download=cfg.download)
+    if cfg.subset is not None:
+        train_set = take_subset(train_set, cfg.subset, seed=cfg.seed)
+    train_loader = TensorLoader(
+        train_set,
+        batch_size=cfg.batch_size,
+        train=True,
+        device=device,
+        seed=cfg.seed,
+        channels_last=channels_last,
+    )
+    test_loader = TensorLoader(
+        test_set,
+        batch_size=cfg.test_batch_size,
+        train=False,
+        device=device,
+        seed=cfg.seed,
+        channels_last=channels_last,
+    )
+    return train_loader, test_loader, train_set.num_classes
+
+
+def take_subset(data: ImageSet, size: int, *, seed: int) -> ImageSet:
+    """Keep at most `size` samples, chosen by a permutation seeded with `seed`, in their original order.
+
+    Mean/std stay those of the full set, so a subset run normalises like a full run.
+    """
+    n = len(data)
+    if size >= n:
+        return data
+    generator = torch.Generator().manual_seed(_seed64(seed))
+    keep = torch.randperm(n, generator=generator)[:size].sort().values
+    return replace(data, images=data.images[keep].contiguous(), labels=data.labels[keep].contiguous())
+
+
+def _check_name(name: str) -> None:
+    if name not in _NUM_CLASSES:
+        raise SlimctlError(f"unknown data set {name!r}; data.name must be one of {', '.join(DATASETS)}")
+
+
+def _seed64(value: int) -> int:
+    """Fold any Python int into the range torch.Generator.manual_seed accepts."""
+    return value & 0xFFFF_FFFF_FFFF_FFFF
+
+
+# --------------------------------------------------------------------------- loader
+
+
+class TensorLoader:
+    """The whole data set lives as one uint8 tensor on the training device; each batch is cropped,
+    flipped and normalised there, batched — no PIL, no worker processes.
+
+    Training: a fresh permutation each epoch, every sample once (the last batch may be smaller),
+    zero-pad by `pad` pixels + random crop back to the image size, horizontal flip with
+    probability 0.5 when the data set allows it. Evaluation (`train=False`): in order, only
+    normalised. All random numbers come from a CPU generator seeded by (seed, epoch), so the
+    batches are the same on every device and after a resume; call `set_epoch` before each epoch.
+    """
+
+    def __init__(
+        self,
+        data: ImageSet,
+        *,
+        batch_size: int,
+        train: bool,
+        device: torch.device | str = "cpu",
+        seed: int = 0,
+        pad: int = 4,
+        channels_last: bool = False,
+    ) -> None:
+        if batch_size < 1:
+            raise SlimctlError(f"batch size must be >= 1, got {batch_size}")
+        if pad < 0:
+            raise ValueError(f"pad must be >= 0 pixels, got {pad}")
+        self.device = torch.device(device)
+        self.batch_size = batch_size
+        self.train = train
+        self.seed = seed
+        self.pad = pad
+        self.flip = data.flip
+        self.channels_last = channels_last
+        self.num_classes = data.num_classes
+        # Moved once, as uint8: a float copy of the whole set would take 4× the memory.
+        self.images = data.images.to(self.device)
+        self.labels = data.labels.to(self.device)
+        self.mean = torch.tensor(data.mean, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
+        self.std = torch.tensor(data.std, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
+        self.epoch = 0
+
+    @property
+    def num_samples(self) -> int:
+        return int(self.labels.shape[0])
+
+    def __len__(self) -> int:
+        """Number of batches per epoch (the last one may be partial)."""
+        return math.ceil(self.num_samples / self.batch_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the shuffle/augmentation stream of `epoch` (a pure function of seed and epoch)."""
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if self.train:
+            yield from self._train_batches()
+        else:
+            for start in range(0, self.num_samples, self.batch_size):
+                stop = start + self.batch_size
+                yield self._normalise(self.images[start:stop]), self.labels[start:stop]
+
+    def _train_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        n = self.num_samples
+        _, _, height, width = self.images.shape
+        # Draw the whole epoch's randomness up front, in a fixed order, on the CPU.
+        generator = torch.Generator().manual_seed(_seed64(self.seed * 1_000_003 + self.epoch))
+        order = torch.randperm(n, generator=generator)
+        # Crop offsets in the padded image, in pixels: 0..2*pad, pad = centred.
+        top = torch.randint(0, 2 * self.pad + 1, (n,), generator=generator)
+        left = torch.randint(0, 2 * self.pad + 1, (n,), generator=generator)
+        flips = torch.rand(n, generator=generator) < 0.5
+        if not self.flip:
+            flips.zero_()
+        order, top, left, flips = (t.to(self.device) for t in (order, top, left, flips))
+
+        rows = torch.arange(height, device=self.device)
+        cols = torch.arange(width, device=self.device)
+        for start in range(0, n, self.batch_size):
+            idx = order[start : start + self.batch_size]
+            batch = self.images[idx]
+            if self.pad:
+                batch = F.pad(batch, (self.pad,) * 4)  # zeros, on the uint8 image as transforms.Pad does
+            sel = slice(start, start + self.batch_size)
+            # Crop and flip as one gather: output pixel (i, j) reads padded pixel (top + i, left + j),
+            # or (top + i, left + width - 1 - j) when flipped.
+            row_idx = top[sel, None] + rows  # B×H
+            col_idx = left[sel, None] + torch.where(flips[sel, None], width - 1 - cols, cols)  # B×W
+            b = torch.arange(idx.shape[0], device=self.device)
+            c = torch.arange(batch.shape[1], device=self.device)
+            batch = batch[
+                b[:, None, None, None], c[None, :, None, None], row_idx[:, None, :, None], col_idx[:, None, None, :]
+            ]
+            yield self._normalise(batch), self.labels[idx]
+
+    def _normalise(self, batch: torch.Tensor) -> torch.Tensor:
+        x = (batch.float() / 255 - self.mean) / self.std
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+
+# --------------------------------------------------------------------------- digits
+
+
+def _load_digits(*, train: bool) -> ImageSet:
+    """scikit-learn's 8×8 digits, upsampled to 3×32×32 uint8 (bundled with sklearn: no download).
+
+    The split is fixed (a permutation seeded 0; the last 360 are the test set) so that it never
+    depends on a run's seed: every run is evaluated on the same images.
+    """
+    from sklearn.datasets import load_digits
+
+    raw = load_digits()
+    pixels = torch.from_numpy(raw.images).to(torch.float32) * (255.0 / 16.0)  # values 0..16 → 0..255
+    upsampled = F.interpolate(pixels[:, None], size=(32, 32), mode="bilinear", align_corners=False)
+    images = upsampled.clamp(0, 255).round().to(torch.uint8).expand(-1, 3, -1, -1).contiguous()
+    labels = torch.from_numpy(raw.target).to(torch.int64)
+
+    perm = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
+    train_idx, test_idx = perm[:-_DIGITS_TEST], perm[-_DIGITS_TEST:]
+    # Normalise with statistics of the training images only (float64 for a deterministic result).
+    train_pixels = images[train_idx].to(torch.float64) / 255
+    mean = tuple(float(v) for v in train_pixels.mean(dim=(0, 2, 3)))
+    std = tuple(float(v) for v in train_pixels.std(dim=(0, 2, 3), correction=0))
+    idx = train_idx if train else test_idx
+    return ImageSet(
+        images=images[idx].contiguous(),
+        labels=labels[idx].contiguous(),
+        num_classes=10,
+        mean=mean,  # type: ignore[arg-type]
+        std=std,  # type: ignore[arg-type]
+        flip=False,
+    )
+
+
+# --------------------------------------------------------------------------- CIFAR
+
+
+@dataclass(frozen=True)
+class _CifarLayout:
+    folder: str  # the folder inside `root`, as the official archive unpacks
+    train_files: tuple[str, ...]
+    test_files: tuple[str, ...]
+    label_key: str
+    expected: str  # for messages
+
+
+_CIFAR = {
+    "cifar10": _CifarLayout(
+        folder="cifar-10-batches-py",
+        train_files=tuple(f"data_batch_{i}" for i in range(1, 6)),
+        test_files=("test_batch",),
+        label_key="labels",
+        expected="data_batch_1..5 and test_batch",
+    ),
+    "cifar100": _CifarLayout(
+        folder="cifar-100-python",
+        train_files=("train",),
+        test_files=("test",),
+        label_key="fine_labels",
+        expected="train and test",
+    ),
+}
+
+
+def _load_cifar(name: str, root: Path, *, train: bool, download: bool) -> ImageSet:
+    layout = _CIFAR[name]
+    folder = root / layout.folder
+    files = layout.train_files if train else layout.test_files
+    # An existing copy is read as it is (no checksum): a user's own or re-encoded copy must work.
+    if not all((folder / f).is_file() for f in files):
+        if not download:
+            raise SlimctlError(_missing_message(name, layout, folder, files))
+        _download_cifar(name, root, train=train)
+        if not all((folder / f).is_file() for f in files):
+            raise SlimctlError(_missing_message(name, layout, folder, files))
+
+    num_classes = _NUM_CLASSES[name]
+    parts = [_read_cifar_file(folder / f, layout.label_key, num_classes) for f in files]
+    data = np.concatenate([p[0] for p in parts], axis=0)  # a copy: writable and contiguous
+    labels = np.concatenate([p[1] for p in parts], axis=0)
+    images = torch.from_numpy(data).view(-1, 3, 32, 32)
+    return ImageSet(
+        images=images,
+        labels=torch.from_numpy(labels),
+        num_classes=num_classes,
+        mean=CIFAR_MEAN,
+        std=CIFAR_STD,
+        flip=True,
+    )
+
+
+def _missing_message(name: str, layout: _CifarLayout, folder: Path, files: tuple[str, ...]) -> str:
+    missing = [f for f in files if not (folder / f).is_file()]
+    if folder.is_dir():
+        where = f"incomplete in {folder} (missing {', '.join(missing)})"
+    else:
+        where = f"not found in {folder}"
+    return (
+        f"{name} {where} (expected {layout.expected}, the python version from {CIFAR_URL}); "
+        f"set data.download: true or data.root to the folder that holds {layout.folder}"
+    )
+
+
+def _download_cifar(name: str, root: Path, *, train: bool) -> None:
+    """Fetch and unpack the official archive into `root` (torchvision verifies its md5)."""
+    import torchvision
+
+    dataset_cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        dataset_cls(str(root), train=train, download=True)
+    except Exception as exc:  # network errors, md5 mismatch, disk full: all end the same way
+        raise SlimctlError(
+            f"could not download {name} to {root}: {exc}; check the network connection, or download "
+            f"the python version from {CIFAR_URL} by hand, unpack it in {root} and set data.download: false"
+        ) from None
+
+
+def _read_cifar_file(path: Path, label_key: str, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """(uint8 N×3072 pixels, int64 N labels) from one CIFAR batch file, validated."""
+    try:
+        with open(path, "rb") as f:
+            # encoding="bytes": the official files were pickled by Python 2, whose str is bytes.
+            obj = _RestrictedUnpickler(f, encoding="bytes").load()
+    except _ForbiddenGlobal as exc:
+        raise SlimctlError(
+            f"refusing to load {path}: it references {exc}, which a CIFAR data file never needs "
+            f"(the file may be malicious); replace it with a fresh copy from {CIFAR_URL}"
+        ) from None
+    except OSError as exc:
+        raise SlimctlError(f"cannot read {path}: {exc.strerror or exc}") from None
+    except Exception as exc:  # a damaged pickle can fail in many ways (EOFError, ValueError, ...)
+        raise SlimctlError(
+            f"{path} is not a readable CIFAR batch file ({type(exc).__name__}: {exc}); "
+            f"replace it with a fresh copy from {CIFAR_URL}"
+        ) from None
+
+    def bad(what: str) -> SlimctlError:
+        return SlimctlError(
+            f"{path} is not a CIFAR batch file: {what}; replace it with a fresh copy from {CIFAR_URL}"
+        )
+
+    if not isinstance(obj, dict):
+        raise bad(f"expected a pickled dict, got {type(obj).__name__}")
+    # Python 2 copies have bytes keys, copies re-pickled by Python 3 have str keys.
+    entries = {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in obj.items()}
+    for key in ("data", label_key):
+        if key not in entries:
+            raise bad(f"no '{key}' entry (has {', '.join(sorted(map(str, entries)))})")
+    data = entries["data"]
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != _IMAGE_VALUES:
+        shape = f"{data.dtype} array of shape {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
+        raise bad(f"'data' must be a uint8 array of shape N×{_IMAGE_VALUES}, got {shape}")
+    try:
+        labels = np.asarray(entries[label_key])
+    except Exception:
+        raise bad(f"'{label_key}' is not a list of integers") from None
+    if labels.ndim != 1 or labels.dtype.kind not in "iu" or len(labels) != len(data):
+        got = f"{labels.dtype} of shape {labels.shape}"
+        raise bad(f"'{label_key}' must be {len(data)} integers (one per image), got {got}")
+    if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+        raise bad(f"'{label_key}' values must be in [0, {num_classes}), got {labels.min()}..{labels.max()}")
+    return data, labels.astype(np.int64)
+
+
+class _ForbiddenGlobal(pickle.UnpicklingError):
+    """A pickle asked for a global outside the allow-list; the message is `module.name`."""
+
+
+def _latin1_encode(text: Any, encoding: str = "latin1") -> bytes:
+    """Stand-in for `_codecs.encode`, which protocol-2 pickles written by Python 3 use for bytes."""
+    if not isinstance(text, str) or encoding.lower() not in ("latin1", "latin-1"):
+        raise pickle.UnpicklingError("_codecs.encode is only allowed for latin1 text")
+    return text.encode("latin1")
+
+
+def _allowed_globals() -> dict[tuple[str, str], Any]:
+    """Everything a pickled numpy array can reference, under numpy 1.x and 2.x module names."""
+    try:
+        from numpy._core import multiarray, numeric  # numpy >= 2
+    except ImportError:  # pragma: no cover - numpy 1.x
+        from numpy.core import multiarray, numeric  # type: ignore[no-redef]
+    allowed: dict[tuple[str, str], Any] = {
+        ("numpy", "ndarray"): np.ndarray,
+        ("numpy", "dtype"): np.dtype,
+        ("_codecs", "encode"): _latin1_encode,
+    }
+    for package in ("numpy.core", "numpy._core"):
+        allowed[(f"{package}.multiarray", "_reconstruct")] = multiarray._reconstruct  # protocols 0..4
+        allowed[(f"{package}.numeric", "_frombuffer")] = numeric._frombuffer  # protocol 5
+    return allowed
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Unpickles plain containers and numpy arrays only; any other global is refused, so loading
+    a data file can never import or call arbitrary code (plain `pickle.load` would)."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        allowed = _allowed_globals()
+        if (module, name) not in allowed:
+            raise _ForbiddenGlobal(f"{module}.{name}")
+        return allowed[(module, name)]

@@ -1,0 +1,103 @@
+"""Layers and shape helpers shared by every family (and by surgery).
+
+A pruned model differs from its full-width twin only in the sizes of some Conv2d, BatchNorm2d,
+Linear and ChannelSelection modules. `module_widths` records those sizes by module name and
+`apply_widths` rebuilds them, so a checkpoint needs no pickled classes to restore its model.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from slimctl.errors import SlimctlError
+
+
+class ChannelSelection(nn.Module):
+    """Pass on only the kept channels of a BN that must keep its width (the paper's "channel selection").
+
+    A pre-activation BN sits on a stream that other layers read at full width, so it cannot
+    shrink; the conv after it reads only the kept channels. The kept indices are a buffer, not a
+    Parameter: they get no gradient, are saved in the state_dict, work under DDP and torch.compile,
+    and selecting is one `index_select` on the device (no host sync).
+    """
+
+    def __init__(self, num_channels: int) -> None:
+        super().__init__()
+        self.register_buffer("indices", torch.arange(num_channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.index_select(1, self.indices)
+
+    def extra_repr(self) -> str:
+        return f"keeps={self.indices.numel()}"
+
+
+def module_shape(module: nn.Module) -> list[int] | None:
+    """The sizes pruning can change, or None for modules pruning never resizes."""
+    if isinstance(module, nn.Conv2d):
+        return [module.in_channels, module.out_channels, module.groups]
+    if isinstance(module, nn.BatchNorm2d):
+        return [module.num_features]
+    if isinstance(module, nn.Linear):
+        return [module.in_features, module.out_features]
+    if isinstance(module, ChannelSelection):
+        return [module.indices.numel()]
+    return None
+
+
+def module_widths(model: nn.Module) -> dict[str, list[int]]:
+    """Module name → resizable shape, for every Conv2d/BatchNorm2d/Linear/ChannelSelection."""
+    widths = {}
+    for name, module in model.named_modules():
+        shape = module_shape(module)
+        if shape is not None:
+            widths[name] = shape
+    return widths
+
+
+def resized(module: nn.Module, shape: list[int]) -> nn.Module:
+    """A fresh module like `module` (same kernel, stride, eps, …) with the sizes in `shape`."""
+    device = next(iter(module.parameters()), next(iter(module.buffers()), torch.empty(0))).device
+    if isinstance(module, nn.Conv2d):
+        in_c, out_c, groups = shape
+        new = nn.Conv2d(
+            in_c, out_c, module.kernel_size, stride=module.stride, padding=module.padding,
+            dilation=module.dilation, groups=groups, bias=module.bias is not None,
+            padding_mode=module.padding_mode,
+        )
+    elif isinstance(module, nn.BatchNorm2d):
+        new = type(module)(
+            shape[0], eps=module.eps, momentum=module.momentum, affine=module.affine,
+            track_running_stats=module.track_running_stats,
+        )
+    elif isinstance(module, nn.Linear):
+        new = nn.Linear(shape[0], shape[1], bias=module.bias is not None)
+    elif isinstance(module, ChannelSelection):
+        new = ChannelSelection(shape[0])
+    else:
+        raise TypeError(f"cannot resize {type(module).__name__}")
+    return new.to(device)
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def apply_widths(model: nn.Module, widths: dict[str, list[int]]) -> None:
+    """Resize, in place, every module whose recorded shape differs from the model's."""
+    modules = dict(model.named_modules())
+    for name, shape in widths.items():
+        module = modules.get(name)
+        current = module_shape(module) if module is not None else None
+        if current is None:
+            raise SlimctlError(
+                f"checkpoint widths name module {name!r}, which this model does not have "
+                "(or cannot resize); the checkpoint does not match its arch"
+            )
+        if len(shape) != len(current) or not all(isinstance(s, int) and s >= 1 for s in shape):
+            raise SlimctlError(f"checkpoint widths for {name!r} are malformed: {shape!r}")
+        if list(shape) != current:
+            replace_module(model, name, resized(module, list(shape)))

@@ -1,0 +1,95 @@
+"""What users read: rich tables, the |γ| histogram (PNG), JSON-able summaries."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.table import Table
+
+from slimctl.checkpoint import atomic_write_bytes
+
+
+def human(n: float) -> str:
+    """1234567 → '1.23M' (params and FLOPs in tables)."""
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def percent(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}%"
+
+
+def plot_gamma_histogram(scores: torch.Tensor, threshold: float | None, path: Path, title: str) -> None:
+    """Histogram of all ranked |γ| on a log axis, with the pruning threshold marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    values = scores.float().clamp_min(1e-8).numpy()  # a log axis cannot show exact zeros
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    bins = torch.logspace(-8, max(0.5, float(torch.log10(torch.tensor(values.max()))) + 0.1), 80).numpy()
+    ax.hist(values, bins=bins, color="#4477aa")
+    ax.set_xscale("log")
+    ax.set_xlabel("|γ| (BN scale; values below 1e-8 drawn at 1e-8)")
+    ax.set_ylabel("channels")
+    ax.set_title(title)
+    if threshold is not None:
+        ax.axvline(max(threshold, 1e-8), color="#cc3311", linestyle="--", label=f"threshold {threshold:.3g}")
+        ax.legend()
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def prune_table(result: dict[str, Any]) -> Table:
+    threshold = "none (ratio 0)" if result["threshold"] is None else f"{result['threshold']:.4g}"
+    table = Table(title=f"prune ratio {result['ratio']:g}, |γ| threshold {threshold}")
+    table.add_column("BN layer")
+    table.add_column("kept", justify="right")
+    table.add_column("total", justify="right")
+    table.add_column("kept %", justify="right")
+    for layer in result["layers"]:
+        table.add_row(layer["name"], str(layer["kept"]), str(layer["total"]), f"{100 * layer['kept'] / layer['total']:.0f}%")
+    return table
+
+
+def before_after_table(result: dict[str, Any]) -> Table:
+    table = Table(title="before → after")
+    table.add_column("")
+    table.add_column("before", justify="right")
+    table.add_column("after", justify="right")
+    table.add_column("removed", justify="right")
+    for key, label in (("params", "params"), ("flops", "FLOPs")):
+        before, after = result[f"{key}_before"], result[key]
+        table.add_row(label, human(before), human(after), f"{100 * (1 - after / before):.1f}%")
+    if result.get("top1_before") is not None or result.get("top1") is not None:
+        table.add_row("test top-1", percent(result.get("top1_before")), percent(result.get("top1")), "")
+    return table
+
+
+def lineage_table(rows: list[dict[str, Any]]) -> Table:
+    """One row per stage of a checkpoint's history (sparse-train → prune → finetune …)."""
+    table = Table(title="slimming summary")
+    for column in ("stage", "checkpoint", "params", "FLOPs", "test top-1"):
+        table.add_column(column, justify="left" if column in ("stage", "checkpoint") else "right")
+    for row in rows:
+        table.add_row(row["stage"], row["path"], human(row["params"]), human(row["flops"]), percent(row.get("top1")))
+    return table
+
+
+def info_table(info: dict[str, Any]) -> Table:
+    table = Table(title=f"{info['arch']} ({info['num_classes']} classes)")
+    table.add_column("")
+    table.add_column("value", justify="right")
+    table.add_row("params", f"{info['params']:,}")
+    table.add_row("FLOPs", f"{info['flops']:,}")
+    table.add_row("BN widths", " ".join(str(w) for w in info["bn_widths"].values()))
+    return table

@@ -1,0 +1,260 @@
+"""The pipeline's stages as library calls: sparse_train, prune_checkpoint, finetune, evaluate, describe.
+
+Each takes explicit arguments and returns a JSON-able dict; the CLI only parses options and
+prints. Checkpoints are the only thing passed between stages.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from slimctl.checkpoint import (
+    load_checkpoint,
+    make_checkpoint,
+    model_from_checkpoint,
+    save_checkpoint,
+)
+from slimctl.config import Config, TrainConfig, config_from_dict, save_config, validate_ratio
+from slimctl.data import build_loaders, num_classes_of
+from slimctl.errors import SlimctlError
+from slimctl.flops import count_flops, count_params
+from slimctl.models import create_model, module_widths
+from slimctl.plan import channel_groups, group_scores, make_plan
+from slimctl.report import plot_gamma_histogram
+from slimctl.surgery import apply_plan
+from slimctl.train import bn_scales, evaluate, fit, milestone_epochs, resolve_device, resolve_precision
+
+CHECKPOINT_NAMES = ("last.pt", "best.pt")
+
+
+def describe(model: nn.Module) -> dict[str, Any]:
+    """params, FLOPs (paper's count), and the widths that define the model's shape."""
+    spec = model.arch_spec
+    widths = module_widths(model)
+    bn_widths = {name: shape[0] for name, shape in widths.items() if isinstance(model.get_submodule(name), nn.BatchNorm2d)}
+    return {
+        "arch": spec["arch"],
+        "num_classes": spec["num_classes"],
+        "width": spec["arch_args"].get("width", 1.0),
+        "params": count_params(model),
+        "flops": count_flops(model),
+        "bn_widths": bn_widths,
+        "widths": widths,
+    }
+
+
+def provenance() -> dict[str, Any]:
+    """Versions and git commit written beside a run's config, so a result can be traced to code."""
+    from slimctl import __version__
+
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+            cwd=Path(__file__).resolve().parent,
+        ).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {"slimctl": __version__, "torch": str(torch.__version__), "git_commit": commit}
+
+
+def prepare_run_dir(run_dir: Path, *, resume: bool, force: bool) -> None:
+    """Refuse to mix a new run into a folder that holds another run's checkpoints."""
+    existing = [n for n in CHECKPOINT_NAMES if (run_dir / n).exists()]
+    if resume:
+        if not (run_dir / "last.pt").exists():
+            raise SlimctlError(f"--resume: {run_dir / 'last.pt'} does not exist; start the run without --resume")
+    elif existing and not force:
+        raise SlimctlError(
+            f"{run_dir} already holds {', '.join(existing)}; pass --resume to continue that run "
+            "or --force to start over (its checkpoints will be replaced)"
+        )
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+
+def _train(
+    model: nn.Module,
+    *,
+    cfg: Config,
+    train: TrainConfig,
+    stage: str,
+    run_dir: Path,
+    parent: Path | None,
+    resume: bool,
+    progress,
+    log: Callable[[str], None],
+) -> dict[str, Any]:
+    """The part sparse-train and finetune share: loaders, device, precision, fit, checkpoints."""
+    device = resolve_device(train.device)
+    dtype = resolve_precision(train.precision, device)
+    train_loader, test_loader, num_classes = build_loaders(cfg.data, device=device)
+    if num_classes != model.arch_spec["num_classes"]:
+        raise SlimctlError(
+            f"data.name {cfg.data.name!r} has {num_classes} classes but the model was built for "
+            f"{model.arch_spec['num_classes']}; use the data set the model was trained on"
+        )
+    resume_state = None
+    if resume:
+        last = load_checkpoint(run_dir / "last.pt")
+        if not last.get("resume"):
+            raise SlimctlError(f"{run_dir / 'last.pt'} holds no resume state (the run finished or was not resumable)")
+        model = model_from_checkpoint(last, source=str(run_dir / "last.pt"))
+        resume_state = last["resume"]
+    model = model.to(device)
+    torch.manual_seed(train.seed)
+    gammas = bn_scales(model, [g.bn for g in channel_groups(model)])
+    info = {"params": count_params(model), "flops": count_flops(model)}
+    config = cfg.to_dict()
+
+    def save(path: Path, m: nn.Module, metrics: dict[str, Any], resume_info: dict[str, Any] | None) -> None:
+        ckpt = make_checkpoint(
+            m, stage=stage, config=config, parent=parent, metrics={**info, **metrics}, resume=resume_info
+        )
+        save_checkpoint(path, ckpt)
+
+    save_config(cfg, run_dir / "config.yaml", extra={"provenance": provenance(), "stage": stage})
+    log(
+        f"{stage}: {model.arch_spec['arch']} on {cfg.data.name} ({train_loader.num_samples} train / "
+        f"{test_loader.num_samples} test images), {device.type}, {dtype or torch.float32}, "
+        f"{train.epochs} epochs, λ={train.sparsity:g} → {run_dir}"
+    )
+    result = fit(
+        model, train_loader, test_loader,
+        epochs=train.epochs, lr=train.lr, momentum=train.momentum, weight_decay=train.weight_decay,
+        milestones=milestone_epochs(train.milestones, train.epochs), lr_decay=train.lr_decay,
+        sparsity=train.sparsity, gammas=gammas, device=device, dtype=dtype, run_dir=run_dir,
+        save=save, resume_state=resume_state, progress=progress, log=log,
+    )
+    return {**info, "best_top1": result["best_top1"], "run_dir": str(run_dir), "best": str(run_dir / "best.pt")}
+
+
+def sparse_train(cfg: Config, run_dir: Path, *, resume: bool = False, force: bool = False, progress=None,
+                 log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Train from scratch with the L1 penalty λ = train.sparsity on every ranked BN scale."""
+    prepare_run_dir(run_dir, resume=resume, force=force)
+    model = create_model(cfg.model.arch, num_classes_of(cfg.data.name), width=cfg.model.width)
+    return _train(model, cfg=cfg, train=cfg.train, stage="sparse-train", run_dir=run_dir, parent=None,
+                  resume=resume, progress=progress, log=log)
+
+
+def finetune(checkpoint: Path, cfg: Config, run_dir: Path, *, resume: bool = False, force: bool = False,
+             progress=None, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Train a (pruned) checkpoint's model with the `finetune` settings; no sparsity term."""
+    ckpt = load_checkpoint(checkpoint)
+    model = model_from_checkpoint(ckpt, source=str(checkpoint))
+    prepare_run_dir(run_dir, resume=resume, force=force)
+    return _train(model, cfg=cfg, train=cfg.finetune_train(), stage="finetune", run_dir=run_dir,
+                  parent=checkpoint, resume=resume, progress=progress, log=log)
+
+
+def _recorded_config(ckpt: dict[str, Any], source: str) -> Config | None:
+    if not isinstance(ckpt.get("config"), dict):
+        return None
+    try:
+        return config_from_dict(ckpt["config"])
+    except SlimctlError as exc:
+        raise SlimctlError(f"{source}: its recorded config is invalid ({exc})") from None
+
+
+def _test_top1(model: nn.Module, cfg: Config, device: torch.device, data_root: str | None) -> tuple[float, float]:
+    data = cfg.data if data_root is None else dataclasses.replace(cfg.data, root=data_root)
+    _, test_loader, _ = build_loaders(dataclasses.replace(data, download=False), device=device)
+    dtype = resolve_precision(cfg.train.precision, device)
+    return evaluate(model.to(device), test_loader, device=device, dtype=dtype)
+
+
+def prune_checkpoint(
+    checkpoint: Path,
+    out: Path,
+    *,
+    ratio: float | None = None,
+    min_channels: int | None = None,
+    round_to: int = 1,
+    evaluate_model: bool = True,
+    data_root: str | None = None,
+    force: bool = False,
+    device: str = "cpu",
+) -> dict[str, Any]:
+    """Global-threshold pruning of a checkpoint → a narrower checkpoint, a |γ| histogram, a summary."""
+    ckpt = load_checkpoint(checkpoint)
+    model = model_from_checkpoint(ckpt, source=str(checkpoint)).eval()
+    cfg = _recorded_config(ckpt, str(checkpoint))
+    if ratio is None:
+        ratio = cfg.prune.ratio if cfg else None
+        if ratio is None:
+            raise SlimctlError("--ratio is required (the checkpoint records no prune.ratio)")
+    validate_ratio(ratio)
+    if min_channels is None:
+        min_channels = cfg.prune.min_channels if cfg else 1
+    if out.exists() and not force:
+        raise SlimctlError(f"{out} already exists; pass --force to replace it or -o to write elsewhere")
+    if out.resolve() == checkpoint.resolve():
+        raise SlimctlError("-o must differ from the input checkpoint")
+
+    groups = channel_groups(model)
+    plan = make_plan(model, groups, ratio, min_channels=min_channels, round_to=round_to)
+    pruned = apply_plan(model, plan).eval()
+
+    result: dict[str, Any] = {
+        "ratio": ratio,
+        "threshold": plan.threshold,
+        "min_channels": min_channels,
+        "round_to": round_to,
+        "channels_kept": plan.kept,
+        "channels_total": plan.total,
+        "params_before": count_params(model),
+        "params": count_params(pruned),
+        "flops_before": count_flops(model),
+        "flops": count_flops(pruned),
+        "top1_before": (ckpt.get("metrics") or {}).get("top1"),
+        "top1": None,
+        "layers": plan.layers(),
+    }
+    if evaluate_model and cfg is not None:
+        try:
+            result["loss"], result["top1"] = _test_top1(pruned, cfg, resolve_device(device), data_root)
+        except SlimctlError as exc:
+            result["eval_skipped"] = str(exc)
+    prune_info = {k: result[k] for k in ("ratio", "threshold", "min_channels", "round_to", "layers")}
+    metrics = {k: result[k] for k in ("params", "flops", "top1") if result[k] is not None}
+    save_checkpoint(out, make_checkpoint(pruned.cpu(), stage="prune", config=ckpt.get("config"), parent=checkpoint,
+                                         metrics=metrics, prune=prune_info))
+    histogram = out.with_name(out.stem + "_gamma.png")
+    scores = torch.cat([group_scores(model, g) for g in groups])
+    plot_gamma_histogram(scores, plan.threshold, histogram, title=f"|γ| of {checkpoint.name}, ratio {ratio}")
+    result.update(out=str(out), histogram=str(histogram))
+    return result
+
+
+def evaluate_checkpoint(checkpoint: Path, *, device: str = "cpu", data_root: str | None = None) -> dict[str, Any]:
+    ckpt = load_checkpoint(checkpoint)
+    model = model_from_checkpoint(ckpt, source=str(checkpoint))
+    cfg = _recorded_config(ckpt, str(checkpoint))
+    if cfg is None:
+        raise SlimctlError(f"{checkpoint} records no config, so slimctl does not know its data set")
+    loss, top1 = _test_top1(model, cfg, resolve_device(device), data_root)
+    return {"top1": top1, "loss": loss, "params": count_params(model), "flops": count_flops(model), "data": cfg.data.name}
+
+
+def lineage(checkpoint: Path) -> list[dict[str, Any]]:
+    """The checkpoint and its recorded parents (those still on disk), oldest first."""
+    rows = []
+    path: Path | None = checkpoint
+    seen = set()
+    while path is not None and path.exists() and path.resolve() not in seen:
+        seen.add(path.resolve())
+        ckpt = load_checkpoint(path)
+        metrics = ckpt.get("metrics") or {}
+        model = model_from_checkpoint(ckpt, source=str(path))
+        rows.append({
+            "stage": ckpt["stage"], "path": str(path), "params": count_params(model), "flops": count_flops(model),
+            "top1": metrics.get("top1"),
+        })
+        parent = ckpt.get("parent")
+        path = Path(parent["path"]) if isinstance(parent, dict) and parent.get("path") else None
+    return rows[::-1]

@@ -1,0 +1,265 @@
+"""The training loop shared by sparse-train and finetune: fit / train_one_epoch / evaluate.
+
+Sparsity (the paper's L1 on BN scales) is a subgradient added after `backward()` and before
+`step()`: grad(γ) += λ·sign(γ), as one fused foreach op over every ranked BN. With fp16 and a
+GradScaler the gradients are unscaled first, so λ is never divided by the loss scale.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from slimctl.errors import SlimctlError
+
+
+# --------------------------------------------------------------------------- device and precision
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SlimctlError("train.device is 'cuda' but no CUDA device is available; use 'auto' or 'cpu'")
+    return torch.device(name)
+
+
+def cpu_has_native_bf16() -> bool:
+    """AVX-512 BF16 or AMX: bf16 matmuls run natively (private torch probes, absent on old builds)."""
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, p, lambda: False)() for p in probes)
+
+
+def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype, or None for plain fp32. `auto` is bf16 only where it is native."""
+    if name == "fp32":
+        return None
+    if name == "bf16":
+        return torch.bfloat16
+    if name == "fp16":
+        return torch.float16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    return torch.bfloat16 if cpu_has_native_bf16() else None
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    return nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
+
+
+# --------------------------------------------------------------------------- schedule and sparsity
+
+
+def milestone_epochs(fractions: tuple[float, ...] | list[float], epochs: int) -> list[int]:
+    """Fractions of the run → integer epochs (≥ 1) at which the lr decays.
+
+    Integers on purpose: the reference compared floats (`epoch in [epochs*0.5, …]`), so for odd
+    epoch counts a decay silently never fired.
+    """
+    return sorted(max(1, int(f * epochs)) for f in fractions)
+
+
+def lr_at(epoch: int, *, lr: float, milestones: list[int], decay: float) -> float:
+    """lr of 0-based `epoch`: decayed once for every milestone already reached."""
+    return lr * decay ** sum(epoch >= m for m in milestones)
+
+
+def bn_scales(model: nn.Module, bn_names: list[str]) -> list[nn.Parameter]:
+    """The γ parameters of the named BatchNorms (the ones the plan ranks)."""
+    return [model.get_submodule(name).weight for name in bn_names]
+
+
+def add_sparsity_grad(gammas: list[nn.Parameter], sparsity: float) -> None:
+    """grad(γ) += λ·sign(γ) for every γ, in one fused op (γ only, never β)."""
+    if sparsity == 0 or not gammas:
+        return
+    weights = [g.detach() for g in gammas]
+    torch._foreach_add_([g.grad for g in gammas], torch._foreach_sign(weights), alpha=sparsity)
+
+
+def gamma_stats(gammas: list[nn.Parameter]) -> dict[str, float]:
+    flat = torch.cat([g.detach().abs().float().flatten() for g in gammas])
+    return {"gamma_mean_abs": float(flat.mean()), "gamma_frac_below_1e-2": float((flat < 1e-2).float().mean())}
+
+
+# --------------------------------------------------------------------------- one epoch
+
+
+@dataclass
+class EpochResult:
+    loss: float
+    top1: float  # percent
+    images: int
+    seconds: float
+
+
+def train_one_epoch(
+    model: nn.Module,
+    loader,
+    optimizer: torch.optim.Optimizer,
+    *,
+    gammas: list[nn.Parameter],
+    sparsity: float,
+    device: torch.device,
+    dtype: torch.dtype | None,
+    scaler: torch.amp.GradScaler | None = None,
+    on_step: Callable[[int], None] | None = None,
+) -> EpochResult:
+    model.train()
+    # Running sums stay on the device: no host sync per step.
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    images = 0
+    start = time.perf_counter()
+    for x, y in loader:
+        with autocast(device, dtype):
+            logits = model(x)
+            loss = F.cross_entropy(logits, y)
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)  # λ·sign(γ) must meet unscaled gradients
+            add_sparsity_grad(gammas, sparsity)
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            add_sparsity_grad(gammas, sparsity)
+            optimizer.step()
+        loss_sum += loss.detach().float() * y.numel()
+        correct += (logits.detach().argmax(1) == y).sum()
+        images += y.numel()
+        if on_step is not None:
+            on_step(y.numel())
+    seconds = time.perf_counter() - start
+    return EpochResult(float(loss_sum) / images, 100.0 * float(correct) / images, images, seconds)
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, loader, *, device: torch.device, dtype: torch.dtype | None = None) -> tuple[float, float]:
+    """(mean cross-entropy, top-1 %) over the whole loader."""
+    model.eval()
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    images = 0
+    for x, y in loader:
+        with autocast(device, dtype):
+            logits = model(x)
+        loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
+        correct += (logits.argmax(1) == y).sum()
+        images += y.numel()
+    return float(loss_sum) / images, 100.0 * float(correct) / images
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def write_metrics(path: Path, rows: list[dict[str, Any]]) -> None:
+    from slimctl.checkpoint import atomic_write_text
+
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def fit(
+    model: nn.Module,
+    train_loader,
+    test_loader,
+    *,
+    epochs: int,
+    lr: float,
+    momentum: float,
+    weight_decay: float,
+    milestones: list[int],
+    lr_decay: float,
+    sparsity: float,
+    gammas: list[nn.Parameter],
+    device: torch.device,
+    dtype: torch.dtype | None,
+    run_dir: Path,
+    save: Callable[[Path, nn.Module, dict[str, Any], dict[str, Any] | None], None],
+    resume_state: dict[str, Any] | None = None,
+    progress=None,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Train for `epochs`, evaluating after each; writes metrics.jsonl, last.pt and best.pt.
+
+    `save(path, model, metrics, resume)` writes a checkpoint (the caller knows its metadata).
+    `resume_state` (from a last.pt) continues a run where it stopped.
+    """
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
+    rows: list[dict[str, Any]] = []
+    best_top1 = -1.0
+    start_epoch = 0
+    if resume_state is not None:
+        optimizer.load_state_dict(resume_state["optimizer"])
+        if scaler is not None and resume_state.get("scaler"):
+            scaler.load_state_dict(resume_state["scaler"])
+        rows = list(resume_state["metrics"])
+        best_top1 = float(resume_state["best_top1"])
+        start_epoch = int(resume_state["epoch"])
+        torch.set_rng_state(resume_state["rng"]["torch"])
+    metrics_path = run_dir / "metrics.jsonl"
+
+    task = progress.add_task("train", total=None) if progress is not None else None
+    for epoch in range(start_epoch, epochs):
+        epoch_lr = lr_at(epoch, lr=lr, milestones=milestones, decay=lr_decay)
+        for group in optimizer.param_groups:
+            group["lr"] = epoch_lr
+        train_loader.set_epoch(epoch)
+        if progress is not None:
+            progress.reset(task, total=train_loader.num_samples, description=f"epoch {epoch + 1}/{epochs}")
+        step = (lambda n: progress.advance(task, n)) if progress is not None else None
+        result = train_one_epoch(
+            model, train_loader, optimizer, gammas=gammas, sparsity=sparsity,
+            device=device, dtype=dtype, scaler=scaler, on_step=step,
+        )
+        if not math.isfinite(result.loss):
+            raise SlimctlError(
+                f"training diverged: the loss became {result.loss} in epoch {epoch + 1} (lr {epoch_lr:g}, "
+                f"sparsity {sparsity:g}); the last good checkpoint is {run_dir / 'last.pt'}; lower train.lr"
+            )
+        test_loss, test_top1 = evaluate(model, test_loader, device=device, dtype=dtype)
+        row = {
+            "epoch": epoch + 1,
+            "lr": epoch_lr,
+            "train_loss": result.loss,
+            "train_top1": result.top1,
+            "test_loss": test_loss,
+            "test_top1": test_top1,
+            "seconds": result.seconds,
+            "images_per_sec": result.images / result.seconds,
+            **gamma_stats(gammas),
+        }
+        rows.append(row)
+        is_best = test_top1 > best_top1
+        best_top1 = max(best_top1, test_top1)
+        metrics = {"top1": test_top1, "loss": test_loss, "epoch": epoch + 1, "best_top1": best_top1}
+        resume = {
+            "epoch": epoch + 1,
+            "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "best_top1": best_top1,
+            "metrics": rows,
+            "rng": {"torch": torch.get_rng_state()},
+        }
+        if is_best:
+            save(run_dir / "best.pt", model, metrics, None)
+        save(run_dir / "last.pt", model, metrics, resume)
+        write_metrics(metrics_path, rows)
+        log(
+            f"epoch {epoch + 1:>3}/{epochs}  lr {epoch_lr:.4g}  loss {result.loss:.4f}  "
+            f"train {result.top1:5.2f}%  test {test_top1:5.2f}%  "
+            f"{row['images_per_sec']:.0f} img/s  |γ| {row['gamma_mean_abs']:.4f}"
+            + ("  *best" if is_best else "")
+        )
+    return {"best_top1": best_top1, "epochs": rows}
