@@ -24,6 +24,7 @@ import hashlib
 import io
 import os
 import pickle
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -133,8 +134,13 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise SlimctlError(f"{path} is not a slimctl checkpoint (unsafe or unreadable content: {first[:200]})") from None
+        match = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        if match:  # a pickled class or function: slimctl never writes one, and it could run code
+            raise SlimctlError(
+                f"{path} is not a slimctl checkpoint: it contains a pickled object ({match.group(1)}), "
+                "which is refused because loading it could run code"
+            ) from None
+        raise SlimctlError(f"{path} is not a readable slimctl checkpoint (corrupt or not a torch file)") from None
     except Exception as exc:  # truncated zip, random bytes, permission denied, …
         raise SlimctlError(f"{path} is not a readable slimctl checkpoint ({type(exc).__name__}: {str(exc)[:200]})") from None
     if not isinstance(ckpt, dict) or "format" not in ckpt:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -200,6 +202,9 @@ def _suggest(key: str, names: list[str], prefix: str) -> str:
     return f"; valid keys here: {', '.join(names)}"
 
 
+_SCIENTIFIC = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
+
+
 def _coerce(value: Any, hint: Any, key: str) -> Any:
     """Check `value` against a field type; ints are accepted where floats are expected."""
     origin = typing.get_origin(hint)
@@ -221,7 +226,11 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif hint is float:
+        if isinstance(value, str) and _SCIENTIFIC.match(value.strip()):
+            value = float(value)  # YAML 1.1 reads `1e-4` (no dot) as a string
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise SlimctlError(f"config key '{key}' must be a finite number, got {value!r}")
             return float(value)
     elif hint is str:
         if isinstance(value, str):

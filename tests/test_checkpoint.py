@@ -1,0 +1,137 @@
+import io
+import pickle
+import zipfile
+
+import pytest
+import torch
+
+from conftest import randomize_bn
+from slimctl import load_model, make_checkpoint, prune_model, save_checkpoint
+from slimctl.checkpoint import atomic_write_bytes, load_checkpoint, model_from_checkpoint
+from slimctl.errors import SlimctlError
+from slimctl.models import create_model
+
+
+def _pruned_checkpoint(tmp_path):
+    model = randomize_bn(create_model("vgg11", 10, width=0.25)).eval()
+    pruned, _ = prune_model(model, 0.5)
+    path = tmp_path / "p.pt"
+    save_checkpoint(path, make_checkpoint(pruned, stage="prune", metrics={"top1": 50.0}))
+    return path, pruned
+
+
+def test_round_trip_rebuilds_the_pruned_model_from_the_file_alone(tmp_path):
+    path, pruned = _pruned_checkpoint(tmp_path)
+    loaded = load_model(path)
+    assert not loaded.training
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), pruned.eval()(x))
+    ckpt = load_checkpoint(path)
+    assert ckpt["format"] == "slimctl/1" and ckpt["arch"] == "vgg11" and ckpt["arch_args"] == {"width": 0.25}
+    assert not any(k.startswith(("module.", "_orig_mod.")) for k in ckpt["state_dict"])
+
+
+def test_checkpoint_holds_only_plain_types(tmp_path):
+    path, _ = _pruned_checkpoint(tmp_path)
+    # weights_only=True would refuse any pickled class; load it that way explicitly.
+    torch.load(path, weights_only=True)
+
+
+def test_compiled_or_ddp_prefixes_are_never_saved(tmp_path):
+    model = create_model("vgg11", 10, width=0.125)
+
+    class Wrapper(torch.nn.Module):  # what torch.compile returns exposes `_orig_mod`
+        def __init__(self, inner):
+            super().__init__()
+            self._orig_mod = inner
+
+    ckpt = make_checkpoint(Wrapper(model), stage="sparse-train")
+    assert set(ckpt["state_dict"]) == set(model.state_dict())
+
+
+def test_a_crash_mid_write_keeps_the_previous_file(tmp_path, monkeypatch):
+    target = tmp_path / "best.pt"
+    target.write_bytes(b"previous")
+
+    def exploding_fsync(fd):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("os.fsync", exploding_fsync)
+    with pytest.raises(OSError):
+        atomic_write_bytes(target, b"new content")
+    assert target.read_bytes() == b"previous"
+    assert [p.name for p in tmp_path.iterdir()] == ["best.pt"]  # no temp file left behind
+
+
+class Evil:
+    def __reduce__(self):
+        return (print, ("pwned",))
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"", "not a readable slimctl checkpoint"),
+        (b"hello world, not a checkpoint", "not a readable slimctl checkpoint"),
+    ],
+)
+def test_garbage_files_are_refused(tmp_path, content, message):
+    path = tmp_path / "x.pt"
+    path.write_bytes(content)
+    with pytest.raises(SlimctlError, match=message):
+        load_checkpoint(path)
+
+
+def test_pickled_code_is_never_executed(tmp_path, capsys):
+    path = tmp_path / "evil.pt"
+    torch.save({"format": "slimctl/1", "payload": Evil()}, path)
+    with pytest.raises(SlimctlError, match="not a slimctl checkpoint"):
+        load_checkpoint(path)
+    assert "pwned" not in capsys.readouterr().out
+
+
+def test_truncated_checkpoint_is_refused(tmp_path):
+    path, _ = _pruned_checkpoint(tmp_path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(SlimctlError):
+        load_checkpoint(path)
+
+
+def _mutated(tmp_path, **changes):
+    path, _ = _pruned_checkpoint(tmp_path)
+    ckpt = load_checkpoint(path)
+    ckpt.update(changes)
+    for key, value in list(changes.items()):
+        if value is None:
+            del ckpt[key]
+    out = tmp_path / "m.pt"
+    torch.save(ckpt, out)
+    return out
+
+
+def test_wrong_format_missing_keys_unknown_arch_and_bad_widths(tmp_path):
+    with pytest.raises(SlimctlError, match="format 'slimctl/99'"):
+        load_checkpoint(_mutated(tmp_path, format="slimctl/99"))
+    with pytest.raises(SlimctlError, match="missing checkpoint keys: widths"):
+        load_checkpoint(_mutated(tmp_path, widths=None))
+    with pytest.raises(SlimctlError, match="unknown arch 'resnet9000'"):
+        load_model(_mutated(tmp_path, arch="resnet9000"))
+    path, _ = _pruned_checkpoint(tmp_path)
+    ckpt = load_checkpoint(path)
+    ckpt["widths"]["features.conv0"] = [3, 7, 1]  # disagrees with the stored weights
+    with pytest.raises(SlimctlError, match="do not match the recorded widths"):
+        model_from_checkpoint(ckpt)
+    ckpt["widths"]["features.nonexistent"] = [1]
+    with pytest.raises(SlimctlError, match="does not have"):
+        model_from_checkpoint(ckpt)
+
+
+def test_a_plain_state_dict_is_not_mistaken_for_a_checkpoint(tmp_path):
+    path = tmp_path / "sd.pt"
+    torch.save(create_model("vgg11", 10, width=0.125).state_dict(), path)
+    with pytest.raises(SlimctlError, match="no 'format' key"):
+        load_checkpoint(path)
+    with pytest.raises(SlimctlError, match="checkpoint not found"):
+        load_checkpoint(tmp_path / "nope.pt")

@@ -1,0 +1,163 @@
+"""The CLI end to end on the demo config (tiny), and every bad-input case: exit 2, one message."""
+
+import json
+import pickle
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from conftest import DEMO_CONFIG, TINY
+from slimctl.checkpoint import load_checkpoint
+from slimctl.cli import cli
+
+
+def run(*args, ok=True):
+    result = CliRunner().invoke(cli, [str(a) for a in args])
+    if ok:
+        assert result.exit_code == 0, result.output + repr(result.exception)
+    return result
+
+
+def _sets(*extra):
+    out = []
+    for item in (*TINY, *extra):
+        out += ["--set", item]
+    return out
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    """sparse-train → prune → finetune → prune again, on the tiny demo."""
+    root = tmp_path_factory.mktemp("pipe")
+    run("sparse-train", "-c", DEMO_CONFIG, "-o", root / "sparse", *_sets("train.epochs=2"))
+    prune = run("prune", root / "sparse" / "best.pt", "--ratio", "0.5", "-o", root / "pruned.pt", "--json")
+    run("finetune", root / "pruned.pt", "-c", DEMO_CONFIG, "-o", root / "ft", *_sets())
+    prune2 = run("prune", root / "ft" / "best.pt", "--ratio", "0.3", "-o", root / "pruned2.pt", "--json")
+    return root, json.loads(prune.output), json.loads(prune2.output)
+
+
+def test_sparse_train_writes_the_run_folder(pipeline):
+    root, _, _ = pipeline
+    sparse = root / "sparse"
+    assert {"config.yaml", "metrics.jsonl", "last.pt", "best.pt"} <= {p.name for p in sparse.iterdir()}
+    rows = [json.loads(line) for line in (sparse / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2]
+    keys = {"epoch", "lr", "train_loss", "train_top1", "test_loss", "test_top1", "seconds", "images_per_sec",
+            "gamma_mean_abs", "gamma_frac_below_1e-2"}
+    assert keys <= set(rows[0])
+    config = (sparse / "config.yaml").read_text()
+    assert "sparsity: 0.001" in config and "subset: 96" in config and "git_commit" in config
+    best = load_checkpoint(sparse / "best.pt")
+    assert best["stage"] == "sparse-train" and best["metrics"]["top1"] == max(r["test_top1"] for r in rows)
+
+
+def test_prune_json_and_outputs(pipeline):
+    root, result, _ = pipeline
+    assert result["ratio"] == 0.5 and result["threshold"] > 0
+    assert result["params"] < result["params_before"] and result["flops"] < result["flops_before"]
+    assert all({"name", "kept", "total"} <= set(layer) for layer in result["layers"])
+    assert sum(l["kept"] for l in result["layers"]) < sum(l["total"] for l in result["layers"])
+    assert result["top1"] is not None  # digits are always available, so the pruned model was evaluated
+    assert (root / "pruned_gamma.png").stat().st_size > 1000
+    ckpt = load_checkpoint(root / "pruned.pt")
+    assert ckpt["stage"] == "prune" and ckpt["parent"]["sha256"] and ckpt["prune"]["ratio"] == 0.5
+
+
+def test_finetune_and_second_pass(pipeline):
+    root, first, second = pipeline
+    ft = load_checkpoint(root / "ft" / "best.pt")
+    assert ft["stage"] == "finetune" and ft["config"]["finetune"]["epochs"] == 1
+    assert second["params_before"] == first["params"]  # the second pass starts from the narrower model
+    assert second["params"] < first["params"]
+
+
+def test_eval_info_report(pipeline):
+    root, first, _ = pipeline
+    ev = json.loads(run("eval", root / "pruned.pt", "--json").output)
+    assert ev["top1"] == pytest.approx(first["top1"]) and ev["params"] == first["params"]
+    info = json.loads(run("info", root / "pruned.pt", "--json").output)
+    assert info["params"] == first["params"] and info["flops"] == first["flops"]
+    rows = json.loads(run("report", root / "pruned2.pt", "--json").output)
+    assert [r["stage"] for r in rows] == ["sparse-train", "prune", "finetune", "prune"]
+    assert "slimming summary" in run("report", root / "ft" / "best.pt").output
+
+
+def test_info_arch():
+    info = json.loads(run("info", "--arch", "vgg19", "--json").output)
+    assert info["params"] == 20_035_018 and info["flops"] == 797_304_842
+    assert "features.bn0" in info["bn_widths"]
+
+
+def test_help_explains_every_command():
+    for command in ("sparse-train", "prune", "finetune", "eval", "info", "report"):
+        assert "Usage" in run(command, "--help").output
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def expect_user_error(*args, match):
+    result = run(*args, ok=False)
+    assert result.exit_code == 2, result.output
+    assert match in result.output
+    assert "Traceback" not in result.output
+    return result
+
+
+def test_bad_ratio(pipeline):
+    root, _, _ = pipeline
+    for ratio in ("1.5", "1", "-0.2"):
+        expect_user_error("prune", root / "sparse" / "best.pt", "--ratio", ratio, "-o", root / "x.pt",
+                          match="must be in [0, 1)")
+    assert not (root / "x.pt").exists()
+    expect_user_error("prune", root / "sparse" / "best.pt", "--ratio", "abc", match="not a valid float")
+
+
+def test_missing_unreadable_and_foreign_checkpoints(tmp_path):
+    expect_user_error("prune", tmp_path / "nope.pt", "--ratio", "0.5", match="checkpoint not found")
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"\x00\x01 not torch")
+    for command in (("prune", garbage, "--ratio", "0.5"), ("eval", garbage), ("info", garbage)):
+        expect_user_error(*command, match="not a readable slimctl checkpoint")
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"weights": torch.zeros(3)}, foreign)
+    expect_user_error("eval", foreign, match="not a slimctl checkpoint")
+    expect_user_error("info", tmp_path, match="is a folder")
+
+
+def test_existing_outputs_are_never_overwritten(pipeline):
+    root, _, _ = pipeline
+    before = (root / "pruned.pt").read_bytes()
+    expect_user_error("prune", root / "sparse" / "best.pt", "--ratio", "0.7", "-o", root / "pruned.pt",
+                      match="already exists; pass --force")
+    assert (root / "pruned.pt").read_bytes() == before
+    last = (root / "sparse" / "last.pt").read_bytes()
+    expect_user_error("sparse-train", "-c", DEMO_CONFIG, "-o", root / "sparse", *_sets(),
+                      match="pass --resume to continue that run or --force")
+    assert (root / "sparse" / "last.pt").read_bytes() == last
+
+
+def test_config_errors(tmp_path):
+    out = tmp_path / "run"
+    expect_user_error("sparse-train", "-c", DEMO_CONFIG, "-o", out, "--set", "train.epoch=2",
+                      match="unknown config key 'train.epoch'; did you mean 'train.epochs'")
+    expect_user_error("sparse-train", "-c", DEMO_CONFIG, "-o", out, "--set", "train.lr=fast",
+                      match="'train.lr' must be float")
+    expect_user_error("sparse-train", "-c", tmp_path / "missing.yaml", match="config file not found")
+    assert not out.exists()
+
+
+def test_missing_dataset_without_download(tmp_path):
+    result = expect_user_error(
+        "sparse-train", "-c", DEMO_CONFIG, "-o", tmp_path / "run",
+        "--set", "data.name=cifar10", "--set", f"data.root={tmp_path / 'empty'}", "--set", "data.download=false",
+        match="cifar10 not found in",
+    )
+    assert "cifar-10-batches-py" in result.output and "data.download" in result.output
+
+
+def test_info_needs_exactly_one_source(pipeline):
+    root, _, _ = pipeline
+    expect_user_error("info", match="give either a CHECKPOINT or --arch")
+    expect_user_error("info", "--arch", "vgg99", match="unknown arch 'vgg99'")

@@ -1,0 +1,100 @@
+from pathlib import Path
+
+import pytest
+
+from slimctl.config import Config, load_config
+from slimctl.errors import SlimctlError
+from slimctl.train import lr_at, milestone_epochs
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_defaults_are_the_paper_settings():
+    cfg = load_config()
+    assert (cfg.train.lr, cfg.train.momentum, cfg.train.weight_decay) == (0.1, 0.9, 1e-4)
+    assert (cfg.data.batch_size, cfg.data.test_batch_size, cfg.train.epochs) == (64, 256, 160)
+    assert cfg.train.milestones == (0.5, 0.75)
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_loads(path):
+    assert isinstance(load_config(path), Config)
+
+
+def test_overrides_are_yaml_typed_and_applied_after_the_file(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  epochs: 5\n  lr: 0.05\n")
+    cfg = load_config(path, ["train.epochs=7", "data.subset=100", "train.milestones=[0.3, 0.6]", "data.download=true"])
+    assert cfg.train.epochs == 7 and cfg.train.lr == 0.05
+    assert cfg.data.subset == 100 and cfg.data.download is True
+    assert cfg.train.milestones == (0.3, 0.6)
+
+
+def test_int_accepted_for_float():
+    cfg = load_config(None, ["train.lr=1"])
+    assert cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float)
+
+
+def test_finetune_inherits_unset_keys_and_never_sparsifies():
+    cfg = load_config(None, ["train.sparsity=1e-4", "train.lr=0.05", "finetune.epochs=3"])
+    ft = cfg.finetune_train()
+    assert ft.epochs == 3 and ft.lr == 0.05 and ft.sparsity == 0.0
+    with pytest.raises(SlimctlError, match="finetune.sparsity"):
+        load_config(None, ["finetune.sparsity=1e-4"])
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.epoch=3", "unknown config key 'train.epoch'; did you mean 'train.epochs'"),
+        ("trian.epochs=3", "unknown config key 'trian'; did you mean 'train'"),
+        ("train.epochs=three", "'train.epochs' must be int"),
+        ("train.epochs=2.5", "'train.epochs' must be int"),
+        ("data.download=yes please", "'data.download' must be bool"),
+        ("train.lr=0", "'train.lr' must be > 0"),
+        ("train.epochs=0", "'train.epochs' must be >= 1"),
+        ("prune.ratio=1.0", "must be in [0, 1)"),
+        ("train.sparsity=-1", "'train.sparsity' must be >= 0"),
+        ("train.milestones=[0.5, 1.5]", "'train.milestones' must be fractions in (0, 1]"),
+        ("train.device=tpu", "'train.device' must be one of auto, cpu, cuda"),
+        ("model.arch=vgg99", "'model.arch' must be one of"),
+        ("data.name=mnist", "'data.name' must be one of"),
+        ("data.batch_size=0", "'data.batch_size' must be >= 1"),
+        ("train=3", "'train' must be a section"),
+        ("noequals", "--set expects key=value"),
+    ],
+)
+def test_bad_values_name_the_key(override, message):
+    with pytest.raises(SlimctlError) as info:
+        load_config(None, [override])
+    assert message in str(info.value)
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(SlimctlError, match="config file not found"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [1, 2\n")
+    with pytest.raises(SlimctlError, match="not valid YAML"):
+        load_config(bad)
+    scalar = tmp_path / "scalar.yaml"
+    scalar.write_text("3\n")
+    with pytest.raises(SlimctlError, match="expected a mapping"):
+        load_config(scalar)
+
+
+def test_milestones_are_integer_epochs():
+    # The reference compared floats, so 0.75·5 = 3.75 never matched an epoch; here it is epoch 3.
+    assert milestone_epochs((0.5, 0.75), 160) == [80, 120]
+    assert milestone_epochs((0.5, 0.75), 5) == [2, 3]
+    assert milestone_epochs((0.5,), 1) == [1]
+    lrs = [lr_at(e, lr=0.1, milestones=[2, 3], decay=0.1) for e in range(5)]
+    assert lrs == pytest.approx([0.1, 0.1, 0.01, 0.001, 0.001])
+
+
+def test_scientific_notation_without_dot_is_a_float():
+    # YAML 1.1 would read these as strings; users write them anyway.
+    assert load_config(None, ["train.sparsity=1e-4"]).train.sparsity == 1e-4
+    assert load_config(None, ["train.weight_decay=5E-4"]).train.weight_decay == 5e-4
+    with pytest.raises(SlimctlError, match="finite"):
+        load_config(None, ["train.lr=.inf"])
