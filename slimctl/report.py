@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 from pathlib import Path
 from typing import Any
 
@@ -81,7 +82,7 @@ def lineage_table(rows: list[dict[str, Any]]) -> Table:
     for column in ("stage", "checkpoint", "params", "FLOPs", "test top-1"):
         table.add_column(column, justify="left" if column in ("stage", "checkpoint") else "right")
     for row in rows:
-        table.add_row(row["stage"], row["path"], human(row["params"]), human(row["flops"]), percent(row.get("top1")))
+        table.add_row(row["stage"], os.path.relpath(row["path"]), human(row["params"]), human(row["flops"]), percent(row.get("top1")))
     return table
 
 

@@ -1,0 +1,95 @@
+# slimctl: the demo, the tests and the paper's CIFAR reproductions.
+#   make demo                    three stages on the bundled digits, a few minutes on a CPU
+#   make test                    the test suite (what CI runs)
+#   make cifar10-vgg19           sparse-train → prune 0.7 → finetune (the paper's Table 1 row)
+#   make cifar10-vgg19-baseline  the same network trained without the sparsity term
+#   make multipass ARCH=vgg19 DATASET=cifar10 PASSES=3 RATIO=0.3
+# RUNS= and DATA= choose where runs and data sets live; SET="train.epochs=2 data.subset=512" adds
+# config overrides to every training stage (smoke runs). Every stage is incremental: a finished
+# stage (marked by a .done file) is not re-run, and an interrupted one resumes from its last.pt.
+
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+SLIMCTL := $(BIN)/slimctl
+RUNS ?= runs
+DATA ?= data
+DEMO_RATIO ?= 0.6
+
+.PHONY: install demo test clean table multipass
+.DELETE_ON_ERROR:
+.SECONDARY:  # keep pruned-*.pt: they are results, not temporary files
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -e '.[dev]'
+	touch $@
+
+demo: install
+	$(SLIMCTL) sparse-train -c configs/demo.yaml -o $(RUNS)/demo/sparse --force
+	$(SLIMCTL) prune $(RUNS)/demo/sparse/best.pt --ratio $(DEMO_RATIO) -o $(RUNS)/demo/pruned.pt --force
+	$(SLIMCTL) finetune $(RUNS)/demo/pruned.pt -c configs/demo.yaml -o $(RUNS)/demo/finetune --force
+	$(SLIMCTL) report $(RUNS)/demo/finetune/best.pt
+
+test: install
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf $(RUNS)/demo build *.egg-info .pytest_cache .hypothesis
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +
+
+# ---------------------------------------------------------------- the paper's CIFAR recipes
+# $(call train_args,RUN_DIR): data location, and --resume when an interrupted run left a last.pt.
+train_args = --set data.root=$(DATA) $(foreach s,$(SET),--set $(s)) $(if $(wildcard $(1)/last.pt),--resume,--force)
+
+# $(1) = dataset, $(2) = arch, $(3) = pruning ratios. Run folder: $(RUNS)/$(1)-$(2)/.
+define RECIPE
+$(1)-$(2): $(foreach r,$(3),$(RUNS)/$(1)-$(2)/finetune-$(r)/.done)
+	$(SLIMCTL) report $(RUNS)/$(1)-$(2)/finetune-$(lastword $(3))/best.pt
+$(1)-$(2)-baseline: $(RUNS)/$(1)-$(2)/baseline/.done
+.PHONY: $(1)-$(2) $(1)-$(2)-baseline
+
+$(RUNS)/$(1)-$(2)/sparse/.done: | install
+	$(SLIMCTL) sparse-train -c configs/$(1)_$(2).yaml -o $$(@D) $$(call train_args,$$(@D))
+	touch $$@
+
+$(RUNS)/$(1)-$(2)/baseline/.done: | install
+	$(SLIMCTL) sparse-train -c configs/$(1)_$(2).yaml -o $$(@D) --set train.sparsity=0 $$(call train_args,$$(@D))
+	touch $$@
+
+$(RUNS)/$(1)-$(2)/pruned-%.pt: $(RUNS)/$(1)-$(2)/sparse/.done
+	$(SLIMCTL) prune $(RUNS)/$(1)-$(2)/sparse/best.pt --ratio $$* -o $$@ --data-root $(DATA) --force
+
+$(RUNS)/$(1)-$(2)/finetune-%/.done: $(RUNS)/$(1)-$(2)/pruned-%.pt
+	$(SLIMCTL) finetune $$< -c configs/$(1)_$(2).yaml -o $$(@D) $$(call train_args,$$(@D))
+	touch $$@
+endef
+
+$(eval $(call RECIPE,cifar10,vgg19,0.7))
+$(eval $(call RECIPE,cifar100,vgg19,0.5))
+$(eval $(call RECIPE,cifar10,resnet164,0.4 0.6))
+$(eval $(call RECIPE,cifar100,resnet164,0.4 0.6))
+$(eval $(call RECIPE,cifar10,densenet40,0.4 0.7))
+$(eval $(call RECIPE,cifar100,densenet40,0.4 0.7))
+
+# The paper's iterative scheme: prune RATIO of the remaining channels, fine-tune, repeat.
+# Starts from $(RUNS)/$(DATASET)-$(ARCH)/sparse (run `make $(DATASET)-$(ARCH)` or its sparse stage first).
+DATASET ?= cifar10
+ARCH ?= vgg19
+PASSES ?= 3
+RATIO ?= 0.3
+multipass: $(RUNS)/$(DATASET)-$(ARCH)/sparse/.done
+	set -e; ckpt=$(RUNS)/$(DATASET)-$(ARCH)/sparse/best.pt; \
+	for pass in $$(seq 1 $(PASSES)); do \
+	  dir=$(RUNS)/$(DATASET)-$(ARCH)/multipass-$(RATIO)/pass$$pass; \
+	  if [ ! -f $$dir/.done ]; then \
+	    $(SLIMCTL) prune $$ckpt --ratio $(RATIO) -o $$dir/pruned.pt --data-root $(DATA) --force; \
+	    $(SLIMCTL) finetune $$dir/pruned.pt -c configs/$(DATASET)_$(ARCH).yaml -o $$dir/finetune \
+	      --set data.root=$(DATA) $$( [ -f $$dir/finetune/last.pt ] && echo --resume || echo --force ); \
+	    touch $$dir/.done; \
+	  fi; \
+	  ckpt=$$dir/finetune/best.pt; \
+	done; \
+	$(SLIMCTL) report $$ckpt
