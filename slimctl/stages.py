@@ -37,7 +37,8 @@ def describe(model: nn.Module) -> dict[str, Any]:
     """params, FLOPs (paper's count), and the widths that define the model's shape."""
     spec = model.arch_spec
     widths = module_widths(model)
-    bn_widths = {name: shape[0] for name, shape in widths.items() if isinstance(model.get_submodule(name), nn.BatchNorm2d)}
+    # Channels each ranked BN passes on (for a selection BN: the selected ones, not its full width).
+    bn_widths = {g.bn: int(group_scores(model, g).numel()) for g in channel_groups(model)}
     return {
         "arch": spec["arch"],
         "num_classes": spec["num_classes"],

@@ -160,3 +160,11 @@ def test_the_original_model_is_untouched():
     prune_model(model, 0.7)
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("arch, args", [("vgg11", {}), ("preresnet", {"depth": 11}), ("densenet", {"depth": 10})])
+def test_surgery_keeps_the_models_dtype(arch, args):
+    model = randomize_bn(create_model(arch, 10, width=0.25, **args)).double().eval()
+    pruned, _ = prune_model(model, 0.5)
+    assert {p.dtype for p in pruned.parameters()} == {torch.float64}
+    assert pruned.eval()(torch.randn(1, 3, 32, 32, dtype=torch.float64)).dtype == torch.float64

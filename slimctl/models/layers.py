@@ -7,10 +7,32 @@ Linear and ChannelSelection modules. `module_widths` records those sizes by modu
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
 from slimctl.errors import SlimctlError
+
+
+def scale_width(channels: int, width: float) -> int:
+    """A width multiplier that never leaves a layer with zero channels."""
+    return max(1, int(round(channels * width)))
+
+
+def init_paper_weights(model: nn.Module) -> None:
+    """The paper's init: conv N(0, sqrt(2 / (k²·C_out))), BN γ = 0.5 (a mid-range start for the L1
+    penalty), β = 0, Linear N(0, 0.01), bias 0."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
+            nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.constant_(m.weight, 0.5)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, 0.0, 0.01)
+            nn.init.zeros_(m.bias)
 
 
 class ChannelSelection(nn.Module):
@@ -77,7 +99,9 @@ def resized(module: nn.Module, shape: list[int]) -> nn.Module:
         new = ChannelSelection(shape[0])
     else:
         raise TypeError(f"cannot resize {type(module).__name__}")
-    return new.to(device)
+    # Same device and float dtype as the original (`.to(dtype)` leaves integer buffers alone).
+    floats = [t for t in (*module.parameters(), *module.buffers()) if t.is_floating_point()]
+    return new.to(device=device, dtype=floats[0].dtype if floats else None)
 
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:

@@ -7,7 +7,6 @@ conv (2×2 maps on CIFAR) come a 2×2 average pool and one Linear. Modules are n
 
 from __future__ import annotations
 
-import math
 from collections import OrderedDict
 
 import torch
@@ -15,6 +14,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from slimctl.models import register_model
+from slimctl.models.layers import init_paper_weights, scale_width
 from slimctl.plan import ChannelGroup, Consumer
 
 WIDTHS: dict[str, list[int | str]] = {
@@ -23,11 +23,6 @@ WIDTHS: dict[str, list[int | str]] = {
     "vgg16": [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512],
     "vgg19": [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M", 512, 512, 512, 512],
 }
-
-
-def scale_width(channels: int, width: float) -> int:
-    """A width multiplier that never leaves a layer with zero channels."""
-    return max(1, int(round(channels * width)))
 
 
 class VGG(nn.Module):
@@ -49,21 +44,7 @@ class VGG(nn.Module):
         self.num_convs = conv_index
         self.features = nn.Sequential(layers)
         self.classifier = nn.Linear(channels, num_classes)
-        self._init_weights()
-
-    def _init_weights(self) -> None:
-        # The paper's init: conv N(0, sqrt(2 / (k²·C_out))), BN γ = 0.5 (a mid-range start for the
-        # L1 penalty), β = 0, Linear N(0, 0.01), bias 0.
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
-                nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.constant_(m.weight, 0.5)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0.0, 0.01)
-                nn.init.zeros_(m.bias)
+        init_paper_weights(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # 2×2 → 1×1 on 32×32 inputs. Functional, as in the reference code, whose FLOP counter
