@@ -107,7 +107,6 @@ def _train(
         model = model_from_checkpoint(last, source=str(run_dir / "last.pt"))
         resume_state = last["resume"]
     model = model.to(device)
-    torch.manual_seed(train.seed)
     gammas = bn_scales(model, [g.bn for g in channel_groups(model)])
     info = {"params": count_params(model), "flops": count_flops(model)}
     config = cfg.to_dict()
@@ -138,6 +137,7 @@ def sparse_train(cfg: Config, run_dir: Path, *, resume: bool = False, force: boo
                  log: Callable[[str], None] = print) -> dict[str, Any]:
     """Train from scratch with the L1 penalty λ = train.sparsity on every ranked BN scale."""
     prepare_run_dir(run_dir, resume=resume, force=force)
+    torch.manual_seed(cfg.train.seed)  # the initial weights are part of the recorded recipe
     model = create_model(cfg.model.arch, num_classes_of(cfg.data.name), width=cfg.model.width)
     return _train(model, cfg=cfg, train=cfg.train, stage="sparse-train", run_dir=run_dir, parent=None,
                   resume=resume, progress=progress, log=log)
@@ -149,6 +149,7 @@ def finetune(checkpoint: Path, cfg: Config, run_dir: Path, *, resume: bool = Fal
     ckpt = load_checkpoint(checkpoint)
     model = model_from_checkpoint(ckpt, source=str(checkpoint))
     prepare_run_dir(run_dir, resume=resume, force=force)
+    torch.manual_seed(cfg.finetune_train().seed)
     return _train(model, cfg=cfg, train=cfg.finetune_train(), stage="finetune", run_dir=run_dir,
                   parent=checkpoint, resume=resume, progress=progress, log=log)
 
