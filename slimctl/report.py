@@ -34,7 +34,8 @@ def plot_gamma_histogram(scores: torch.Tensor, threshold: float | None, path: Pa
 
     values = scores.float().clamp_min(1e-8).numpy()  # a log axis cannot show exact zeros
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    bins = torch.logspace(-8, max(0.5, float(torch.log10(torch.tensor(values.max()))) + 0.1), 80).numpy()
+    low, high = float(torch.log10(torch.tensor(values.min()))), float(torch.log10(torch.tensor(values.max())))
+    bins = torch.logspace(low - 0.1, high + 0.1, 80).numpy()
     ax.hist(values, bins=bins, color="#4477aa")
     ax.set_xscale("log")
     ax.set_xlabel("|γ| (BN scale; values below 1e-8 drawn at 1e-8)")
