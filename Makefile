@@ -36,6 +36,9 @@ demo: install
 test: install
 	$(BIN)/python -m pytest
 
+table: install
+	$(BIN)/python scripts/collect_results.py $(RUNS) -o $(RUNS)/table.md
+
 clean:
 	rm -rf $(RUNS)/demo build *.egg-info .pytest_cache .hypothesis
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

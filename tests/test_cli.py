@@ -173,3 +173,15 @@ def test_same_config_same_result(tmp_path):
     run("sparse-train", "-c", DEMO_CONFIG, "-o", tmp_path / "c", *_sets("train.seed=1"))
     c = load_checkpoint(tmp_path / "c" / "last.pt")["state_dict"]
     assert not torch.equal(a["features.conv0.weight"], c["features.conv0.weight"])
+
+
+@pytest.mark.parametrize("arch", ["preresnet56", "densenet40"])
+def test_each_paper_family_runs_the_three_stages(tmp_path, arch):
+    sets = _sets(f"model.arch={arch}", "model.width=0.125", "data.subset=32")
+    run("sparse-train", "-c", DEMO_CONFIG, "-o", tmp_path / "s", *sets)
+    result = json.loads(run("prune", tmp_path / "s" / "best.pt", "--ratio", "0.6", "-o", tmp_path / "p.pt",
+                            "--json").output)
+    assert result["params"] < result["params_before"]
+    run("finetune", tmp_path / "p.pt", "-c", DEMO_CONFIG, "-o", tmp_path / "f", *sets)
+    info = json.loads(run("info", tmp_path / "f" / "best.pt", "--json").output)
+    assert info["params"] == result["params"] and info["arch"] == arch

@@ -1,0 +1,130 @@
+"""The paper-style results table, built from finished run folders (`make table`).
+
+A recipe's folder (`RUNS/<dataset>-<name>/`, as the Makefile lays it out) holds `baseline/`,
+`sparse/`, `pruned-<ratio>.pt` and `finetune-<ratio>/`. Figures come from the checkpoints' recorded
+metrics; a stage that has not run shows "not yet run", never a number.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from slimctl.errors import SlimctlError
+
+# Paper, Table 1(a) (CIFAR-10): test error %, params, FLOPs; ratio None = the unpruned baseline.
+PAPER = {
+    ("cifar10", "vgg19", None): (6.34, 20.04e6, 7.97e8),
+    ("cifar10", "vgg19", 0.7): (6.20, 2.30e6, 3.91e8),
+    ("cifar10", "densenet40", None): (6.11, 1.02e6, 5.33e8),
+    ("cifar10", "densenet40", 0.4): (5.19, 0.66e6, 3.81e8),
+    ("cifar10", "densenet40", 0.7): (5.65, 0.35e6, 2.40e8),
+    ("cifar10", "resnet164", None): (5.42, 1.70e6, 4.99e8),
+    ("cifar10", "resnet164", 0.4): (5.08, 1.44e6, 3.81e8),
+    ("cifar10", "resnet164", 0.6): (5.27, 1.10e6, 2.75e8),
+}
+
+NOT_RUN = "not yet run"
+
+
+@dataclass(frozen=True)
+class Row:
+    model: str
+    error: float | None  # test error %, best epoch
+    params: int | None
+    flops: int | None
+    error_after_prune: float | None = None
+    paper: tuple[float, float, float] | None = None
+
+
+def _metrics(path: Path) -> dict[str, Any] | None:
+    """A checkpoint's recorded metrics, or None when the file is absent."""
+    if not path.exists():
+        return None
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise SlimctlError(f"cannot read {path}: {type(exc).__name__}") from None
+    return ckpt.get("metrics") or {} if isinstance(ckpt, dict) else None
+
+
+def _error(metrics: dict[str, Any] | None, key: str = "best_top1") -> float | None:
+    if not metrics:
+        return None
+    top1 = metrics.get(key, metrics.get("top1"))
+    return None if top1 is None else 100.0 - float(top1)
+
+
+def recipe_rows(folder: Path) -> list[Row]:
+    """Rows for one recipe folder: baseline, sparse, then one per pruning ratio found."""
+    dataset, _, name = folder.name.partition("-")
+    arch = name.split("_")[0]  # "vgg19_w025" is a vgg19 recipe at another width
+    rows = []
+    for stage, label in (("baseline", "baseline"), ("sparse", "sparse-trained")):
+        m = _metrics(folder / stage / "best.pt")
+        paper = PAPER.get((dataset, name, None)) if stage == "baseline" else None
+        rows.append(Row(f"{name} ({label})", _error(m), m and m.get("params"), m and m.get("flops"), paper=paper))
+    ratios = sorted(
+        {float(match.group(1)) for p in folder.iterdir() if (match := re.fullmatch(r"(?:pruned|finetune)-([0-9.]+)(?:\.pt)?", p.name))}
+    )
+    for ratio in ratios:
+        pruned = _metrics(folder / f"pruned-{ratio:g}.pt")
+        tuned = _metrics(folder / f"finetune-{ratio:g}" / "best.pt")
+        source = tuned or pruned or {}
+        rows.append(
+            Row(
+                f"{name} ({ratio:.0%} pruned)",
+                _error(tuned),
+                source.get("params"),
+                source.get("flops"),
+                error_after_prune=_error(pruned, key="top1"),
+                paper=PAPER.get((dataset, name, ratio)),
+            )
+        )
+    return rows
+
+
+def _fmt_count(n: float | None, unit: float, suffix: str) -> str:
+    return NOT_RUN if n is None else f"{n / unit:.2f}{suffix}"
+
+
+def _fmt_pruned(n: float | None, base: float | None) -> str:
+    if n is None or not base:
+        return "-"
+    return f"{100 * (1 - n / base):.1f}%"
+
+
+def markdown_table(runs_dir: Path) -> str:
+    """One Markdown table per data set: measured figures next to the paper's."""
+    runs_dir = Path(runs_dir)
+    if not runs_dir.is_dir():
+        raise SlimctlError(f"{runs_dir} is not a folder of runs (expected RUNS/<dataset>-<arch>/...)")
+    folders = sorted(p for p in runs_dir.iterdir() if p.is_dir() and "-" in p.name and p.name.split("-")[0].startswith("cifar"))
+    if not folders:
+        raise SlimctlError(f"no recipe folders (like cifar10-vgg19/) in {runs_dir}")
+    lines = []
+    for dataset in sorted({f.name.split("-")[0] for f in folders}):
+        lines += [
+            f"### {dataset.upper()}",
+            "",
+            "| model | test error % | error right after pruning % | params | params pruned | FLOPs | FLOPs pruned | paper: error % / params / FLOPs |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for folder in (f for f in folders if f.name.split("-")[0] == dataset):
+            rows = recipe_rows(folder)
+            base = next((r for r in rows if r.params is not None), None)
+            for row in rows:
+                error = NOT_RUN if row.error is None else f"{row.error:.2f}"
+                after = "-" if row.error_after_prune is None else f"{row.error_after_prune:.2f}"
+                paper = "-" if row.paper is None else f"{row.paper[0]:.2f} / {row.paper[1] / 1e6:.2f}M / {row.paper[2]:.2e}"
+                lines.append(
+                    f"| {row.model} | {error} | {after} | {_fmt_count(row.params, 1e6, 'M')} | "
+                    f"{_fmt_pruned(row.params, base and base.params)} | {_fmt_count(row.flops, 1e6, 'M')} | "
+                    f"{_fmt_pruned(row.flops, base and base.flops)} | {paper} |"
+                )
+        lines.append("")
+    return "\n".join(lines)
