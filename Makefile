@@ -77,6 +77,25 @@ $(eval $(call RECIPE,cifar100,resnet164,0.4 0.6))
 $(eval $(call RECIPE,cifar10,densenet40,0.4 0.7))
 $(eval $(call RECIPE,cifar100,densenet40,0.4 0.7))
 
+# CPU-scale reproductions on real CIFAR-10 (shortened schedules; see the configs).
+$(eval $(call RECIPE,cifar10,vgg19_w025,0.5 0.7))
+$(eval $(call RECIPE,cifar10,preresnet56,0.4 0.6))
+
+# $(1) = recipe folder name: the plots of one recipe (|γ| histograms, test error per epoch).
+define PLOTS
+$(RUNS)/$(1)/plots.done: $(RUNS)/$(1)/baseline/.done $(RUNS)/$(1)/sparse/.done $(wildcard $(RUNS)/$(1)/finetune-*/.done)
+	$(BIN)/python scripts/plot_runs.py $(RUNS)/$(1)
+	touch $$@
+endef
+$(eval $(call PLOTS,cifar10-vgg19_w025))
+$(eval $(call PLOTS,cifar10-preresnet56))
+
+cpu-repro-vgg: cifar10-vgg19_w025-baseline cifar10-vgg19_w025 $(RUNS)/cifar10-vgg19_w025/plots.done
+cpu-repro-resnet: cifar10-preresnet56-baseline cifar10-preresnet56 $(RUNS)/cifar10-preresnet56/plots.done
+cpu-repro: cpu-repro-vgg cpu-repro-resnet
+	$(MAKE) table
+.PHONY: cpu-repro cpu-repro-vgg cpu-repro-resnet
+
 # The paper's iterative scheme: prune RATIO of the remaining channels, fine-tune, repeat.
 # Starts from $(RUNS)/$(DATASET)-$(ARCH)/sparse (run `make $(DATASET)-$(ARCH)` or its sparse stage first).
 DATASET ?= cifar10

@@ -59,6 +59,9 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     precision: str = "auto"
+    # NHWC memory layout for the model and batches: faster for VGG-like nets on CPU (measured
+    # ~1.2×), slower for the 1×1-conv bottlenecks of ResNet-164 on CPU.
+    channels_last: bool = False
 
 
 @dataclass(frozen=True)
@@ -75,6 +78,7 @@ class FinetuneConfig:
     seed: int | None = None
     device: str | None = None
     precision: str | None = None
+    channels_last: bool | None = None
 
 
 @dataclass(frozen=True)

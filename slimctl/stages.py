@@ -93,7 +93,7 @@ def _train(
     """The part sparse-train and finetune share: loaders, device, precision, fit, checkpoints."""
     device = resolve_device(train.device)
     dtype = resolve_precision(train.precision, device)
-    train_loader, test_loader, num_classes = build_loaders(cfg.data, device=device)
+    train_loader, test_loader, num_classes = build_loaders(cfg.data, device=device, channels_last=train.channels_last)
     if num_classes != model.arch_spec["num_classes"]:
         raise SlimctlError(
             f"data.name {cfg.data.name!r} has {num_classes} classes but the model was built for "
@@ -106,7 +106,7 @@ def _train(
             raise SlimctlError(f"{run_dir / 'last.pt'} holds no resume state (the run finished or was not resumable)")
         model = model_from_checkpoint(last, source=str(run_dir / "last.pt"))
         resume_state = last["resume"]
-    model = model.to(device)
+    model = model.to(device, memory_format=torch.channels_last if train.channels_last else torch.preserve_format)
     gammas = bn_scales(model, [g.bn for g in channel_groups(model)])
     info = {"params": count_params(model), "flops": count_flops(model)}
     config = cfg.to_dict()
