@@ -27,16 +27,11 @@ def percent(value: float | None) -> str:
 
 def plot_gamma_histogram(scores: torch.Tensor, threshold: float | None, path: Path, title: str) -> None:
     """Histogram of all ranked |γ| on a log axis, with the pruning threshold marked."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    values = scores.float().clamp_min(1e-8).numpy()  # a log axis cannot show exact zeros
+    plt = _pyplot()
+    values = scores.float().clamp_min(1e-8)  # a log axis cannot show exact zeros
+    low, high = float(torch.log10(values.min())), float(torch.log10(values.max()))
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    low, high = float(torch.log10(torch.tensor(values.min()))), float(torch.log10(torch.tensor(values.max())))
-    bins = torch.logspace(low - 0.1, high + 0.1, 80).numpy()
-    ax.hist(values, bins=bins, color="#4477aa")
+    ax.hist(values.numpy(), bins=torch.logspace(low - 0.1, high + 0.1, 80).numpy(), color="#4477aa")
     ax.set_xscale("log")
     ax.set_xlabel("|γ| (BN scale; values below 1e-8 drawn at 1e-8)")
     ax.set_ylabel("channels")
@@ -45,10 +40,7 @@ def plot_gamma_histogram(scores: torch.Tensor, threshold: float | None, path: Pa
         ax.axvline(max(threshold, 1e-8), color="#cc3311", linestyle="--", label=f"threshold {threshold:.3g}")
         ax.legend()
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write_bytes(path, buffer.getvalue())
+    _save_png(fig, path)
 
 
 def prune_table(result: dict[str, Any]) -> Table:
@@ -95,3 +87,53 @@ def info_table(info: dict[str, Any]) -> Table:
     table.add_row("FLOPs", f"{info['flops']:,}")
     table.add_row("BN widths", " ".join(str(w) for w in info["bn_widths"].values()))
     return table
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save_png(fig, path: Path) -> None:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    _pyplot().close(fig)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def plot_gamma_comparison(named_scores: dict[str, torch.Tensor], path: Path, title: str) -> None:
+    """|γ| histograms of several models on one log axis (the paper's Figure: λ = 0 vs λ > 0)."""
+    plt = _pyplot()
+    values = {k: v.float().clamp_min(1e-8) for k, v in named_scores.items()}
+    low = min(float(torch.log10(v.min())) for v in values.values())
+    high = max(float(torch.log10(v.max())) for v in values.values())
+    bins = torch.logspace(low - 0.1, high + 0.1, 80).numpy()
+    fig, axes = plt.subplots(len(values), 1, figsize=(6, 2.2 * len(values)), sharex=True, squeeze=False)
+    for ax, (name, v) in zip(axes[:, 0], values.items()):
+        ax.hist(v.numpy(), bins=bins, color="#4477aa")
+        ax.set_xscale("log")
+        ax.set_ylabel("channels")
+        ax.set_title(f"{name}: {100 * float((v < 1e-2).float().mean()):.1f}% of |γ| < 1e-2", fontsize=9)
+    axes[-1, 0].set_xlabel("|γ| (BN scale, log scale)")
+    fig.suptitle(title)
+    fig.tight_layout()
+    _save_png(fig, path)
+
+
+def plot_error_curves(curves: dict[str, list[dict[str, Any]]], path: Path, title: str) -> None:
+    """Test error (%) per epoch of each stage, from the runs' metrics.jsonl rows."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for name, rows in curves.items():
+        ax.plot([r["epoch"] for r in rows], [100 - r["test_top1"] for r in rows], label=name)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("test error %")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    _save_png(fig, path)

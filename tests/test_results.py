@@ -56,3 +56,24 @@ def test_script_and_errors(runs, tmp_path):
     bad = subprocess.run([sys.executable, ROOT / "scripts" / "collect_results.py", tmp_path / "nope"],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "not a folder of runs" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_plots_from_a_tiny_recipe(tmp_path):
+    from click.testing import CliRunner
+
+    from conftest import DEMO_CONFIG, TINY
+    from slimctl.cli import cli
+
+    sets = [a for item in TINY for a in ("--set", item)]
+    folder = tmp_path / "cifar10-tiny"
+    for stage, extra in (("baseline", ["--set", "train.sparsity=0"]), ("sparse", [])):
+        result = CliRunner().invoke(cli, ["sparse-train", "-c", str(DEMO_CONFIG), "-o", str(folder / stage), *sets, *extra])
+        assert result.exit_code == 0, result.output
+    done = subprocess.run([sys.executable, ROOT / "scripts" / "plot_runs.py", folder], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    for name in ("gamma_hist.png", "error_curves.png"):
+        data = (folder / name).read_bytes()
+        assert data.startswith(b"\x89PNG") and len(data) > 5000
+    empty = subprocess.run([sys.executable, ROOT / "scripts" / "plot_runs.py", tmp_path / "nothing"],
+                           capture_output=True, text=True)
+    assert empty.returncode == 2 and "not a recipe folder" in empty.stderr

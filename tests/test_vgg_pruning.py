@@ -168,3 +168,16 @@ def test_surgery_keeps_the_models_dtype(arch, args):
     pruned, _ = prune_model(model, 0.5)
     assert {p.dtype for p in pruned.parameters()} == {torch.float64}
     assert pruned.eval()(torch.randn(1, 3, 32, 32, dtype=torch.float64)).dtype == torch.float64
+
+
+@pytest.mark.parametrize("width", [0.25, 0.5])
+def test_vgg_param_count_at_width(width):
+    # Independent of the builder: 3×3 convs without bias + BN (γ, β) + Linear(last, 10).
+    widths = [max(1, round(c * width)) for c in (64, 64, 128, 128, 256, 256, 256, 256, 512, 512, 512, 512,
+                                                   512, 512, 512, 512)]
+    expected, c_in = 0, 3
+    for c in widths:
+        expected += 9 * c_in * c + 2 * c
+        c_in = c
+    expected += c_in * 10 + 10
+    assert count_params(create_model("vgg19", 10, width=width)) == expected
