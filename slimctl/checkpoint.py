@@ -3,6 +3,7 @@
 A checkpoint is one `torch.save` dict of plain types and tensors that rebuilds its model alone:
 
     format      "slimctl/1"
+    digest      sha256 of arch, widths and state_dict, checked on load (bit rot, truncation)
     arch, num_classes, arch_args    what `create_model` needs (arch_args: {"width": …})
     widths      module name → resizable shape (see models.layers.module_widths)
     state_dict  of the unwrapped model (no `module.` / `_orig_mod.` prefixes)
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import pickle
 import re
@@ -35,7 +37,7 @@ from torch import nn
 from slimctl.errors import SlimctlError
 
 FORMAT = "slimctl/1"
-REQUIRED_KEYS = ("format", "arch", "num_classes", "arch_args", "widths", "state_dict", "stage")
+REQUIRED_KEYS = ("format", "arch", "num_classes", "arch_args", "widths", "state_dict", "stage", "digest")
 STAGES = ("sparse-train", "prune", "finetune")
 
 
@@ -83,6 +85,19 @@ def unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
+def model_digest(arch: Any, num_classes: Any, arch_args: Any, widths: Any, state_dict: dict[str, torch.Tensor]) -> str:
+    """sha256 over what defines the model: a flipped bit in a weight must not load silently
+    (torch's zip reader does not check CRCs of tensor records)."""
+    digest = hashlib.sha256(json.dumps([arch, num_classes, arch_args, widths], sort_keys=True, default=str).encode())
+    for key in sorted(state_dict):
+        tensor = state_dict[key]
+        digest.update(key.encode())
+        digest.update(str(tensor.dtype).encode())
+        digest.update(str(tuple(tensor.shape)).encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def make_checkpoint(
     model: nn.Module,
     *,
@@ -98,13 +113,16 @@ def make_checkpoint(
 
     model = unwrap(model)
     spec = model.arch_spec  # set by create_model
+    widths = module_widths(model)
+    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     return {
         "format": FORMAT,
         "arch": spec["arch"],
         "num_classes": spec["num_classes"],
         "arch_args": dict(spec["arch_args"]),
-        "widths": module_widths(model),
-        "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+        "widths": widths,
+        "state_dict": state,
+        "digest": model_digest(spec["arch"], spec["num_classes"], dict(spec["arch_args"]), widths, state),
         "config": config,
         "stage": stage,
         "parent": None if parent is None else {"path": str(Path(parent).resolve()), "sha256": file_sha256(parent)},
@@ -152,6 +170,14 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     missing = [k for k in REQUIRED_KEYS if k not in ckpt]
     if missing:
         raise SlimctlError(f"{path} is missing checkpoint keys: {', '.join(missing)}")
+    if not isinstance(ckpt["state_dict"], dict) or not all(isinstance(v, torch.Tensor) for v in ckpt["state_dict"].values()):
+        raise SlimctlError(f"{path}: 'state_dict' must map names to tensors")
+    try:
+        digest = model_digest(ckpt["arch"], ckpt["num_classes"], ckpt["arch_args"], ckpt["widths"], ckpt["state_dict"])
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise SlimctlError(f"{path}: malformed checkpoint ({type(exc).__name__})") from None
+    if ckpt.get("digest") != digest:
+        raise SlimctlError(f"{path} is corrupted: its weights do not match the digest recorded when it was saved")
     return ckpt
 
 

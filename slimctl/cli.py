@@ -24,12 +24,31 @@ class UserError(click.ClickException):
     exit_code = 2
 
 
+class Stopped(click.ClickException):
+    """A run stopped by a signal: 128 + the signal number (130 for Ctrl-C, 143 for SIGTERM)."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+    def show(self, file: Any = None) -> None:
+        click.echo(self.message, err=True)
+
+
 class Group(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
+        from slimctl.train import Interrupted
+
         try:
             return super().invoke(ctx)
         except SlimctlError as exc:
             raise UserError(str(exc)) from None
+        except Interrupted as exc:
+            raise Stopped(f"Interrupted: {exc}", 128 + exc.signum) from None
+        except KeyboardInterrupt:
+            raise Stopped("Aborted: the checkpoints on disk are the last complete ones", 130) from None
+        except OSError as exc:  # disk full, permission denied: the environment, not a slimctl bug
+            raise click.ClickException(f"{exc} (files already on disk were left intact)") from None
 
 
 out_console = Console()

@@ -165,6 +165,7 @@ class TensorLoader:
         self.mean = torch.tensor(data.mean, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
         self.std = torch.tensor(data.std, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
         self.epoch = 0
+        self.start_batch = 0
 
     @property
     def num_samples(self) -> int:
@@ -174,9 +175,11 @@ class TensorLoader:
         """Number of batches per epoch (the last one may be partial)."""
         return math.ceil(self.num_samples / self.batch_size)
 
-    def set_epoch(self, epoch: int) -> None:
-        """Select the shuffle/augmentation stream of `epoch` (a pure function of seed and epoch)."""
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Select the shuffle/augmentation stream of `epoch` (a pure function of seed and epoch);
+        the next pass skips its first `start_batch` batches (resuming an interrupted epoch)."""
         self.epoch = epoch
+        self.start_batch = start_batch
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if self.train:
@@ -202,7 +205,7 @@ class TensorLoader:
 
         rows = torch.arange(height, device=self.device)
         cols = torch.arange(width, device=self.device)
-        for start in range(0, n, self.batch_size):
+        for start in range(self.start_batch * self.batch_size, n, self.batch_size):
             idx = order[start : start + self.batch_size]
             batch = self.images[idx]
             if self.pad:

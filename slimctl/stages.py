@@ -104,6 +104,7 @@ def _train(
         last = load_checkpoint(run_dir / "last.pt")
         if not last.get("resume"):
             raise SlimctlError(f"{run_dir / 'last.pt'} holds no resume state (the run finished or was not resumable)")
+        _check_same_recipe(last.get("config"), cfg.to_dict(), run_dir)
         model = model_from_checkpoint(last, source=str(run_dir / "last.pt"))
         resume_state = last["resume"]
     model = model.to(device, memory_format=torch.channels_last if train.channels_last else torch.preserve_format)
@@ -131,6 +132,34 @@ def _train(
         save=save, resume_state=resume_state, progress=progress, log=log,
     )
     return {**info, "best_top1": result["best_top1"], "run_dir": str(run_dir), "best": str(run_dir / "best.pt")}
+
+
+# Keys a resumed run may change: extending the schedule is the usual reason to resume a finished run.
+RESUMABLE_CHANGES = {"train.epochs", "finetune.epochs"}
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in d.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _check_same_recipe(recorded: Any, current: dict[str, Any], run_dir: Path) -> None:
+    """--resume with other settings would silently mix two recipes in one run: refuse."""
+    if not isinstance(recorded, dict):
+        return
+    old, new = _flatten(recorded), _flatten(current)
+    changed = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k) and k not in RESUMABLE_CHANGES]
+    if changed:
+        detail = ", ".join(f"{k} ({old.get(k)!r} → {new.get(k)!r})" for k in changed[:4])
+        raise SlimctlError(
+            f"--resume: the config differs from the one {run_dir} was started with: {detail}; "
+            "resume with the same config, or start a new run with --force"
+        )
 
 
 def sparse_train(cfg: Config, run_dir: Path, *, resume: bool = False, force: bool = False, progress=None,

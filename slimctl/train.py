@@ -7,10 +7,12 @@ GradScaler the gradients are unscaled first, so λ is never divided by the loss 
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import math
+import signal
+import threading
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -91,15 +93,61 @@ def gamma_stats(gammas: list[nn.Parameter]) -> dict[str, float]:
     return {"gamma_mean_abs": float(flat.mean()), "gamma_frac_below_1e-2": float((flat < 1e-2).float().mean())}
 
 
+# --------------------------------------------------------------------------- interruption
+
+
+class Interrupted(Exception):
+    """SIGINT/SIGTERM stopped a run at a step boundary after writing a resumable last.pt."""
+
+    def __init__(self, signum: int, message: str) -> None:
+        super().__init__(message)
+        self.signum = signum
+
+
+@contextmanager
+def graceful_stop():
+    """First SIGINT/SIGTERM: ask the loop to stop at the next step (`flag["signum"]` is set).
+    A second one: KeyboardInterrupt at once (the checkpoint on disk is still the previous one)."""
+    flag: dict[str, int | None] = {"signum": None}
+    if threading.current_thread() is not threading.main_thread():
+        yield flag  # signal handlers can only be installed from the main thread
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        if flag["signum"] is not None:
+            raise KeyboardInterrupt
+        flag["signum"] = signum
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield flag
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
 # --------------------------------------------------------------------------- one epoch
 
 
 @dataclass
-class EpochResult:
-    loss: float
-    top1: float  # percent
-    images: int
-    seconds: float
+class EpochState:
+    """Running sums of one training epoch; saved on interruption so the epoch can be finished."""
+
+    loss_sum: float = 0.0  # Σ loss·batch over the steps done
+    correct: int = 0
+    images: int = 0
+    steps: int = 0
+    seconds: float = 0.0
+    first_bad_step: int = -1  # first step whose loss was NaN/inf (-1: none)
+    completed: bool = False
+
+    @property
+    def loss(self) -> float:
+        return self.loss_sum / max(1, self.images)
+
+    @property
+    def top1(self) -> float:
+        return 100.0 * self.correct / max(1, self.images)
 
 
 def train_one_epoch(
@@ -112,14 +160,20 @@ def train_one_epoch(
     device: torch.device,
     dtype: torch.dtype | None,
     scaler: torch.amp.GradScaler | None = None,
+    state: EpochState | None = None,
+    should_stop: Callable[[], bool] = lambda: False,
     on_step: Callable[[int], None] | None = None,
-) -> EpochResult:
+) -> EpochState:
+    """One pass over `loader` (which already skips the `state.steps` batches done before a resume)."""
+    state = state or EpochState()
     model.train()
     # Running sums stay on the device: no host sync per step.
-    loss_sum = torch.zeros((), device=device)
-    correct = torch.zeros((), device=device, dtype=torch.long)
-    images = 0
+    loss_sum = torch.tensor(state.loss_sum, device=device)
+    correct = torch.tensor(state.correct, device=device)
+    first_bad = torch.tensor(state.first_bad_step, device=device)
+    images, steps = state.images, state.steps
     start = time.perf_counter()
+    completed = True
     for x, y in loader:
         with autocast(device, dtype):
             logits = model(x)
@@ -135,13 +189,21 @@ def train_one_epoch(
             loss.backward()
             add_sparsity_grad(gammas, sparsity)
             optimizer.step()
-        loss_sum += loss.detach().float() * y.numel()
+        loss = loss.detach().float()
+        first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), steps, first_bad)
+        loss_sum += loss * y.numel()
         correct += (logits.detach().argmax(1) == y).sum()
         images += y.numel()
+        steps += 1
         if on_step is not None:
             on_step(y.numel())
-    seconds = time.perf_counter() - start
-    return EpochResult(float(loss_sum) / images, 100.0 * float(correct) / images, images, seconds)
+        if should_stop():
+            completed = steps == len(loader)
+            break
+    return EpochState(
+        loss_sum=float(loss_sum), correct=int(correct), images=images, steps=steps,
+        seconds=state.seconds + time.perf_counter() - start, first_bad_step=int(first_bad), completed=completed,
+    )
 
 
 @torch.inference_mode()
@@ -169,6 +231,19 @@ def write_metrics(path: Path, rows: list[dict[str, Any]]) -> None:
     atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
 def fit(
     model: nn.Module,
     train_loader,
@@ -193,13 +268,15 @@ def fit(
     """Train for `epochs`, evaluating after each; writes metrics.jsonl, last.pt and best.pt.
 
     `save(path, model, metrics, resume)` writes a checkpoint (the caller knows its metadata).
-    `resume_state` (from a last.pt) continues a run where it stopped.
+    `resume_state` (from a last.pt) continues a run exactly where it stopped, mid-epoch included.
+    SIGINT/SIGTERM stop at the next step with a resumable last.pt (raises `Interrupted`).
     """
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
     rows: list[dict[str, Any]] = []
     best_top1 = -1.0
     start_epoch = 0
+    partial = None
     if resume_state is not None:
         optimizer.load_state_dict(resume_state["optimizer"])
         if scaler is not None and resume_state.get("scaler"):
@@ -207,59 +284,80 @@ def fit(
         rows = list(resume_state["metrics"])
         best_top1 = float(resume_state["best_top1"])
         start_epoch = int(resume_state["epoch"])
-        torch.set_rng_state(resume_state["rng"]["torch"])
-    metrics_path = run_dir / "metrics.jsonl"
+        partial = EpochState(**resume_state["partial"]) if resume_state.get("partial") else None
+        set_rng_state(resume_state["rng"])
 
-    task = progress.add_task("train", total=None) if progress is not None else None
-    for epoch in range(start_epoch, epochs):
-        epoch_lr = lr_at(epoch, lr=lr, milestones=milestones, decay=lr_decay)
-        for group in optimizer.param_groups:
-            group["lr"] = epoch_lr
-        train_loader.set_epoch(epoch)
-        if progress is not None:
-            progress.reset(task, total=train_loader.num_samples, description=f"epoch {epoch + 1}/{epochs}")
-        step = (lambda n: progress.advance(task, n)) if progress is not None else None
-        result = train_one_epoch(
-            model, train_loader, optimizer, gammas=gammas, sparsity=sparsity,
-            device=device, dtype=dtype, scaler=scaler, on_step=step,
-        )
-        if not math.isfinite(result.loss):
-            raise SlimctlError(
-                f"training diverged: the loss became {result.loss} in epoch {epoch + 1} (lr {epoch_lr:g}, "
-                f"sparsity {sparsity:g}); the last good checkpoint is {run_dir / 'last.pt'}; lower train.lr"
-            )
-        test_loss, test_top1 = evaluate(model, test_loader, device=device, dtype=dtype)
-        row = {
-            "epoch": epoch + 1,
-            "lr": epoch_lr,
-            "train_loss": result.loss,
-            "train_top1": result.top1,
-            "test_loss": test_loss,
-            "test_top1": test_top1,
-            "seconds": result.seconds,
-            "images_per_sec": result.images / result.seconds,
-            **gamma_stats(gammas),
-        }
-        rows.append(row)
-        is_best = test_top1 > best_top1
-        best_top1 = max(best_top1, test_top1)
-        metrics = {"top1": test_top1, "loss": test_loss, "epoch": epoch + 1, "best_top1": best_top1}
-        resume = {
-            "epoch": epoch + 1,
+    def resume_info(epoch: int, state: EpochState | None) -> dict[str, Any]:
+        return {
+            "epoch": epoch,  # epochs fully done
+            "partial": None if state is None else dataclasses.asdict(state),  # the epoch in progress
             "optimizer": optimizer.state_dict(),
             "scaler": scaler.state_dict() if scaler is not None else None,
             "best_top1": best_top1,
             "metrics": rows,
-            "rng": {"torch": torch.get_rng_state()},
+            "rng": rng_state(),
         }
-        if is_best:
-            save(run_dir / "best.pt", model, metrics, None)
-        save(run_dir / "last.pt", model, metrics, resume)
-        write_metrics(metrics_path, rows)
-        log(
-            f"epoch {epoch + 1:>3}/{epochs}  lr {epoch_lr:.4g}  loss {result.loss:.4f}  "
-            f"train {result.top1:5.2f}%  test {test_top1:5.2f}%  "
-            f"{row['images_per_sec']:.0f} img/s  |γ| {row['gamma_mean_abs']:.4f}"
-            + ("  *best" if is_best else "")
-        )
+
+    task = progress.add_task("train", total=None) if progress is not None else None
+    with graceful_stop() as stop:
+        for epoch in range(start_epoch, epochs):
+            epoch_lr = lr_at(epoch, lr=lr, milestones=milestones, decay=lr_decay)
+            for group in optimizer.param_groups:
+                group["lr"] = epoch_lr
+            train_loader.set_epoch(epoch, start_batch=partial.steps if partial else 0)
+            if progress is not None:
+                done = partial.images if partial else 0
+                progress.reset(task, total=train_loader.num_samples, completed=done,
+                               description=f"epoch {epoch + 1}/{epochs}")
+            step = (lambda n: progress.advance(task, n)) if progress is not None else None
+            state = train_one_epoch(
+                model, train_loader, optimizer, gammas=gammas, sparsity=sparsity, device=device, dtype=dtype,
+                scaler=scaler, state=partial, should_stop=lambda: stop["signum"] is not None, on_step=step,
+            )
+            partial = None
+            if state.first_bad_step >= 0:
+                raise SlimctlError(
+                    f"training diverged: the loss became NaN/inf at epoch {epoch + 1}, step {state.first_bad_step + 1} "
+                    f"(lr {epoch_lr:g}, sparsity λ {sparsity:g}); {run_dir / 'last.pt'} holds the last good state. "
+                    "Lower train.lr or λ and start again"
+                )
+            if not state.completed:
+                save(run_dir / "last.pt", model, {"epoch": epoch}, resume_info(epoch, state))
+                raise Interrupted(
+                    stop["signum"],
+                    f"stopped at epoch {epoch + 1}, step {state.steps}/{len(train_loader)}; "
+                    f"{run_dir / 'last.pt'} holds the run: repeat the command with --resume to continue",
+                )
+            test_loss, test_top1 = evaluate(model, test_loader, device=device, dtype=dtype)
+            row = {
+                "epoch": epoch + 1,
+                "lr": epoch_lr,
+                "train_loss": state.loss,
+                "train_top1": state.top1,
+                "test_loss": test_loss,
+                "test_top1": test_top1,
+                "seconds": state.seconds,
+                "images_per_sec": state.images / state.seconds,
+                **gamma_stats(gammas),
+            }
+            rows.append(row)
+            is_best = test_top1 > best_top1
+            best_top1 = max(best_top1, test_top1)
+            metrics = {"top1": test_top1, "loss": test_loss, "epoch": epoch + 1, "best_top1": best_top1}
+            if is_best:
+                save(run_dir / "best.pt", model, metrics, None)
+            save(run_dir / "last.pt", model, metrics, resume_info(epoch + 1, None))
+            write_metrics(run_dir / "metrics.jsonl", rows)
+            log(
+                f"epoch {epoch + 1:>3}/{epochs}  lr {epoch_lr:.4g}  loss {state.loss:.4f}  "
+                f"train {state.top1:5.2f}%  test {test_top1:5.2f}%  "
+                f"{row['images_per_sec']:.0f} img/s  |γ| {row['gamma_mean_abs']:.4f}"
+                + ("  *best" if is_best else "")
+            )
+            if stop["signum"] is not None and epoch + 1 < epochs:
+                raise Interrupted(
+                    stop["signum"],
+                    f"stopped after epoch {epoch + 1}; {run_dir / 'last.pt'} holds the run: "
+                    "repeat the command with --resume to continue",
+                )
     return {"best_top1": best_top1, "epochs": rows}

@@ -7,7 +7,7 @@ import torch
 
 from conftest import randomize_bn
 from slimctl import load_model, make_checkpoint, prune_model, save_checkpoint
-from slimctl.checkpoint import atomic_write_bytes, load_checkpoint, model_from_checkpoint
+from slimctl.checkpoint import atomic_write_bytes, load_checkpoint, model_digest, model_from_checkpoint
 from slimctl.errors import SlimctlError
 from slimctl.models import create_model
 
@@ -106,6 +106,9 @@ def _mutated(tmp_path, **changes):
     for key, value in list(changes.items()):
         if value is None:
             del ckpt[key]
+    if "widths" in ckpt:  # a consistent file, as a newer slimctl might write one
+        ckpt["digest"] = model_digest(ckpt["arch"], ckpt["num_classes"], ckpt["arch_args"], ckpt["widths"],
+                                      ckpt["state_dict"])
     out = tmp_path / "m.pt"
     torch.save(ckpt, out)
     return out
@@ -135,3 +138,12 @@ def test_a_plain_state_dict_is_not_mistaken_for_a_checkpoint(tmp_path):
         load_checkpoint(path)
     with pytest.raises(SlimctlError, match="checkpoint not found"):
         load_checkpoint(tmp_path / "nope.pt")
+
+
+def test_a_changed_weight_is_detected(tmp_path):
+    path, _ = _pruned_checkpoint(tmp_path)
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["state_dict"]["features.conv0.weight"][0, 0, 0, 0] += 1e-3  # one weight, as bit rot would
+    torch.save(ckpt, path)
+    with pytest.raises(SlimctlError, match="is corrupted"):
+        load_checkpoint(path)

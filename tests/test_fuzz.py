@@ -1,0 +1,86 @@
+"""Property tests: no input, however mangled, gets anything but a valid result or exit code 2."""
+
+import json
+import string
+
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from slimctl import make_checkpoint, save_checkpoint
+from slimctl.cli import cli
+from slimctl.config import Config, config_from_dict, load_config
+from slimctl.errors import SlimctlError
+from slimctl.models import create_model
+
+KEYS = ["model", "data", "train", "finetune", "prune", "arch", "width", "name", "root", "epochs", "lr",
+        "milestones", "sparsity", "batch_size", "subset", "ratio", "min_channels", "device", "precision", "x"]
+scalars = st.one_of(st.none(), st.booleans(), st.integers(-10, 10**6), st.floats(allow_nan=True),
+                    st.text(max_size=8), st.sampled_from(["vgg11", "digits", "cpu", "auto", "1e-4"]))
+documents = st.recursive(scalars, lambda inner: st.one_of(
+    st.lists(inner, max_size=3), st.dictionaries(st.sampled_from(KEYS), inner, max_size=4)), max_leaves=12)
+
+
+@settings(max_examples=300, deadline=None)
+@given(documents)
+def test_any_yaml_document_is_a_config_or_a_clear_error(doc):
+    try:
+        assert isinstance(config_from_dict(doc), Config)
+    except SlimctlError as exc:
+        assert str(exc) and "\n" not in str(exc)
+
+
+dotted = st.lists(st.sampled_from(KEYS), min_size=1, max_size=3).map(".".join)
+set_strings = st.one_of(
+    st.builds(lambda k, v: f"{k}={v}", dotted, st.text(string.printable, max_size=12)),
+    st.text(string.printable, max_size=20),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(set_strings, max_size=3))
+def test_any_set_string_is_a_config_or_a_clear_error(items):
+    try:
+        load_config(None, items)
+    except SlimctlError as exc:
+        assert str(exc)
+
+
+CHECKPOINT_PARAMS = sum(p.numel() for p in create_model("vgg11", 10, width=0.0625).parameters())
+
+
+@pytest.fixture(scope="module")
+def checkpoint_bytes(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ck") / "c.pt"
+    model = create_model("vgg11", 10, width=0.0625)
+    config = load_config(None, ["data.name=digits", "train.device=cpu"]).to_dict()
+    save_checkpoint(path, make_checkpoint(model, stage="sparse-train", config=config, metrics={"top1": 50.0}))
+    return path.read_bytes()
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_mangled_checkpoints_never_crash_the_cli(checkpoint_bytes, tmp_path_factory, data):
+    blob = bytearray(checkpoint_bytes)
+    if data.draw(st.booleans(), label="truncate"):
+        blob = blob[: data.draw(st.integers(0, len(blob) - 1), label="cut")]
+    else:
+        for _ in range(data.draw(st.integers(1, 8), label="flips")):
+            i = data.draw(st.integers(0, len(blob) - 1), label="byte")
+            blob[i] ^= 1 << data.draw(st.integers(0, 7), label="bit")
+    folder = tmp_path_factory.mktemp("fuzz")
+    path = folder / "c.pt"
+    path.write_bytes(bytes(blob))
+    command = data.draw(st.sampled_from([
+        ["info", str(path), "--json"],
+        ["eval", str(path), "--json"],
+        ["prune", str(path), "--ratio", "0.5", "-o", str(folder / "out.pt"), "--json"],
+    ]), label="command")
+    result = CliRunner().invoke(cli, command)
+    assert result.exit_code in (0, 2), (command, result.output, result.exception)
+    assert "Traceback" not in result.output
+    if result.exit_code == 0 and command[0] == "info":  # whatever loads is the intact model
+        assert json.loads(result.output)["params"] == CHECKPOINT_PARAMS

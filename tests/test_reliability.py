@@ -1,0 +1,154 @@
+"""Runs that survive: resume, interruption, divergence, corruption — each with exit codes."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from conftest import DEMO_CONFIG, ROOT, TINY
+from slimctl.checkpoint import load_checkpoint
+from slimctl.cli import cli
+from slimctl.train import graceful_stop
+
+# Full digits (1437 images) in fp32 on the CPU: about a second per epoch, long enough to interrupt.
+BASE = [a for item in (*TINY, "data.subset=1437", "train.epochs=3") for a in ("--set", item)]
+
+
+def run(*args, code=0):
+    result = CliRunner().invoke(cli, [str(a) for a in args])
+    assert result.exit_code == code, result.output + repr(result.exception)
+    return result
+
+
+def same_tensors(a, b):
+    return set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref") / "run"
+    run("sparse-train", "-c", DEMO_CONFIG, "-o", out, *BASE)
+    return out
+
+
+def test_resume_after_a_crash_is_bit_identical(tmp_path, monkeypatch, uninterrupted):
+    out = tmp_path / "run"
+    import slimctl.train as train
+
+    real_evaluate, calls = train.evaluate, {"n": 0}
+
+    def crash_in_epoch_two(*args, **kwargs):  # the process dies before epoch 2 is saved (kill -9)
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise SystemExit(137)
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(train, "evaluate", crash_in_epoch_two)
+    CliRunner().invoke(cli, ["sparse-train", "-c", str(DEMO_CONFIG), "-o", str(out), *BASE])
+    monkeypatch.setattr(train, "evaluate", real_evaluate)
+    assert load_checkpoint(out / "last.pt")["resume"]["epoch"] == 1
+    run("sparse-train", "-c", DEMO_CONFIG, "-o", out, *BASE, "--resume")
+    resumed, reference = load_checkpoint(out / "last.pt"), load_checkpoint(uninterrupted / "last.pt")
+    assert same_tensors(resumed["state_dict"], reference["state_dict"])
+    assert resumed["resume"]["best_top1"] == reference["resume"]["best_top1"]
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    ref_rows = [json.loads(l) for l in (uninterrupted / "metrics.jsonl").read_text().splitlines()]
+    assert [r["test_top1"] for r in rows] == [r["test_top1"] for r in ref_rows]
+
+
+def _start(out, *extra):
+    cmd = [sys.executable, "-m", "slimctl", "sparse-train", "-c", str(DEMO_CONFIG), "-o", str(out), *BASE, *extra]
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for(path, proc, timeout=60):
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() < deadline, "run did not reach the expected point"
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_stops_at_a_step_with_a_resumable_checkpoint(tmp_path, uninterrupted, sig, code):
+    out = tmp_path / "run"
+    proc = _start(out)
+    _wait_for(out / "metrics.jsonl", proc)  # epoch 1 finished; the signal lands inside epoch 2
+    proc.send_signal(sig)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == code, stderr
+    assert "Traceback" not in stderr and "--resume" in stderr
+    last = load_checkpoint(out / "last.pt")
+    assert last["resume"]["epoch"] >= 1
+    # Resuming (mid-epoch included) ends bit-identical to the uninterrupted run.
+    run("sparse-train", "-c", DEMO_CONFIG, "-o", out, *BASE, "--resume")
+    assert same_tensors(load_checkpoint(out / "last.pt")["state_dict"],
+                        load_checkpoint(uninterrupted / "last.pt")["state_dict"])
+
+
+def test_a_second_signal_aborts_at_once():
+    with graceful_stop() as flag:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert flag["signum"] == signal.SIGINT  # the first one only asks to stop
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+
+
+def test_keyboard_interrupt_exits_130_without_traceback(monkeypatch, tmp_path):
+    def abort(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("slimctl.stages.sparse_train", abort)
+    result = run("sparse-train", "-c", DEMO_CONFIG, "-o", tmp_path / "x", code=130)
+    assert "Aborted" in result.output and "Traceback" not in result.output
+
+
+def test_resume_refuses_a_different_recipe_or_a_missing_run(tmp_path, uninterrupted):
+    result = run("sparse-train", "-c", DEMO_CONFIG, "-o", uninterrupted, *BASE, "--set", "train.lr=0.05",
+                 "--resume", code=2)
+    assert "train.lr (0.1 → 0.05)" in result.output
+    result = run("sparse-train", "-c", DEMO_CONFIG, "-o", tmp_path / "new", *BASE, "--resume", code=2)
+    assert "does not exist" in result.output
+
+
+def test_resume_may_extend_the_schedule(tmp_path, uninterrupted):
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(uninterrupted, out)
+    run("sparse-train", "-c", DEMO_CONFIG, "-o", out, *BASE, "--set", "train.epochs=4", "--resume")
+    rows = (out / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(r)["epoch"] for r in rows] == [1, 2, 3, 4]
+
+
+def test_divergence_stops_with_a_message_and_keeps_the_last_good_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    result = run("sparse-train", "-c", DEMO_CONFIG, "-o", out, *BASE, "--set", "train.lr=1e12", code=2)
+    assert "diverged" in result.output and "epoch 1, step" in result.output and "lr 1e+12" in result.output
+    assert not (out / "best.pt").exists()  # nothing NaN was written
+
+
+def test_a_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch, uninterrupted):
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(uninterrupted, out)
+    before = (out / "last.pt").read_bytes()
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("os.replace", full_disk)
+    result = CliRunner().invoke(cli, ["sparse-train", "-c", str(DEMO_CONFIG), "-o", str(out), *BASE,
+                                      "--set", "train.epochs=4", "--resume"])
+    assert result.exit_code == 1 and "No space left on device" in result.output
+    assert "Traceback" not in result.output
+    assert (out / "last.pt").read_bytes() == before
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
