@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -242,6 +243,42 @@ def report_cmd(checkpoint: Path, as_json: bool) -> None:
         click.echo(json.dumps(rows, indent=2))
     else:
         out_console.print(lineage_table(rows))
+
+
+def _batch_sizes(ctx: click.Context, param: click.Parameter, value: str) -> list[int]:
+    try:
+        sizes = [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers like 1,64, got {value!r}") from None
+    if not sizes or min(sizes) < 1:
+        raise click.BadParameter(f"batch sizes must be >= 1, got {value!r}")
+    return sizes
+
+
+@cli.command("bench")
+@click.argument("checkpoints", type=click.Path(path_type=Path), nargs=-1, required=True)
+@click.option("--batch-sizes", default="1,64", show_default=True, callback=_batch_sizes,
+              help="Comma-separated batch sizes to time.")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or auto.")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True,
+              help="auto: bf16 where the device runs it natively, else fp32.")
+@click.option("--repeats", type=click.IntRange(min=1), default=20, show_default=True,
+              help="Timed forward passes per batch size (after 3 warm-up passes); the median is reported.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list of rows.")
+def bench_cmd(checkpoints: tuple[Path, ...], batch_sizes: list[int], device: str, precision: str, repeats: int,
+              as_json: bool) -> None:
+    """Inference latency of each checkpoint (e.g. baseline then pruned), with the speed-up against the first."""
+    from slimctl.bench import bench_checkpoints
+    from slimctl.report import bench_table
+    from slimctl.train import resolve_device, resolve_precision
+
+    dev = resolve_device(device)
+    dtype = resolve_precision(precision, dev)
+    rows = bench_checkpoints(list(checkpoints), batch_sizes=batch_sizes, device=dev, dtype=dtype, repeats=repeats)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+    else:
+        out_console.print(bench_table(rows, title=f"latency on {dev.type}, {dtype or torch.float32}"))
 
 
 def main() -> None:

@@ -62,6 +62,8 @@ class TrainConfig:
     # NHWC memory layout for the model and batches: faster for VGG-like nets on CPU (measured
     # ~1.2×), slower for the 1×1-conv bottlenecks of ResNet-164 on CPU.
     channels_last: bool = False
+    # torch.compile the model for training (minutes of compiling first; pays off over long runs).
+    compile: bool = False
 
 
 @dataclass(frozen=True)
@@ -79,6 +81,7 @@ class FinetuneConfig:
     device: str | None = None
     precision: str | None = None
     channels_last: bool | None = None
+    compile: bool | None = None
 
 
 @dataclass(frozen=True)

@@ -79,6 +79,16 @@ def lineage_table(rows: list[dict[str, Any]]) -> Table:
     return table
 
 
+def bench_table(rows: list[dict[str, Any]], title: str) -> Table:
+    table = Table(title=title)
+    for column in ("checkpoint", "params", "FLOPs", "batch", "latency ms", "images/s", "speed-up"):
+        table.add_column(column, justify="left" if column == "checkpoint" else "right")
+    for r in rows:
+        table.add_row(os.path.relpath(r["checkpoint"]), human(r["params"]), human(r["flops"]), str(r["batch_size"]),
+                      f"{r['latency_ms']:.2f}", f"{r['images_per_sec']:.0f}", f"{r['speedup']:.2f}×")
+    return table
+
+
 def info_table(info: dict[str, Any]) -> Table:
     table = Table(title=f"{info['arch']} ({info['num_classes']} classes)")
     table.add_column("")

@@ -124,8 +124,10 @@ def _train(
         f"{test_loader.num_samples} test images), {device.type}, {dtype or torch.float32}, "
         f"{train.epochs} epochs, λ={train.sparsity:g} → {run_dir}"
     )
+    # Checkpoints unwrap the compiled module (`_orig_mod`), so they stay plain.
+    trained = torch.compile(model) if train.compile else model
     result = fit(
-        model, train_loader, test_loader,
+        trained, train_loader, test_loader,
         epochs=train.epochs, lr=train.lr, momentum=train.momentum, weight_decay=train.weight_decay,
         milestones=milestone_epochs(train.milestones, train.epochs), lr_decay=train.lr_decay,
         sparsity=train.sparsity, gammas=gammas, device=device, dtype=dtype, run_dir=run_dir,

@@ -185,3 +185,17 @@ def test_each_paper_family_runs_the_three_stages(tmp_path, arch):
     run("finetune", tmp_path / "p.pt", "-c", DEMO_CONFIG, "-o", tmp_path / "f", *sets)
     info = json.loads(run("info", tmp_path / "f" / "best.pt", "--json").output)
     assert info["params"] == result["params"] and info["arch"] == arch
+
+
+def test_bench_compares_checkpoints(pipeline):
+    root, _, _ = pipeline
+    rows = json.loads(run("bench", root / "sparse" / "best.pt", root / "pruned.pt", "--batch-sizes", "1,4",
+                          "--repeats", "2", "--precision", "fp32", "--json").output)
+    assert [(r["checkpoint"].endswith(n), r["batch_size"]) for r, n in
+            zip(rows, ["best.pt", "best.pt", "pruned.pt", "pruned.pt"])] == [(True, 1), (True, 4), (True, 1), (True, 4)]
+    assert rows[0]["speedup"] == 1.0 and rows[1]["speedup"] == 1.0
+    for first, pruned in ((rows[0], rows[2]), (rows[1], rows[3])):
+        assert pruned["speedup"] == pytest.approx(first["latency_ms"] / pruned["latency_ms"])
+        assert pruned["flops"] < first["flops"]
+    assert "speed-up" in run("bench", root / "pruned.pt", "--batch-sizes", "2", "--repeats", "1").output
+    expect_user_error("bench", root / "pruned.pt", "--batch-sizes", "0,x", match="comma-separated integers")

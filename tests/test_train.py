@@ -51,3 +51,31 @@ def test_precision_choices():
     assert resolve_precision("fp32", cpu) is None
     assert resolve_precision("bf16", cpu) is torch.bfloat16
     assert resolve_precision("auto", cpu) in (None, torch.bfloat16)
+
+
+def _one_step_gammas(precision, sparsity, scaler):
+    from slimctl.train import train_one_epoch
+
+    torch.manual_seed(0)
+    model = create_model("vgg11", 10, width=0.125)
+    gammas = bn_scales(model, [g.bn for g in channel_groups(model)])
+    with torch.no_grad():
+        for g in gammas:
+            g.uniform_(-1, 1)
+    signs = torch.cat([g.detach().sign() for g in gammas])
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    # Plain SGD: the update is exactly −lr·grad, so the λ term's share is visible.
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    train_one_epoch(model, [(x, y)], opt, gammas=gammas, sparsity=sparsity, device=torch.device("cpu"),
+                    dtype=precision, scaler=scaler)
+    return torch.cat([g.detach().clone() for g in gammas]), signs
+
+
+@pytest.mark.parametrize("precision, use_scaler", [(None, False), (torch.bfloat16, False), (torch.float16, True)])
+def test_the_sparsity_update_is_the_same_under_every_precision(precision, use_scaler):
+    # λ·sign(γ) must reach γ as lr·λ·sign(γ) whatever the loss scale: with a GradScaler it is added
+    # after unscaling (added before, it would be divided by the scale, 2^10 here).
+    make_scaler = (lambda: torch.amp.GradScaler("cpu", init_scale=2.0**10)) if use_scaler else (lambda: None)
+    with_l1, signs = _one_step_gammas(precision, 1e-2, make_scaler())
+    without, _ = _one_step_gammas(precision, 0.0, make_scaler())
+    assert torch.allclose(without - with_l1, 0.5 * 1e-2 * signs, atol=1e-6)
