@@ -98,6 +98,13 @@ def _load_config(config: Path, overrides: tuple[str, ...]):
     return load_config(config, overrides)
 
 
+def _print_best(result: dict[str, Any]) -> None:
+    from slimctl.distributed import from_env
+
+    if from_env().is_main:  # under torchrun, once
+        out_console.print(f"best test top-1 {result['best_top1']:.2f}%  → {result['best']}")
+
+
 @cli.command("sparse-train")
 @click.option("-c", "--config", "config", type=click.Path(path_type=Path), required=True,
               help="YAML config (see configs/). Its `train` section is used.")
@@ -117,7 +124,7 @@ def sparse_train_cmd(config: Path, out: Path | None, overrides: tuple[str, ...],
     run_dir = out or Path("runs") / config.stem / "sparse"
     with progress_bar() as progress:
         result = sparse_train(cfg, run_dir, resume=resume, force=force, progress=progress, log=err_console.print)
-    out_console.print(f"best test top-1 {result['best_top1']:.2f}%  → {result['best']}")
+    _print_best(result)
 
 
 @cli.command("prune")
@@ -180,7 +187,7 @@ def finetune_cmd(checkpoint: Path, config: Path, out: Path | None, overrides: tu
     with progress_bar() as progress:
         result = finetune(checkpoint, cfg, run_dir, resume=resume, force=force, progress=progress,
                           log=err_console.print)
-    out_console.print(f"best test top-1 {result['best_top1']:.2f}%  → {result['best']}")
+    _print_best(result)
 
 
 @cli.command("eval")
@@ -282,4 +289,9 @@ def bench_cmd(checkpoints: tuple[Path, ...], batch_sizes: list[int], device: str
 
 
 def main() -> None:
-    cli(prog_name="slimctl")
+    from slimctl import distributed
+
+    try:
+        cli(prog_name="slimctl")
+    finally:
+        distributed.teardown()

@@ -64,6 +64,8 @@ class TrainConfig:
     channels_last: bool = False
     # torch.compile the model for training (minutes of compiling first; pays off over long runs).
     compile: bool = False
+    # Under torchrun: BatchNorm statistics over the global batch instead of each process's share.
+    sync_bn: bool = False
 
 
 @dataclass(frozen=True)
@@ -82,6 +84,7 @@ class FinetuneConfig:
     precision: str | None = None
     channels_last: bool | None = None
     compile: bool | None = None
+    sync_bn: bool | None = None
 
 
 @dataclass(frozen=True)

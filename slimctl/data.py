@@ -73,7 +73,7 @@ def load_dataset(name: str, root: str | Path, *, train: bool, download: bool) ->
 
 
 def build_loaders(
-    cfg: DataConfig, *, device: torch.device | str, channels_last: bool = False
+    cfg: DataConfig, *, device: torch.device | str, channels_last: bool = False, rank: int = 0, world_size: int = 1
 ) -> tuple[TensorLoader, TensorLoader, int]:
     """(train loader, test loader, number of classes) for a `data:` config section."""
     train_set = load_dataset(cfg.name, cfg.root, train=True, download=cfg.download)
@@ -87,6 +87,8 @@ def build_loaders(
         device=device,
         seed=cfg.seed,
         channels_last=channels_last,
+        rank=rank,
+        world_size=world_size,
     )
     test_loader = TensorLoader(
         test_set,
@@ -95,6 +97,8 @@ def build_loaders(
         device=device,
         seed=cfg.seed,
         channels_last=channels_last,
+        rank=rank,
+        world_size=world_size,
     )
     return train_loader, test_loader, train_set.num_classes
 
@@ -146,9 +150,16 @@ class TensorLoader:
         seed: int = 0,
         pad: int = 4,
         channels_last: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
         if batch_size < 1:
             raise SlimctlError(f"batch size must be >= 1, got {batch_size}")
+        if train and batch_size % world_size:
+            raise SlimctlError(
+                f"data.batch_size {batch_size} is the global batch and must be divisible by the "
+                f"{world_size} processes; use a multiple of {world_size}"
+            )
         if pad < 0:
             raise ValueError(f"pad must be >= 0 pixels, got {pad}")
         self.device = torch.device(device)
@@ -166,14 +177,37 @@ class TensorLoader:
         self.std = torch.tensor(data.std, dtype=torch.float32, device=self.device).view(1, -1, 1, 1)
         self.epoch = 0
         self.start_batch = 0
+        # Under torchrun each process takes a disjoint share of every global batch.
+        self.rank, self.world_size = rank, world_size
+
+    @property
+    def dataset_size(self) -> int:
+        """Samples in the whole split, across all processes."""
+        return int(self.labels.shape[0])
 
     @property
     def num_samples(self) -> int:
-        return int(self.labels.shape[0])
+        """Samples this process sees per pass (all of them in a single process)."""
+        return sum(len(self._local(torch.arange(a, b))) for a, b in self._batch_ranges(0))
 
     def __len__(self) -> int:
         """Number of batches per epoch (the last one may be partial)."""
-        return math.ceil(self.num_samples / self.batch_size)
+        return len(self._batch_ranges(0))
+
+    def _batch_ranges(self, first_batch: int) -> list[tuple[int, int]]:
+        """[start, stop) positions of the global batches from `first_batch` on. In training, a last
+        partial batch smaller than the number of processes is dropped (every rank must step together)."""
+        n = self.dataset_size
+        ranges = [(a, min(a + self.batch_size, n)) for a in range(first_batch * self.batch_size, n, self.batch_size)]
+        if self.train and ranges and ranges[-1][1] - ranges[-1][0] < self.world_size:
+            ranges.pop()
+        return ranges
+
+    def _local(self, positions: torch.Tensor) -> torch.Tensor:
+        """This process's share of a global batch: an even split, in rank order."""
+        if self.world_size == 1:
+            return positions
+        return torch.tensor_split(positions, self.world_size)[self.rank]
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         """Select the shuffle/augmentation stream of `epoch` (a pure function of seed and epoch);
@@ -185,12 +219,12 @@ class TensorLoader:
         if self.train:
             yield from self._train_batches()
         else:
-            for start in range(0, self.num_samples, self.batch_size):
-                stop = start + self.batch_size
-                yield self._normalise(self.images[start:stop]), self.labels[start:stop]
+            for start, stop in self._batch_ranges(0):
+                local = self._local(torch.arange(start, stop, device=self.device))
+                yield self._normalise(self.images[local]), self.labels[local]
 
     def _train_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        n = self.num_samples
+        n = self.dataset_size
         _, _, height, width = self.images.shape
         # Draw the whole epoch's randomness up front, in a fixed order, on the CPU.
         generator = torch.Generator().manual_seed(_seed64(self.seed * 1_000_003 + self.epoch))
@@ -205,12 +239,12 @@ class TensorLoader:
 
         rows = torch.arange(height, device=self.device)
         cols = torch.arange(width, device=self.device)
-        for start in range(self.start_batch * self.batch_size, n, self.batch_size):
-            idx = order[start : start + self.batch_size]
+        for start, stop in self._batch_ranges(self.start_batch):
+            sel = self._local(torch.arange(start, stop, device=self.device))  # positions in the epoch's order
+            idx = order[sel]
             batch = self.images[idx]
             if self.pad:
                 batch = F.pad(batch, (self.pad,) * 4)  # zeros, on the uint8 image as transforms.Pad does
-            sel = slice(start, start + self.batch_size)
             # Crop and flip as one gather: output pixel (i, j) reads padded pixel (top + i, left + j),
             # or (top + i, left + width - 1 - j) when flipped.
             row_idx = top[sel, None] + rows  # B×H

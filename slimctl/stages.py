@@ -14,6 +14,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from slimctl import distributed
 from slimctl.checkpoint import (
     load_checkpoint,
     make_checkpoint,
@@ -91,9 +92,11 @@ def _train(
     log: Callable[[str], None],
 ) -> dict[str, Any]:
     """The part sparse-train and finetune share: loaders, device, precision, fit, checkpoints."""
-    device = resolve_device(train.device)
+    world, device = distributed.setup(train.device)
     dtype = resolve_precision(train.precision, device)
-    train_loader, test_loader, num_classes = build_loaders(cfg.data, device=device, channels_last=train.channels_last)
+    train_loader, test_loader, num_classes = build_loaders(
+        cfg.data, device=device, channels_last=train.channels_last, rank=world.rank, world_size=world.world_size
+    )
     if num_classes != model.arch_spec["num_classes"]:
         raise SlimctlError(
             f"data.name {cfg.data.name!r} has {num_classes} classes but the model was built for "
@@ -112,26 +115,44 @@ def _train(
     info = {"params": count_params(model), "flops": count_flops(model)}
     config = cfg.to_dict()
 
-    def save(path: Path, m: nn.Module, metrics: dict[str, Any], resume_info: dict[str, Any] | None) -> None:
+    def save(path: Path, trained: nn.Module, metrics: dict[str, Any], resume_info: dict[str, Any] | None) -> None:
+        # `model`, not the wrapper being trained: DDP, torch.compile and SyncBatchNorm all share its
+        # parameters and buffers, and it has the plain BatchNorm2d modules a checkpoint describes.
         ckpt = make_checkpoint(
-            m, stage=stage, config=config, parent=parent, metrics={**info, **metrics}, resume=resume_info
+            model, stage=stage, config=config, parent=parent, metrics={**info, **metrics}, resume=resume_info
         )
         save_checkpoint(path, ckpt)
 
-    save_config(cfg, run_dir / "config.yaml", extra={"provenance": provenance(), "stage": stage})
+    if world.is_main:
+        save_config(cfg, run_dir / "config.yaml", extra={"provenance": provenance(), "stage": stage})
+    else:
+        log = lambda *args: None  # noqa: E731
     log(
-        f"{stage}: {model.arch_spec['arch']} on {cfg.data.name} ({train_loader.num_samples} train / "
-        f"{test_loader.num_samples} test images), {device.type}, {dtype or torch.float32}, "
-        f"{train.epochs} epochs, λ={train.sparsity:g} → {run_dir}"
+        f"{stage}: {model.arch_spec['arch']} on {cfg.data.name} ({train_loader.dataset_size} train / "
+        f"{test_loader.dataset_size} test images), {device.type}, {dtype or torch.float32}, "
+        f"{train.epochs} epochs, λ={train.sparsity:g}"
+        + (f", {world.world_size} processes" if world.enabled else "")
+        + f" → {run_dir}"
     )
-    # Checkpoints unwrap the compiled module (`_orig_mod`), so they stay plain.
-    trained = torch.compile(model) if train.compile else model
+    if train.sync_bn and world.enabled and device.type != "cuda":
+        raise SlimctlError(
+            "train.sync_bn needs CUDA devices (PyTorch's SyncBatchNorm is GPU-only); set it to false for CPU runs"
+        )
+    trained = model
+    if world.enabled:
+        if train.sync_bn:  # BN statistics over the global batch, at one all-reduce per BN layer
+            trained = nn.SyncBatchNorm.convert_sync_batchnorm(trained)
+        # λ·sign(γ) is added after backward(), i.e. after DDP's all-reduce: once per rank, not scaled.
+        trained = nn.parallel.DistributedDataParallel(trained, device_ids=[device.index] if device.type == "cuda" else None)
+    if train.compile:
+        trained = torch.compile(trained)
     result = fit(
         trained, train_loader, test_loader,
         epochs=train.epochs, lr=train.lr, momentum=train.momentum, weight_decay=train.weight_decay,
         milestones=milestone_epochs(train.milestones, train.epochs), lr_decay=train.lr_decay,
         sparsity=train.sparsity, gammas=gammas, device=device, dtype=dtype, run_dir=run_dir,
-        save=save, resume_state=resume_state, progress=progress, log=log,
+        save=save, resume_state=resume_state, progress=progress if world.is_main else None, log=log,
+        is_main=world.is_main,
     )
     return {**info, "best_top1": result["best_top1"], "run_dir": str(run_dir), "best": str(run_dir / "best.pt")}
 

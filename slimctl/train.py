@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from slimctl import distributed
 from slimctl.errors import SlimctlError
 
 
@@ -219,7 +220,9 @@ def evaluate(model: nn.Module, loader, *, device: torch.device, dtype: torch.dty
         loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
         correct += (logits.argmax(1) == y).sum()
         images += y.numel()
-    return float(loss_sum) / images, 100.0 * float(correct) / images
+    count = torch.tensor(images, device=device)
+    distributed.all_reduce_sum(loss_sum, correct, count)  # each rank evaluated its own share
+    return float(loss_sum) / int(count), 100.0 * float(correct) / int(count)
 
 
 # --------------------------------------------------------------------------- the run
@@ -264,13 +267,19 @@ def fit(
     resume_state: dict[str, Any] | None = None,
     progress=None,
     log: Callable[[str], None] = print,
+    is_main: bool = True,
 ) -> dict[str, Any]:
     """Train for `epochs`, evaluating after each; writes metrics.jsonl, last.pt and best.pt.
 
     `save(path, model, metrics, resume)` writes a checkpoint (the caller knows its metadata).
     `resume_state` (from a last.pt) continues a run exactly where it stopped, mid-epoch included.
     SIGINT/SIGTERM stop at the next step with a resumable last.pt (raises `Interrupted`).
+    Under torchrun every rank calls this; only `is_main` (rank 0) writes and logs.
     """
+    if not is_main:
+        save = lambda *args: None  # noqa: E731
+        log = lambda *args: None  # noqa: E731
+        progress = None
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
     rows: list[dict[str, Any]] = []
@@ -300,6 +309,16 @@ def fit(
 
     task = progress.add_task("train", total=None) if progress is not None else None
     with graceful_stop() as stop:
+        steps_seen = 0
+
+        def should_stop() -> bool:
+            # Ranks must stop at the same step; agreeing costs a collective, so only every 10 steps.
+            nonlocal steps_seen
+            steps_seen += 1
+            if not distributed.active():
+                return stop["signum"] is not None
+            return steps_seen % 10 == 0 and distributed.any_rank(stop["signum"] is not None, device)
+
         for epoch in range(start_epoch, epochs):
             epoch_lr = lr_at(epoch, lr=lr, milestones=milestones, decay=lr_decay)
             for group in optimizer.param_groups:
@@ -312,10 +331,14 @@ def fit(
             step = (lambda n: progress.advance(task, n)) if progress is not None else None
             state = train_one_epoch(
                 model, train_loader, optimizer, gammas=gammas, sparsity=sparsity, device=device, dtype=dtype,
-                scaler=scaler, state=partial, should_stop=lambda: stop["signum"] is not None, on_step=step,
+                scaler=scaler, state=partial, should_stop=should_stop, on_step=step,
             )
             partial = None
-            if state.first_bad_step >= 0:
+            if distributed.active() and state.completed:  # train metrics over all ranks' samples
+                sums = torch.tensor([state.loss_sum, state.correct, state.images], dtype=torch.float64, device=device)
+                distributed.all_reduce_sum(sums)
+                state = dataclasses.replace(state, loss_sum=float(sums[0]), correct=int(sums[1]), images=int(sums[2]))
+            if distributed.any_rank(state.first_bad_step >= 0, device):  # every rank stops, not just one
                 raise SlimctlError(
                     f"training diverged: the loss became NaN/inf at epoch {epoch + 1}, step {state.first_bad_step + 1} "
                     f"(lr {epoch_lr:g}, sparsity λ {sparsity:g}); {run_dir / 'last.pt'} holds the last good state. "
@@ -337,9 +360,11 @@ def fit(
                 "test_loss": test_loss,
                 "test_top1": test_top1,
                 "seconds": state.seconds,
-                "images_per_sec": state.images / state.seconds,
+                "images_per_sec": state.images / state.seconds,  # all ranks together
                 **gamma_stats(gammas),
             }
+            if distributed.active():  # 0.0 when DDP kept every rank's γ identical, as it must
+                row["ddp_gamma_max_diff"] = distributed.max_diff_from_rank0(gammas)
             rows.append(row)
             is_best = test_top1 > best_top1
             best_top1 = max(best_top1, test_top1)
