@@ -105,18 +105,32 @@ def _print_best(result: dict[str, Any]) -> None:
         out_console.print(f"best test top-1 {result['best_top1']:.2f}%  → {result['best']}")
 
 
+def run_options(config_help: str, out_help: str):
+    """The options sparse-train and finetune share: config, run folder, overrides, resume/force."""
+
+    def decorate(command):
+        for option in reversed((
+            click.option("-c", "--config", "config", type=click.Path(path_type=Path), required=True, help=config_help),
+            click.option("-o", "--out", type=click.Path(path_type=Path), default=None, help=out_help),
+            click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP),
+            click.option("--resume", is_flag=True, help=RESUME_HELP),
+            click.option("--force", is_flag=True, help=FORCE_HELP),
+        )):
+            command = option(command)
+        return command
+
+    return decorate
+
+
 @cli.command("sparse-train")
-@click.option("-c", "--config", "config", type=click.Path(path_type=Path), required=True,
-              help="YAML config (see configs/). Its `train` section is used.")
-@click.option("-o", "--out", type=click.Path(path_type=Path), default=None,
-              help="Run folder for config.yaml, metrics.jsonl, last.pt, best.pt [default: runs/<config name>/sparse].")
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
-@click.option("--resume", is_flag=True, help=RESUME_HELP)
-@click.option("--force", is_flag=True, help=FORCE_HELP)
+@run_options("YAML config (see configs/). Its `train` section is used.",
+             "Run folder for config.yaml, metrics.jsonl, last.pt, best.pt [default: runs/<config name>/sparse].")
 def sparse_train_cmd(config: Path, out: Path | None, overrides: tuple[str, ...], resume: bool, force: bool) -> None:
     """Train from scratch with the L1 sparsity penalty λ·Σ|γ| on BN scales (λ = train.sparsity).
 
     With train.sparsity: 0 this is plain training (the baseline the paper compares against).
+    Multi-GPU: `torchrun --nproc_per_node=N -m slimctl sparse-train …` (data.batch_size is the
+    global batch, split over the N processes). Ctrl-C stops cleanly; --resume continues.
     """
     from slimctl.stages import sparse_train
 
@@ -170,13 +184,8 @@ def prune_cmd(checkpoint: Path, ratio: float | None, out: Path | None, min_chann
 
 @cli.command("finetune")
 @click.argument("checkpoint", type=click.Path(path_type=Path))
-@click.option("-c", "--config", "config", type=click.Path(path_type=Path), required=True,
-              help="YAML config; its `finetune` section (unset keys inherit `train`) and `data` are used.")
-@click.option("-o", "--out", type=click.Path(path_type=Path), default=None,
-              help="Run folder [default: <CHECKPOINT stem>-finetune beside CHECKPOINT].")
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
-@click.option("--resume", is_flag=True, help=RESUME_HELP)
-@click.option("--force", is_flag=True, help=FORCE_HELP)
+@run_options("YAML config; its `finetune` section (unset keys inherit `train`) and `data` are used.",
+             "Run folder [default: <CHECKPOINT stem>-finetune beside CHECKPOINT].")
 def finetune_cmd(checkpoint: Path, config: Path, out: Path | None, overrides: tuple[str, ...], resume: bool,
                  force: bool) -> None:
     """Train a pruned checkpoint's narrower model back to accuracy (no sparsity term)."""

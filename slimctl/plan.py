@@ -31,12 +31,28 @@ class Consumer:
     repeat: int = 1  # input columns per channel (flatten → Linear: H·W of the flattened map)
 
 
+REDUCTIONS = ("max", "mean", "sum")
+
+
 @dataclass(frozen=True)
 class ChannelGroup:
     bn: str
     producers: tuple[str, ...] = ()
     consumers: tuple[Consumer, ...] = ()
     selection: str | None = None
+    # A space ranked by several BNs (a depthwise chain, a residual-coupled set): the other BNs, all
+    # of the space's width and also listed in `producers`; a channel's score is `reduce` over the |γ|s.
+    extra_bns: tuple[str, ...] = ()
+    reduce: str = "max"
+    # Grouped convolutions read the space in `divisions` equal contiguous chunks: each chunk keeps
+    # the same number of channels (which ones may differ per chunk).
+    divisions: int = 1
+    coupled: bool = False  # a residual-coupled set (several streams that must keep the same channels)
+
+    @property
+    def bns(self) -> tuple[str, ...]:
+        """Every BN whose |γ| ranks this group (the first is `bn`)."""
+        return (self.bn, *self.extra_bns)
 
 
 @dataclass(frozen=True)
@@ -82,6 +98,12 @@ def channel_groups(model: nn.Module) -> list[ChannelGroup]:
 def group_scores(model: nn.Module, group: ChannelGroup) -> torch.Tensor:
     """|γ| of the group's current channels (for a selection group: only the still-selected ones)."""
     gamma = model.get_submodule(group.bn).weight.detach().abs().float().cpu()
+    if group.extra_bns:
+        if group.reduce not in REDUCTIONS:
+            raise SlimctlError(f"unknown score reduction {group.reduce!r}; use one of {', '.join(REDUCTIONS)}")
+        extra = [model.get_submodule(n).weight.detach().abs().float().cpu() for n in group.extra_bns]
+        stacked = torch.stack([gamma, *extra])
+        gamma = {"max": stacked.amax(0), "mean": stacked.mean(0), "sum": stacked.sum(0)}[group.reduce]
     if group.selection is not None:
         gamma = gamma[model.get_submodule(group.selection).indices.cpu()]
     return gamma
@@ -124,8 +146,22 @@ def make_plan(
         n_keep = total if threshold is None else int((score > threshold).sum())
         n_keep = max(n_keep, min(min_channels, total))
         n_keep = min(total, -(-n_keep // round_to) * round_to)  # round up to a multiple of round_to
-        # Largest |γ| first; a stable sort makes ties resolve by position, reproducibly.
-        order = torch.sort(score, descending=True, stable=True).indices
-        keep = torch.sort(order[:n_keep]).values
+        if group.divisions > 1:
+            keep = _keep_per_division(score, n_keep, group.divisions)
+        else:
+            # Largest |γ| first; a stable sort makes ties resolve by position, reproducibly.
+            order = torch.sort(score, descending=True, stable=True).indices
+            keep = torch.sort(order[:n_keep]).values
         plans.append(GroupPlan(group=group, keep=keep, total=total))
     return ChannelPlan(ratio=ratio, threshold=threshold, groups=tuple(plans))
+
+
+def _keep_per_division(score: torch.Tensor, n_keep: int, divisions: int) -> torch.Tensor:
+    """The same count in each of `divisions` equal chunks (rounded up), the largest |γ| of each chunk."""
+    size = score.numel() // divisions
+    per = min(size, max(1, -(-n_keep // divisions)))
+    keep = []
+    for d in range(divisions):
+        order = torch.sort(score[d * size : (d + 1) * size], descending=True, stable=True).indices
+        keep.append(torch.sort(order[:per]).values + d * size)
+    return torch.cat(keep)

@@ -69,13 +69,13 @@ def _sliced(module: nn.Module, out_idx: torch.Tensor | None, in_idx: torch.Tenso
         # weight, bias, running_mean, running_var are per channel; num_batches_tracked is a scalar.
         state = {k: v if v.dim() == 0 else v[out_idx.to(v.device)] for k, v in state.items()}
         return _loaded(resized(module, [len(out_idx)]), state)
-    if isinstance(module, nn.Conv2d) and module.groups > 1:
-        if not module.groups == module.in_channels == module.out_channels:
-            raise TypeError(f"surgery cannot slice grouped convolutions yet ({module})")
+    if isinstance(module, nn.Conv2d) and module.groups == module.in_channels == module.out_channels:
         # Depthwise: one filter per channel, the space passes through: in = out = groups = kept.
         idx = out_idx if out_idx is not None else in_idx
         state = {k: v[idx.to(v.device)] for k, v in state.items()}
         return _loaded(resized(module, [len(idx)] * 3), state)
+    if isinstance(module, nn.Conv2d) and module.groups > 1:
+        return _sliced_grouped(module, state, out_idx, in_idx)
     if isinstance(module, (nn.Conv2d, nn.Linear)):
         if out_idx is not None:
             state = {k: v[out_idx.to(v.device)] for k, v in state.items()}  # weight rows, bias
@@ -85,6 +85,28 @@ def _sliced(module: nn.Module, out_idx: torch.Tensor | None, in_idx: torch.Tenso
         shape = [in_c, out_c, 1] if isinstance(module, nn.Conv2d) else [in_c, out_c]
         return _loaded(resized(module, shape), state)
     raise TypeError(f"surgery cannot resize {type(module).__name__}")
+
+
+def _sliced_grouped(
+    module: nn.Conv2d, state: dict[str, torch.Tensor], out_idx: torch.Tensor | None, in_idx: torch.Tensor | None
+) -> nn.Module:
+    """A grouped conv keeps the same number of input (and output) channels in every group; each kept
+    output row then reads its own group's kept input columns (which may differ between groups)."""
+    g, weight = module.groups, state["weight"]
+    in_pg, out_pg = module.in_channels // g, module.out_channels // g
+    out_idx = torch.arange(module.out_channels) if out_idx is None else out_idx.cpu()
+    in_idx = torch.arange(module.in_channels) if in_idx is None else in_idx.cpu()
+    for idx, per, what in ((in_idx, in_pg, "input"), (out_idx, out_pg, "output")):
+        counts = torch.bincount(idx // per, minlength=g)
+        if not bool((counts == counts[0]).all()) or int(counts[0]) == 0:
+            raise TypeError(f"grouped conv {module} must keep the same number of {what} channels per group")
+    local = (in_idx % in_pg).view(g, -1)  # kept input columns, per group, within the group's filter
+    cols = local[out_idx // out_pg].to(weight.device)  # [kept out, kept in per group]
+    rows = weight[out_idx.to(weight.device)]
+    state["weight"] = torch.gather(rows, 1, cols[:, :, None, None].expand(-1, -1, *rows.shape[2:]))
+    if "bias" in state:
+        state["bias"] = state["bias"][out_idx.to(state["bias"].device)]
+    return _loaded(resized(module, [len(in_idx), len(out_idx), g]), state)
 
 
 def _loaded(new: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:

@@ -147,7 +147,7 @@ def test_width_scales_every_stream() -> None:
     res = create_model("resnet164", 10, width=0.25)
     assert res.stem.out_channels == 4
     assert [res.layer1[0].conv1.out_channels, res.layer2[0].conv1.out_channels, res.layer3[0].conv1.out_channels] == [4, 8, 16]
-    assert res.fc.in_features == 64
+    assert res.head.fc.in_features == 64
     dense = create_model("densenet40", 10, width=0.25)
     assert dense.stem.out_channels == 4 and dense.dense1[0].conv.out_channels == 3
     tiny = create_model("densenet40", 10, width=0.01)  # never zero channels
@@ -212,7 +212,7 @@ def test_pruned_equals_masked_original(family: str, ratio: float) -> None:
     stream = [n for n in before if n == "stem" or n.endswith(("conv3", "downsample")) or
               (family == "densenet" and n.endswith(".conv"))]
     assert stream and all(after[n][1] == before[n][1] for n in stream)
-    assert pruned.fc.in_features == pruned.select.indices.numel() < model.fc.in_features
+    assert pruned.head.fc.in_features == pruned.head.select.indices.numel() < model.head.fc.in_features
 
 
 def test_resnet164_at_90_percent_keeps_every_block_alive() -> None:

@@ -7,7 +7,7 @@ between them, then the head `bn → select → relu → avgpool 8 → fc`. No bo
     transition:  bn → select → relu → conv 1×1 (same width) → avgpool 2
 
 Module names: `stem`, `dense{1,2,3}.{i}.{bn,select,relu,conv}`, `trans{1,2}.{bn,select,relu,conv,pool}`,
-`bn`, `select`, `relu`, `avgpool`, `fc`.
+`head.{bn,select,relu,avgpool,fc}`.
 
 What pruning may touch: every BN reads a concatenation that later layers also read whole, so every
 BN keeps its width and a `ChannelSelection` passes only its kept channels to the conv after it (or
@@ -21,7 +21,7 @@ from torch import nn
 
 from slimctl.errors import SlimctlError
 from slimctl.models import register_model
-from slimctl.models.layers import ChannelSelection, init_paper_weights, scale_width
+from slimctl.models.layers import ChannelSelection, PreActHead, init_paper_weights, scale_width
 from slimctl.plan import ChannelGroup, Consumer
 
 STEM = 16  # the paper's DenseNet-40 (1.02M params); the official PyTorch port uses 2·growth = 24
@@ -73,22 +73,14 @@ class DenseNet(nn.Module):
             setattr(self, f"dense{block}", nn.Sequential(*layers))
             if block < 3:
                 setattr(self, f"trans{block}", Transition(channels, channels))
-        self.bn = nn.BatchNorm2d(channels)
-        self.select = ChannelSelection(channels)
-        self.relu = nn.ReLU(inplace=True)
-        # The reference's AvgPool2d(8): 8×8 → 1×1 on 32×32 inputs (same FLOPs: 64 per output), but
-        # any input size still ends at 1×1, so fc reads one column per channel. A module, as in the
-        # reference code, so the FLOP counter sees it.
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(channels, num_classes)
+        self.head = PreActHead(channels, num_classes)
         init_paper_weights(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.dense1(self.stem(x))
         x = self.dense2(self.trans1(x))
         x = self.dense3(self.trans2(x))
-        x = self.avgpool(self.relu(self.select(self.bn(x))))
-        return self.fc(torch.flatten(x, 1))
+        return self.head(x)
 
     def channel_groups(self) -> list[ChannelGroup]:
         """Every BN prunes through its selection; the consumer is the conv right after it (or fc,
@@ -99,7 +91,7 @@ class DenseNet(nn.Module):
                 groups.append(
                     ChannelGroup(bn=f"{name}.bn", consumers=(Consumer(f"{name}.conv"),), selection=f"{name}.select")
                 )
-        groups.append(ChannelGroup(bn="bn", consumers=(Consumer("fc"),), selection="select"))
+        groups.append(self.head.channel_group("head"))
         return groups
 
 

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from slimctl.errors import SlimctlError
+from slimctl.plan import ChannelGroup, Consumer
 
 
 def scale_width(channels: int, width: float) -> int:
@@ -53,6 +54,31 @@ class ChannelSelection(nn.Module):
 
     def extra_repr(self) -> str:
         return f"keeps={self.indices.numel()}"
+
+
+class PreActHead(nn.Module):
+    """`bn → select → relu → global average pool → fc`: the classifier of the pre-activation nets.
+
+    The BN sits on the full-width stream, so it prunes through its selection (fc reads the kept
+    channels). The reference pools with AvgPool2d(8) on 8×8 maps; the adaptive pool is the same on
+    32×32 inputs (64 FLOPs per output) and still ends at 1×1 on other sizes, so fc reads one column
+    per channel. A module, as in the reference, so the FLOP counter sees it.
+    """
+
+    def __init__(self, channels: int, num_classes: int) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm2d(channels)
+        self.select = ChannelSelection(channels)
+        self.relu = nn.ReLU(inplace=True)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(channels, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(self.avgpool(self.relu(self.select(self.bn(x)))), 1))
+
+    def channel_group(self, name: str) -> ChannelGroup:
+        """The head's one group, for a head registered as `name` in its model."""
+        return ChannelGroup(bn=f"{name}.bn", consumers=(Consumer(f"{name}.fc"),), selection=f"{name}.select")
 
 
 def module_shape(module: nn.Module) -> list[int] | None:

@@ -8,7 +8,7 @@ planes 16/32/64 (expansion 4, so the residual stream is 64/128/256 wide), then t
     + downsample (1×1 strided conv, no BN) on each stage's first block, else the identity.
 
 Module names: `stem`, `layer{1,2,3}.{i}.{bn1,select,relu,conv1,bn2,conv2,bn3,conv3,downsample}`,
-`bn`, `select`, `relu`, `avgpool`, `fc`.
+`head.{bn,select,relu,avgpool,fc}`.
 
 What pruning may touch: bn1 and the head BN sit on the residual stream, which every block reads
 whole, so they keep their width and a `ChannelSelection` passes only their kept channels on to
@@ -23,7 +23,7 @@ from torch import nn
 
 from slimctl.errors import SlimctlError
 from slimctl.models import register_model
-from slimctl.models.layers import ChannelSelection, init_paper_weights, scale_width
+from slimctl.models.layers import ChannelSelection, PreActHead, init_paper_weights, scale_width
 from slimctl.plan import ChannelGroup, Consumer
 
 EXPANSION = 4
@@ -74,20 +74,11 @@ class PreResNet(nn.Module):
                 layers.append(Bottleneck(channels, planes, stride))
                 channels = planes * EXPANSION
             setattr(self, f"layer{stage}", nn.Sequential(*layers))
-        self.bn = nn.BatchNorm2d(channels)
-        self.select = ChannelSelection(channels)
-        self.relu = nn.ReLU(inplace=True)
-        # The reference's AvgPool2d(8): 8×8 → 1×1 on 32×32 inputs (same FLOPs: 64 per output), but
-        # any input size still ends at 1×1, so fc reads one column per channel. A module, as in the
-        # reference code, so the FLOP counter sees it.
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(channels, num_classes)
+        self.head = PreActHead(channels, num_classes)
         init_paper_weights(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.layer3(self.layer2(self.layer1(self.stem(x))))
-        x = self.avgpool(self.relu(self.select(self.bn(x))))
-        return self.fc(torch.flatten(x, 1))
+        return self.head(self.layer3(self.layer2(self.layer1(self.stem(x)))))
 
     def blocks(self) -> list[tuple[str, Bottleneck]]:
         return [(n, m) for n, m in self.named_modules() if isinstance(m, Bottleneck)]
@@ -106,7 +97,7 @@ class PreResNet(nn.Module):
                     bn=f"{name}.bn3", producers=(f"{name}.conv2", f"{name}.bn3"), consumers=(Consumer(f"{name}.conv3"),)
                 ),
             ]
-        groups.append(ChannelGroup(bn="bn", consumers=(Consumer("fc"),), selection="select"))
+        groups.append(self.head.channel_group("head"))
         return groups
 
 
