@@ -57,6 +57,12 @@ def test_sparse_train_prune_finetune_under_torchrun(tmp_path):
     assert done.stdout.count("best test top-1") == 1
     ckpt = load_checkpoint(sparse / "best.pt")
     assert not any(k.startswith("module.") for k in ckpt["state_dict"])
+    # --resume under torchrun: extend the finished run by one epoch.
+    done = _torchrun("-m", "slimctl", "sparse-train", "-c", DEMO_CONFIG, "-o", sparse, "--set", "train.epochs=3",
+                     *SETS, "--resume")
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [json.loads(line) for line in (sparse / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3] and rows[2]["ddp_gamma_max_diff"] == 0.0
     pruned = subprocess.run([sys.executable, "-m", "slimctl", "prune", sparse / "best.pt", "--ratio", "0.5",
                              "-o", tmp_path / "pruned.pt", "--json"], cwd=ROOT, capture_output=True, text=True)
     assert pruned.returncode == 0, pruned.stderr
