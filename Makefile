@@ -109,7 +109,8 @@ multipass: $(RUNS)/$(DATASET)-$(ARCH)/sparse/.done
 	  if [ ! -f $$dir/.done ]; then \
 	    $(SLIMCTL) prune $$ckpt --ratio $(RATIO) -o $$dir/pruned.pt --data-root $(DATA) --force; \
 	    $(SLIMCTL) finetune $$dir/pruned.pt -c configs/$(DATASET)_$(ARCH).yaml -o $$dir/finetune \
-	      --set data.root=$(DATA) $$( [ -f $$dir/finetune/last.pt ] && echo --resume || echo --force ); \
+	      --set data.root=$(DATA) $(foreach s,$(SET),--set $(s)) \
+	      $$( [ -f $$dir/finetune/last.pt ] && echo --resume || echo --force ); \
 	    touch $$dir/.done; \
 	  fi; \
 	  ckpt=$$dir/finetune/best.pt; \

@@ -50,7 +50,8 @@ def apply_plan(model: nn.Module, plan: ChannelPlan) -> nn.Module:
 
     for name in sorted(set(out_keep) | set(in_mask)):
         in_idx = in_mask[name].nonzero().flatten() if name in in_mask else None
-        replace_module(pruned, name, _sliced(modules[name], out_keep.get(name), in_idx))
+        new = _sliced(modules[name], out_keep.get(name), in_idx)
+        replace_module(pruned, name, new.train(modules[name].training))  # a fresh module is in train mode
     return pruned
 
 

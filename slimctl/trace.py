@@ -89,6 +89,7 @@ class TraceResult:
     groups: list[ChannelGroup]
     spaces: list[SpaceInfo]
     selections: tuple[str, ...] = ()  # BNs that need a ChannelSelection inserted (`prepare`)
+    frozen_bns: dict[str, str] = field(default_factory=dict)  # BN → why no group ranks it
 
     def prepare(self, model: nn.Module) -> nn.Module:
         """Insert the ChannelSelection modules the selection groups name (in place; idempotent)."""
@@ -113,6 +114,13 @@ def insert_selections(model: nn.Module, bn_names: tuple[str, ...] | list[str]) -
         bn.register_forward_hook(_select_hook)
 
 
+def selection_bns_in_state(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> list[str]:
+    """The BNs of `model` whose inserted selection a saved state_dict holds (`<bn>.select.indices`)."""
+    bns = {n for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)}
+    return [k[: -len(".select.indices")] for k in state_dict
+            if k.endswith(".select.indices") and k[: -len(".select.indices")] in bns]
+
+
 def selected_bns(model: nn.Module) -> list[str]:
     """The BNs carrying an inserted selection (what a checkpoint records to rebuild the model)."""
     return [n for n, m in model.named_modules()
@@ -128,6 +136,7 @@ class _Tracer(fx.Tracer):
     def __init__(self) -> None:
         super().__init__()
         self.stack: list[str] = []
+        self.failed_in: str | None = None
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return isinstance(m, ChannelSelection) or super().is_leaf_module(m, qualname)
@@ -136,6 +145,10 @@ class _Tracer(fx.Tracer):
         self.stack.append(self.path_of_module(m))
         try:
             return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_in is None:  # the innermost module: the one whose Python broke
+                self.failed_in = self.stack[-1]
+            raise
         finally:
             self.stack.pop()
 
@@ -145,14 +158,21 @@ def _trace(model: nn.Module, example_input: torch.Tensor) -> fx.GraphModule:
     try:
         graph = tracer.trace(model)
     except Exception as exc:  # fx raises TraceError, TypeError, … on data-dependent Python
-        where = tracer.stack[-1] if tracer.stack and tracer.stack[-1] else type(model).__name__
+        where = tracer.failed_in or type(model).__name__
         raise SlimctlError(
             f"cannot trace {type(model).__name__}: module {where!r} ({type(exc).__name__}: {exc}). "
             "Mark that module a leaf (it then keeps its channels) or declare channel_groups() by hand."
         ) from exc
     gm = fx.GraphModule(tracer.root, graph)
-    with torch.no_grad():
-        ShapeProp(gm).propagate(example_input)
+    try:
+        with torch.no_grad():
+            ShapeProp(gm).propagate(example_input)
+    except Exception as exc:
+        cause = exc.__cause__ or exc
+        raise SlimctlError(
+            f"{type(model).__name__} does not run on an example input of shape {tuple(example_input.shape)}: "
+            f"{str(cause).splitlines()[0] if str(cause) else type(cause).__name__} (try a larger input size)"
+        ) from exc
     return gm
 
 
@@ -296,6 +316,8 @@ class _Walker:
         name = node.target
         segs = self.single_input(node)
         if isinstance(m, (nn.Conv2d, nn.BatchNorm2d, nn.Linear)) and self.calls[name] > 1:
+            if isinstance(m, nn.BatchNorm2d):
+                self.bn_nodes.append(node)
             return self.opaque(node, f"{type(m).__name__} {name!r}, called {self.calls[name]} times")
         if segs is None:
             return self.frozen_output(node, f"produced by {self.describe(node)}")
@@ -400,6 +422,8 @@ class _Walker:
             if segs is not None and not any(isinstance(a, fx.Node) and self.layout.get(a) for a in node.args[1:]):
                 return segs
             return self.opaque(node, self.describe(node))
+        if fname in ("cat", "concat", "concatenate"):
+            return self.concat(node)
         if not self.input_nodes(node):
             return self.frozen_output(node, f"produced by {self.describe(node)}") if segs is None else None
         if segs is None:
@@ -420,8 +444,6 @@ class _Walker:
             in_shape = self.shape(node.args[0])
             if dims and in_shape and all(d % len(in_shape) >= 2 for d in dims):
                 return [_Seg(s.space, s.width, s.zero, s.repeat) for s in segs]
-        if fname == "cat" or target is torch.cat:
-            return self.concat(node)
         return self.opaque(node, self.describe(node))
 
     def concat(self, node: fx.Node) -> list[_Seg] | None:
@@ -452,6 +474,8 @@ class _Walker:
             elif isinstance(a, fx.Node) and self.layout.get(a) is not None:
                 other_zero.append(all(s.zero for s in self.layout[a]))  # broadcast over channels
             elif isinstance(a, (int, float)) and a != 0:
+                scalar_nonzero = True
+            elif isinstance(a, fx.Node) and shape is not None:  # a constant tensor (a buffer, …)
                 scalar_nonzero = True
         if not full:
             return self.opaque(node, self.describe(node))
@@ -550,6 +574,13 @@ def _classify(w: _Walker, coupled: str) -> TraceResult:
         spaces.append(SpaceInfo("selection", w.modules[name].num_features,
                                 (name, selection, *(c.module for c in consumers)), (name,),
                                 "its space keeps its width; its consumers read the kept channels", pruned=True))
+    ranked = grouped_bns | {g.bn for g in groups}
+    frozen_bns = {}
+    for node in w.bn_nodes:
+        if node.target not in ranked:
+            reasons = dict.fromkeys(r for seg in w.layout.get(node.args[0]) or [] for r in w.space(seg.space).reasons)
+            frozen_bns[node.target] = "; ".join(reasons) or "its space keeps its width (residual-coupled)" \
+                " and its output is not read by convs/Linears only"
     if not groups:
         frozen = [s.reason for s in spaces if s.reason][:3]
         raise SlimctlError(
@@ -557,7 +588,7 @@ def _classify(w: _Walker, coupled: str) -> TraceResult:
             + (f" (e.g. {'; '.join(frozen)})" if frozen else "")
             + "; declare channel_groups() by hand"
         )
-    return TraceResult(groups=groups, spaces=spaces, selections=tuple(to_insert))
+    return TraceResult(groups=groups, spaces=spaces, selections=tuple(to_insert), frozen_bns=frozen_bns)
 
 
 def _selection(w: _Walker, bn_node: fx.Node) -> tuple[str, list[Consumer], bool] | None:
