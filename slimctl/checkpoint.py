@@ -5,6 +5,7 @@ A checkpoint is one `torch.save` dict of plain types and tensors that rebuilds i
     format      "slimctl/1"
     digest      sha256 of arch, widths and state_dict, checked on load (bit rot, truncation)
     arch, num_classes, arch_args    what `create_model` needs (arch_args: {"width": …})
+    input_size  [C, H, W] the model's FLOPs are counted at (and a traced model is traced with)
     widths      module name → resizable shape (see models.layers.module_widths)
     state_dict  of the unwrapped model (no `module.` / `_orig_mod.` prefixes)
     config      the resolved run config (dict)
@@ -120,6 +121,7 @@ def make_checkpoint(
         "arch": spec["arch"],
         "num_classes": spec["num_classes"],
         "arch_args": dict(spec["arch_args"]),
+        "input_size": list(spec["input_size"]),
         "widths": widths,
         "state_dict": state,
         "digest": model_digest(spec["arch"], spec["num_classes"], dict(spec["arch_args"]), widths, state),
@@ -183,17 +185,18 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 
 def model_from_checkpoint(ckpt: dict[str, Any], device: str | torch.device = "cpu", source: str = "checkpoint") -> nn.Module:
     """Rebuild the model from the checkpoint alone: arch + widths, then the state_dict (strict)."""
-    from slimctl.models import create_model, list_models
+    from slimctl.models import create_model, is_known_arch, list_models
 
     arch = ckpt["arch"]
-    if arch not in list_models():
-        raise SlimctlError(f"{source}: unknown arch {arch!r}; known: {', '.join(list_models())}")
+    if not isinstance(arch, str) or not is_known_arch(arch):
+        raise SlimctlError(f"{source}: unknown arch {arch!r}; known: {', '.join(list_models())}, torchvision.<name>")
     widths, state = ckpt["widths"], ckpt["state_dict"]
     if not isinstance(widths, dict) or not isinstance(state, dict):
         raise SlimctlError(f"{source}: 'widths' and 'state_dict' must be mappings")
     args = ckpt["arch_args"] if isinstance(ckpt["arch_args"], dict) else {}
     try:
-        model = create_model(arch, int(ckpt["num_classes"]), widths=widths, **args)
+        input_size = ckpt.get("input_size")
+        model = create_model(arch, int(ckpt["num_classes"]), widths=widths, input_size=input_size, **args)
     except SlimctlError as exc:
         raise SlimctlError(f"{source}: {exc}") from None
     except (TypeError, ValueError) as exc:

@@ -152,13 +152,16 @@ def sparse_train_cmd(config: Path, out: Path | None, overrides: tuple[str, ...],
               help="No layer keeps fewer channels than this (its largest |γ|) [default: prune.min_channels, 1].")
 @click.option("--round-to", type=int, default=1, show_default=True,
               help="Keep a multiple of N channels per layer (faster on GPUs/vector units); 1 = the paper.")
+@click.option("--coupled", type=click.Choice(["keep", "max", "mean", "sum"]), default="keep", show_default=True,
+              help="Traced models: keep residual-coupled channels (the paper), or prune each coupled set "
+                   "together, ranked by the max/mean/sum of its BNs' |γ|.")
 @click.option("--data-root", default=None, help="Where the data set lives, if not where the checkpoint's config says.")
 @click.option("--no-eval", is_flag=True, help="Skip the test-set evaluation of the pruned model.")
 @click.option("--device", default="cpu", show_default=True, help="Device for that evaluation (cpu, cuda, auto).")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables.")
 def prune_cmd(checkpoint: Path, ratio: float | None, out: Path | None, min_channels: int | None, round_to: int,
-              data_root: str | None, no_eval: bool, device: str, force: bool, as_json: bool) -> None:
+              coupled: str, data_root: str | None, no_eval: bool, device: str, force: bool, as_json: bool) -> None:
     """Remove the channels whose BN |γ| falls under one global threshold; write a narrower model.
 
     Also writes a |γ| histogram (OUT stem + _gamma.png) with the threshold marked, and evaluates
@@ -171,7 +174,7 @@ def prune_cmd(checkpoint: Path, ratio: float | None, out: Path | None, min_chann
         label = "cfg" if ratio is None else f"{ratio:g}"
         out = checkpoint.with_name(f"pruned-r{label}.pt")
     result = prune_checkpoint(checkpoint, out, ratio=ratio, min_channels=min_channels, round_to=round_to,
-                              evaluate_model=not no_eval, data_root=data_root, force=force, device=device)
+                              coupled=coupled, evaluate_model=not no_eval, data_root=data_root, force=force, device=device)
     if as_json:
         print_json(result)
         return
@@ -244,6 +247,34 @@ def info_cmd(checkpoint: Path | None, arch: str | None, num_classes: int, width:
         from slimctl.report import info_table
 
         out_console.print(info_table(info))
+
+
+@cli.command("groups")
+@click.argument("source")
+@click.option("--num-classes", type=click.IntRange(min=1), default=10, show_default=True, help="With an arch name.")
+@click.option("--coupled", type=click.Choice(["keep", "max", "mean", "sum"]), default="keep", show_default=True,
+              help="How residual-coupled spaces are treated (traced models).")
+@click.option("--explain", is_flag=True, help="Also list the members of each space and why frozen ones keep their width.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list of spaces.")
+def groups_cmd(source: str, num_classes: int, coupled: str, explain: bool, as_json: bool) -> None:
+    """The channel groups of a checkpoint or an arch (e.g. vgg19, torchvision.resnet50): which BN
+    ranks which channels, what shrinks with it, and what keeps its width (and why)."""
+    from slimctl.checkpoint import load_checkpoint, model_from_checkpoint
+    from slimctl.models import create_model, is_known_arch
+    from slimctl.report import groups_table
+    from slimctl.stages import explain_groups
+
+    if Path(source).exists():
+        model = model_from_checkpoint(load_checkpoint(source), source=source)
+    elif is_known_arch(source):
+        model = create_model(source, num_classes)
+    else:
+        raise UserError(f"{source!r} is neither a checkpoint file nor a known arch (vgg19, torchvision.resnet50, …)")
+    rows = explain_groups(model, coupled=coupled)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+    else:
+        out_console.print(groups_table(rows, explain=explain))
 
 
 @cli.command("report")

@@ -27,9 +27,13 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 @dataclass(frozen=True)
 class ModelConfig:
+    # A slimctl family (vgg19, resnet164, densenet40, …) or torchvision.<name> (e.g. torchvision.resnet50).
     arch: str = "vgg19"
     # Multiplies every channel width of the family (at least 1 channel per layer).
     width: float = 1.0
+    # Pretrained start: a torchvision weights name (e.g. ResNet50_Weights.IMAGENET1K_V2, downloaded
+    # by torchvision) or a local state_dict file; layers whose shape differs (the head) stay fresh.
+    weights: str | None = None
 
 
 @dataclass(frozen=True)
@@ -56,6 +60,9 @@ class TrainConfig:
     lr_decay: float = 0.1
     # λ of the L1 penalty on BN scales (the paper's sparsity term); 0 trains normally.
     sparsity: float = 0.0
+    # Which BN scales get it: the ones pruning ranks, or every BatchNorm2d (the same set for
+    # slimctl's own families; differs for traced models with frozen spaces).
+    sparsity_on: str = "ranked"
     seed: int = 0
     device: str = "auto"
     precision: str = "auto"
@@ -79,6 +86,7 @@ class FinetuneConfig:
     milestones: tuple[float, ...] | None = None
     lr_decay: float | None = None
     sparsity: float | None = None
+    sparsity_on: str | None = None
     seed: int | None = None
     device: str | None = None
     precision: str | None = None
@@ -268,16 +276,17 @@ def validate_train(t: TrainConfig, section: str) -> None:
     _check(all(0 < m <= 1 for m in t.milestones), f"{section}.milestones", "fractions in (0, 1]", list(t.milestones))
     _check(0 < t.lr_decay <= 1, f"{section}.lr_decay", "in (0, 1]", t.lr_decay)
     _check(t.sparsity >= 0, f"{section}.sparsity", ">= 0", t.sparsity)
+    _check(t.sparsity_on in ("ranked", "all"), f"{section}.sparsity_on", "ranked or all", t.sparsity_on)
     _check(t.device in DEVICES, f"{section}.device", f"one of {', '.join(DEVICES)}", t.device)
     _check(t.precision in PRECISIONS, f"{section}.precision", f"one of {', '.join(PRECISIONS)}", t.precision)
 
 
 def validate(cfg: Config) -> None:
     from slimctl.data import DATASETS
-    from slimctl.models import list_models
+    from slimctl.models import is_known_arch, list_models
 
-    archs = list_models()
-    _check(cfg.model.arch in archs, "model.arch", f"one of {', '.join(archs)}", cfg.model.arch)
+    _check(is_known_arch(cfg.model.arch), "model.arch", f"one of {', '.join(list_models())} or torchvision.<name>",
+           cfg.model.arch)
     _check(cfg.model.width > 0, "model.width", "> 0", cfg.model.width)
     d = cfg.data
     _check(d.name in DATASETS, "data.name", f"one of {', '.join(DATASETS)}", d.name)

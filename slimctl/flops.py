@@ -36,8 +36,11 @@ def _module_flops(module: nn.Module, output: torch.Tensor) -> int:
     return 0
 
 
-def count_flops(model: nn.Module, input_size: tuple[int, int, int] = (3, 32, 32)) -> int:
-    """FLOPs of one forward pass at batch 1 (eval mode, on the model's own device)."""
+def count_flops(model: nn.Module, input_size: tuple[int, int, int] | None = None) -> int:
+    """FLOPs of one forward pass at batch 1 (eval mode, on the model's own device), at `input_size`
+    or the size the model records (`arch_spec["input_size"]`; 3×32×32 by default)."""
+    if input_size is None:
+        input_size = tuple(getattr(model, "arch_spec", {}).get("input_size", (3, 32, 32)))
     total = 0
 
     def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
@@ -50,7 +53,8 @@ def count_flops(model: nn.Module, input_size: tuple[int, int, int] = (3, 32, 32)
         else:
             total += _module_flops(module, output)
 
-    leaves = [m for m in model.modules() if not list(m.children())]
+    # A BN may carry an inserted channel selection as a child; it is still counted as a leaf.
+    leaves = [m for m in model.modules() if not list(m.children()) or isinstance(m, nn.BatchNorm2d)]
     handles = [m.register_forward_hook(hook) for m in leaves]
     was_training = model.training
     device = next(model.parameters()).device

@@ -85,14 +85,24 @@ class ChannelPlan:
         return sum(g.total for g in self.groups)
 
 
-def channel_groups(model: nn.Module) -> list[ChannelGroup]:
-    """The groups a model declares; a model that declares none cannot be slimmed (yet)."""
+def channel_groups(model: nn.Module, *, coupled: str = "keep") -> list[ChannelGroup]:
+    """The groups a model declares, or else the groups its torch.fx graph implies.
+
+    A traced model gets ChannelSelection children inserted on its selection BNs (in place,
+    idempotent). `coupled` (traced models only): keep residual-coupled spaces (the paper), or prune
+    each coupled set together ranked by the max / mean / sum of its BNs' |γ|.
+    """
     declare = getattr(model, "channel_groups", None)
-    if declare is None:
-        raise SlimctlError(
-            f"{type(model).__name__} declares no channel groups, so slimctl cannot tell which channels may be pruned"
-        )
-    return list(declare())
+    if declare is not None:
+        return list(declare())
+    from slimctl.trace import derive_groups
+
+    size = getattr(model, "arch_spec", {}).get("input_size", (3, 224, 224))
+    device = next(iter(model.parameters())).device
+    # Batch 2: BatchNorm in train mode (the trace runs in train mode) needs more than one value.
+    result = derive_groups(model, torch.zeros(2, *size, device=device), coupled=coupled)
+    result.prepare(model)
+    return result.groups
 
 
 def group_scores(model: nn.Module, group: ChannelGroup) -> torch.Tensor:

@@ -89,6 +89,20 @@ def bench_table(rows: list[dict[str, Any]], title: str) -> Table:
     return table
 
 
+def groups_table(rows: list[dict[str, Any]], *, explain: bool) -> Table:
+    kinds: dict[str, int] = {}
+    for r in rows:
+        kinds[r["kind"]] = kinds.get(r["kind"], 0) + 1
+    table = Table(title="channel spaces: " + ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())))
+    for column in ("kind", "width", "ranked by", *(("members", "why it keeps its width") if explain else ())):
+        table.add_column(column, justify="right" if column == "width" else "left", overflow="fold")
+    for r in rows:
+        bns = ", ".join(r["bns"]) or "-"
+        extra = (", ".join(r["members"]), r["reason"] or "") if explain else ()
+        table.add_row(r["kind"], str(r["width"]), bns, *extra)
+    return table
+
+
 def info_table(info: dict[str, Any]) -> Table:
     table = Table(title=f"{info['arch']} ({info['num_classes']} classes)")
     table.add_column("")

@@ -51,6 +51,47 @@ def describe(model: nn.Module) -> dict[str, Any]:
     }
 
 
+def load_pretrained(model: nn.Module, weights: str, *, log: Callable[[str], None] = print) -> None:
+    """Start from pretrained weights: a local state_dict file, or a torchvision weights name
+    (downloaded by torchvision). Tensors whose shape differs (a head for other classes) stay fresh."""
+    path = Path(weights)
+    if path.exists():
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise SlimctlError(f"model.weights: cannot read {path} as a state_dict ({type(exc).__name__})") from None
+        state = state.get("state_dict", state) if isinstance(state, dict) else state
+    else:
+        import torchvision
+
+        try:
+            state = torchvision.models.get_weight(weights).get_state_dict(progress=True)
+        except (ValueError, KeyError, AttributeError):
+            raise SlimctlError(
+                f"model.weights {weights!r} is neither a file nor a torchvision weights name "
+                "(e.g. ResNet50_Weights.IMAGENET1K_V2)"
+            ) from None
+        except OSError as exc:
+            raise SlimctlError(f"model.weights {weights!r}: download failed ({exc})") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise SlimctlError(f"model.weights {weights!r} is not a state_dict of tensors")
+    own = model.state_dict()
+    usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    if not usable:
+        raise SlimctlError(f"model.weights {weights!r} shares no tensor with {model.arch_spec['arch']}")
+    model.load_state_dict(usable, strict=False)
+    fresh = sorted(set(own) - set(usable))
+    log(f"pretrained: {len(usable)} tensors from {weights}" + (f"; fresh: {', '.join(fresh[:4])}" if fresh else ""))
+
+
+def sparsity_targets(model: nn.Module, which: str) -> list[str]:
+    """The BNs whose γ get λ·sign(γ): those a channel group ranks, or every BatchNorm2d (`all`, the
+    paper's choice; the same set for the paper's families)."""
+    if which == "all":
+        return [n for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)]
+    return list(dict.fromkeys(bn for g in channel_groups(model) for bn in g.bns))
+
+
 def provenance() -> dict[str, Any]:
     """Versions and git commit written beside a run's config, so a result can be traced to code."""
     from slimctl import __version__
@@ -111,7 +152,7 @@ def _train(
         model = model_from_checkpoint(last, source=str(run_dir / "last.pt"))
         resume_state = last["resume"]
     model = model.to(device, memory_format=torch.channels_last if train.channels_last else torch.preserve_format)
-    gammas = bn_scales(model, [g.bn for g in channel_groups(model)])
+    gammas = bn_scales(model, sparsity_targets(model, train.sparsity_on))
     info = {"params": count_params(model), "flops": count_flops(model)}
     config = cfg.to_dict()
 
@@ -191,6 +232,8 @@ def sparse_train(cfg: Config, run_dir: Path, *, resume: bool = False, force: boo
     prepare_run_dir(run_dir, resume=resume, force=force)
     torch.manual_seed(cfg.train.seed)  # the initial weights are part of the recorded recipe
     model = create_model(cfg.model.arch, num_classes_of(cfg.data.name), width=cfg.model.width)
+    if cfg.model.weights and not resume:
+        load_pretrained(model, cfg.model.weights, log=log)
     return _train(model, cfg=cfg, train=cfg.train, stage="sparse-train", run_dir=run_dir, parent=None,
                   resume=resume, progress=progress, log=log)
 
@@ -229,6 +272,7 @@ def prune_checkpoint(
     ratio: float | None = None,
     min_channels: int | None = None,
     round_to: int = 1,
+    coupled: str = "keep",
     evaluate_model: bool = True,
     data_root: str | None = None,
     force: bool = False,
@@ -250,7 +294,7 @@ def prune_checkpoint(
     if out.resolve() == checkpoint.resolve():
         raise SlimctlError("-o must differ from the input checkpoint")
 
-    groups = channel_groups(model)
+    groups = channel_groups(model, coupled=coupled)
     plan = make_plan(model, groups, ratio, min_channels=min_channels, round_to=round_to)
     pruned = apply_plan(model, plan).eval()
 
@@ -274,7 +318,8 @@ def prune_checkpoint(
             result["loss"], result["top1"] = _test_top1(pruned, cfg, resolve_device(device), data_root)
         except SlimctlError as exc:
             result["eval_skipped"] = str(exc)
-    prune_info = {k: result[k] for k in ("ratio", "threshold", "min_channels", "round_to", "layers")}
+    result["coupled"] = coupled
+    prune_info = {k: result[k] for k in ("ratio", "threshold", "min_channels", "round_to", "coupled", "layers")}
     metrics = {k: result[k] for k in ("params", "flops", "top1") if result[k] is not None}
     save_checkpoint(out, make_checkpoint(pruned.cpu(), stage="prune", config=ckpt.get("config"), parent=checkpoint,
                                          metrics=metrics, prune=prune_info))
@@ -283,6 +328,22 @@ def prune_checkpoint(
     plot_gamma_histogram(scores, plan.threshold, histogram, title=f"|γ| of {checkpoint.name}, ratio {ratio}")
     result.update(out=str(out), histogram=str(histogram))
     return result
+
+
+def explain_groups(model: nn.Module, *, coupled: str = "keep") -> list[dict[str, Any]]:
+    """One row per channel space: kind, width, members, ranking BNs, and why a space keeps its width."""
+    declare = getattr(model, "channel_groups", None)
+    if declare is not None:  # a family's hand-declared groups
+        return [
+            {"kind": "selection" if g.selection else "free", "width": int(group_scores(model, g).numel()),
+             "bns": list(g.bns), "members": [*g.producers, *(c.module for c in g.consumers)]
+             + ([g.selection] if g.selection else []), "pruned": True, "reason": None}
+            for g in declare()
+        ]
+    from slimctl.trace import derive_groups, describe_spaces
+
+    size = model.arch_spec.get("input_size", (3, 224, 224))
+    return describe_spaces(derive_groups(model, torch.zeros(2, *size), coupled=coupled))
 
 
 def evaluate_checkpoint(checkpoint: Path, *, device: str = "cpu", data_root: str | None = None) -> dict[str, Any]:

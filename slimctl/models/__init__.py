@@ -28,8 +28,26 @@ def register_model(name: str) -> Callable[[Callable[..., nn.Module]], Callable[.
     return decorator
 
 
+TORCHVISION = "torchvision."  # `torchvision.resnet50`: any torchvision classification model
+CIFAR_INPUT = (3, 32, 32)
+IMAGENET_INPUT = (3, 224, 224)
+
+
 def list_models() -> list[str]:
+    """slimctl's own families; any `torchvision.<name>` classification model is accepted too."""
     return sorted(_REGISTRY)
+
+
+def torchvision_models() -> list[str]:
+    import torchvision
+
+    return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def is_known_arch(arch: str) -> bool:
+    if arch.startswith(TORCHVISION):
+        return arch[len(TORCHVISION):] in torchvision_models()
+    return arch in _REGISTRY
 
 
 def create_model(
@@ -38,15 +56,38 @@ def create_model(
     *,
     width: float = 1.0,
     widths: dict[str, list[int]] | None = None,
+    input_size: tuple[int, int, int] | list[int] | None = None,
     **arch_args: Any,
 ) -> nn.Module:
     """Build `arch` for `num_classes`; `width` scales every layer; `widths` narrows it to a pruned shape.
 
     Further keywords (`arch_args`, e.g. `depth=56` for `preresnet`) go to the family's builder and
-    are recorded in `model.arch_spec`, so a checkpoint rebuilds the same network.
+    are recorded in `model.arch_spec`, so a checkpoint rebuilds the same network. `input_size`
+    (C, H, W) is what FLOPs are counted at and graphs are traced with (32×32 for the CIFAR
+    families, 224×224 for torchvision models unless given).
     """
+    if arch.startswith(TORCHVISION):
+        model = _torchvision_model(arch[len(TORCHVISION):], num_classes, width, arch_args)
+        default_input = IMAGENET_INPUT
+    else:
+        model = _family_model(arch, num_classes, width, arch_args)
+        default_input = CIFAR_INPUT
+    if widths is not None:
+        _insert_recorded_selections(model, widths)
+        apply_widths(model, widths)
+    # What a checkpoint records to rebuild this model (see slimctl.checkpoint).
+    model.arch_spec = {
+        "arch": arch,
+        "num_classes": num_classes,
+        "arch_args": {"width": width, **arch_args},
+        "input_size": list(input_size or default_input),
+    }
+    return model
+
+
+def _family_model(arch: str, num_classes: int, width: float, arch_args: dict[str, Any]) -> nn.Module:
     if arch not in _REGISTRY:
-        raise SlimctlError(f"unknown arch {arch!r}; known: {', '.join(list_models())}")
+        raise SlimctlError(f"unknown arch {arch!r}; known: {', '.join(list_models())}, or torchvision.<name>")
     builder = _REGISTRY[arch]
     accepted = inspect.signature(builder).parameters
     unknown = sorted(set(arch_args) - set(accepted))
@@ -56,12 +97,30 @@ def create_model(
             f"arch {arch!r} takes no argument {', '.join(map(repr, unknown))}"
             f" (it takes: {', '.join(options) if options else 'only width'})"
         )
-    model = builder(num_classes=num_classes, width=width, **arch_args)
-    if widths is not None:
-        apply_widths(model, widths)
-    # What a checkpoint records to rebuild this model (see slimctl.checkpoint).
-    model.arch_spec = {"arch": arch, "num_classes": num_classes, "arch_args": {"width": width, **arch_args}}
-    return model
+    return builder(num_classes=num_classes, width=width, **arch_args)
+
+
+def _torchvision_model(name: str, num_classes: int, width: float, arch_args: dict[str, Any]) -> nn.Module:
+    """A randomly initialised torchvision model (pretrained weights: `model.weights`, loaded later)."""
+    import torchvision
+
+    if name not in torchvision_models():
+        raise SlimctlError(f"unknown torchvision model {name!r}; e.g. resnet50, mobilenet_v2 (torchvision.models.list_models())")
+    if width != 1.0:
+        raise SlimctlError("model.width scales slimctl's own families only; torchvision models keep their widths")
+    try:
+        return torchvision.models.get_model(name, weights=None, num_classes=num_classes, **arch_args)
+    except (TypeError, ValueError) as exc:
+        raise SlimctlError(f"torchvision.{name}: {exc}") from None
+
+
+def _insert_recorded_selections(model: nn.Module, widths: dict[str, list[int]]) -> None:
+    """Traced models carry ChannelSelection children on some BNs (`<bn>.select`): recreate them."""
+    from slimctl.trace import insert_selections
+
+    modules = dict(model.named_modules())
+    names = [n[: -len(".select")] for n in widths if n.endswith(".select") and n not in modules]
+    insert_selections(model, [n for n in names if isinstance(modules.get(n), nn.BatchNorm2d)])
 
 
 # Importing the families registers them.
