@@ -4,6 +4,7 @@
 #   make cifar10-vgg19           sparse-train → prune 0.7 → finetune (the paper's Table 1 row)
 #   make cifar10-vgg19-baseline  the same network trained without the sparsity term
 #   make multipass ARCH=vgg19 DATASET=cifar10 PASSES=3 RATIO=0.3
+#   make imagenet-resnet50 DATA=/data/imagenet   a pretrained torchvision ResNet-50, slimmed
 # RUNS= and DATA= choose where runs and data sets live; SET="train.epochs=2 data.subset=512" adds
 # config overrides to every training stage (smoke runs). Every stage is incremental: a finished
 # stage (marked by a .done file) is not re-run, and an interrupted one resumes from its last.pt.
@@ -76,6 +77,9 @@ $(eval $(call RECIPE,cifar10,resnet164,0.4 0.6))
 $(eval $(call RECIPE,cifar100,resnet164,0.4 0.6))
 $(eval $(call RECIPE,cifar10,densenet40,0.4 0.7))
 $(eval $(call RECIPE,cifar100,densenet40,0.4 0.7))
+
+# A pretrained torchvision ResNet-50 on ImageNet-style folders (DATA=/path/holding/train+val).
+$(eval $(call RECIPE,imagenet,resnet50,0.3))
 
 # CPU-scale reproductions on real CIFAR-10 (shortened schedules; see the configs).
 $(eval $(call RECIPE,cifar10,vgg19_w025,0.5 0.7))

@@ -47,6 +47,9 @@ class DataConfig:
     subset: int | None = None
     # Seeds the shuffling/augmentation stream and the choice of `subset`.
     seed: int = 0
+    # imagefolder only: training crop size in pixels (default 224) and loader worker processes.
+    image_size: int | None = None
+    workers: int = 4
 
 
 @dataclass(frozen=True)
@@ -293,6 +296,9 @@ def validate(cfg: Config) -> None:
     _check(d.batch_size >= 1, "data.batch_size", ">= 1", d.batch_size)
     _check(d.test_batch_size >= 1, "data.test_batch_size", ">= 1", d.test_batch_size)
     _check(d.subset is None or d.subset >= 1, "data.subset", ">= 1 or null", d.subset)
+    _check(d.workers >= 0, "data.workers", ">= 0", d.workers)
+    _check(d.image_size is None or (d.name == "imagefolder" and d.image_size >= 8), "data.image_size",
+           "null, or >= 8 with data.name imagefolder (CIFAR and digits are 32×32)", d.image_size)
     validate_train(cfg.train, "train")
     if cfg.finetune.sparsity not in (None, 0):
         raise SlimctlError(

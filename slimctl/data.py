@@ -26,7 +26,12 @@ import torch.nn.functional as F
 from slimctl.config import DataConfig
 from slimctl.errors import SlimctlError
 
-DATASETS: tuple[str, ...] = ("cifar10", "cifar100", "digits")
+DATASETS: tuple[str, ...] = ("cifar10", "cifar100", "digits", "imagefolder")
+TENSOR_DATASETS = ("cifar10", "cifar100", "digits")  # small enough to live on the device as uint8
+
+# ImageNet normalisation (torchvision's pretrained weights expect it), per RGB channel.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # The paper's normalisation for CIFAR (both 10 and 100), per RGB channel, in [0, 1] pixel units.
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
@@ -58,15 +63,31 @@ class ImageSet:
         return int(self.labels.shape[0])
 
 
-def num_classes_of(name: str) -> int:
-    """Number of classes of a data set, without loading it."""
+def num_classes_of(name: str, root: str | Path = "data") -> int:
+    """Number of classes of a data set, without loading it (imagefolder: subfolders of root/train)."""
     _check_name(name)
+    if name == "imagefolder":
+        return len(_folder_classes(Path(root) / "train"))
     return _NUM_CLASSES[name]
+
+
+def _folder_classes(folder: Path) -> list[str]:
+    if not folder.is_dir():
+        raise SlimctlError(
+            f"imagefolder: {folder} not found; data.root must hold train/ and val/, each with one "
+            "subfolder of images per class (the ImageNet layout)"
+        )
+    classes = sorted(p.name for p in folder.iterdir() if p.is_dir())
+    if not classes:
+        raise SlimctlError(f"imagefolder: {folder} has no class subfolders")
+    return classes
 
 
 def load_dataset(name: str, root: str | Path, *, train: bool, download: bool) -> ImageSet:
     """Load the training or test split of `name`; `root` holds the CIFAR folders (unused for digits)."""
     _check_name(name)
+    if name not in TENSOR_DATASETS:
+        raise SlimctlError(f"{name} is read through FolderLoader (build_loaders), not as one tensor")
     if name == "digits":
         return _load_digits(train=train)
     return _load_cifar(name, Path(root), train=train, download=download)
@@ -76,6 +97,14 @@ def build_loaders(
     cfg: DataConfig, *, device: torch.device | str, channels_last: bool = False, rank: int = 0, world_size: int = 1
 ) -> tuple[TensorLoader, TensorLoader, int]:
     """(train loader, test loader, number of classes) for a `data:` config section."""
+    if cfg.name == "imagefolder":
+        loaders = [
+            FolderLoader(Path(cfg.root) / split, train=split == "train", batch_size=size, image_size=cfg.image_size or 224,
+                         workers=cfg.workers, device=device, seed=cfg.seed, rank=rank, world_size=world_size,
+                         channels_last=channels_last, subset=cfg.subset if split == "train" else None)
+            for split, size in (("train", cfg.batch_size), ("val", cfg.test_batch_size))
+        ]
+        return loaders[0], loaders[1], len(loaders[0].dataset.classes)
     train_set = load_dataset(cfg.name, cfg.root, train=True, download=cfg.download)
     test_set = load_dataset(cfg.name, cfg.root, train=False, download=cfg.download)
     if cfg.subset is not None:
@@ -117,7 +146,7 @@ def take_subset(data: ImageSet, size: int, *, seed: int) -> ImageSet:
 
 
 def _check_name(name: str) -> None:
-    if name not in _NUM_CLASSES:
+    if name not in DATASETS:
         raise SlimctlError(f"unknown data set {name!r}; data.name must be one of {', '.join(DATASETS)}")
 
 
@@ -465,3 +494,76 @@ class _RestrictedUnpickler(pickle.Unpickler):
         if (module, name) not in allowed:
             raise _ForbiddenGlobal(f"{module}.{name}")
         return allowed[(module, name)]
+
+
+class FolderLoader:
+    """ImageNet-style folders through a DataLoader with worker processes (too big for the device).
+
+    Train: RandomResizedCrop(image_size), horizontal flip, normalise; val: resize to image_size·256/224,
+    centre crop, normalise. The same interface as TensorLoader: global batch split over ranks
+    (DistributedSampler under torchrun), `set_epoch` makes the shuffle a function of (seed, epoch).
+    """
+
+    def __init__(self, folder: Path, *, train: bool, batch_size: int, image_size: int, workers: int,
+                 device: torch.device | str, seed: int, rank: int = 0, world_size: int = 1,
+                 channels_last: bool = False, subset: int | None = None) -> None:
+        from torchvision import datasets, transforms
+
+        if train and batch_size % world_size:
+            raise SlimctlError(
+                f"data.batch_size {batch_size} is the global batch and must be divisible by the "
+                f"{world_size} processes; use a multiple of {world_size}"
+            )
+        _folder_classes(folder)
+        normalise = [transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+        if train:
+            steps = [transforms.RandomResizedCrop(image_size), transforms.RandomHorizontalFlip()]
+        else:
+            steps = [transforms.Resize(int(round(image_size * 256 / 224))), transforms.CenterCrop(image_size)]
+        self.dataset = datasets.ImageFolder(folder, transforms.Compose(steps + normalise))
+        if not len(self.dataset):
+            raise SlimctlError(f"imagefolder: no images found under {folder}")
+        self.source = self.dataset
+        if subset is not None and subset < len(self.dataset):
+            keep = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(seed))[:subset]
+            self.source = torch.utils.data.Subset(self.dataset, sorted(keep.tolist()))
+        self.train, self.seed, self.workers = train, seed, workers
+        self.device, self.channels_last = torch.device(device), channels_last
+        self.local_batch = max(1, batch_size // world_size)
+        self.rank, self.world_size = rank, world_size
+        self.epoch, self.start_batch = 0, 0
+
+    @property
+    def dataset_size(self) -> int:
+        return len(self.source)
+
+    @property
+    def num_samples(self) -> int:
+        return len(self._indices())
+
+    def __len__(self) -> int:
+        return math.ceil(self.num_samples / self.local_batch)
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def _indices(self) -> list[int]:
+        """This rank's sample order for the epoch: a seeded permutation, dealt out in rank order."""
+        n = len(self.source)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(_seed64(self.seed * 1_000_003 + self.epoch)))
+        if not self.train:
+            order = torch.arange(n)
+        elif self.world_size > 1:  # equal shares, so every rank takes the same number of steps
+            order = order[: n // self.world_size * self.world_size]
+        return order[self.rank :: self.world_size].tolist()
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        indices = self._indices()[self.start_batch * self.local_batch :]
+        loader = torch.utils.data.DataLoader(
+            torch.utils.data.Subset(self.source, indices), batch_size=self.local_batch, shuffle=False,
+            num_workers=self.workers, pin_memory=self.device.type == "cuda",
+            generator=torch.Generator().manual_seed(_seed64(self.seed * 7919 + self.epoch)),  # workers' aug seeds
+        )
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        for x, y in loader:
+            yield x.to(self.device, non_blocking=True).contiguous(memory_format=fmt), y.to(self.device, non_blocking=True)

@@ -231,7 +231,9 @@ def sparse_train(cfg: Config, run_dir: Path, *, resume: bool = False, force: boo
     """Train from scratch with the L1 penalty λ = train.sparsity on every ranked BN scale."""
     prepare_run_dir(run_dir, resume=resume, force=force)
     torch.manual_seed(cfg.train.seed)  # the initial weights are part of the recorded recipe
-    model = create_model(cfg.model.arch, num_classes_of(cfg.data.name), width=cfg.model.width)
+    size = cfg.data.image_size or (224 if cfg.data.name == "imagefolder" else 32)
+    model = create_model(cfg.model.arch, num_classes_of(cfg.data.name, cfg.data.root), width=cfg.model.width,
+                         input_size=(3, size, size))
     if cfg.model.weights and not resume:
         load_pretrained(model, cfg.model.weights, log=log)
     return _train(model, cfg=cfg, train=cfg.train, stage="sparse-train", run_dir=run_dir, parent=None,
