@@ -54,3 +54,12 @@ def masked_reference(model: nn.Module, plan) -> nn.Module:
 @pytest.fixture
 def tiny_overrides() -> tuple[str, ...]:
     return TINY
+
+
+@pytest.fixture
+def one_thread():
+    """Many small ops: one thread is faster than fighting other work for 2 cores (restored after)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -64,7 +64,9 @@ def test_resume_after_a_crash_is_bit_identical(tmp_path, monkeypatch, uninterrup
 
 def _start(out, *extra):
     cmd = [sys.executable, "-m", "slimctl", "sparse-train", "-c", str(DEMO_CONFIG), "-o", str(out), *BASE, *extra]
-    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # Bit-identity needs the same float reduction order: the same thread count as this process.
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 
 def _wait_for(path, proc, timeout=60):

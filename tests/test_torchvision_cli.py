@@ -13,7 +13,9 @@ from slimctl.errors import SlimctlError
 from slimctl.models import create_model
 from slimctl.stages import load_pretrained
 
-torch.set_num_threads(1)  # small models: threads only add overhead on a shared 2-core box
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run(*args, code=0):

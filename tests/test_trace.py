@@ -26,13 +26,7 @@ from slimctl.trace import TraceResult, derive_groups, insert_selections, selecte
 torchvision = pytest.importorskip("torchvision")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Many small ops: one thread is faster than fighting a background job for 2 cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def image(size: int = 64, seed: int = 1) -> torch.Tensor:
