@@ -109,27 +109,21 @@ def build_loaders(
     test_set = load_dataset(cfg.name, cfg.root, train=False, download=cfg.download)
     if cfg.subset is not None:
         train_set = take_subset(train_set, cfg.subset, seed=cfg.seed)
-    train_loader = TensorLoader(
-        train_set,
-        batch_size=cfg.batch_size,
-        train=True,
-        device=device,
-        seed=cfg.seed,
-        channels_last=channels_last,
-        rank=rank,
-        world_size=world_size,
-    )
-    test_loader = TensorLoader(
-        test_set,
-        batch_size=cfg.test_batch_size,
-        train=False,
-        device=device,
-        seed=cfg.seed,
-        channels_last=channels_last,
-        rank=rank,
-        world_size=world_size,
+    train_loader, test_loader = (
+        TensorLoader(data, batch_size=size, train=train, device=device, seed=cfg.seed,
+                     channels_last=channels_last, rank=rank, world_size=world_size)
+        for data, size, train in ((train_set, cfg.batch_size, True), (test_set, cfg.test_batch_size, False))
     )
     return train_loader, test_loader, train_set.num_classes
+
+
+def check_global_batch(batch_size: int, world_size: int) -> None:
+    """Under torchrun the configured batch is global and is split evenly over the processes."""
+    if batch_size % world_size:
+        raise SlimctlError(
+            f"data.batch_size {batch_size} is the global batch and must be divisible by the "
+            f"{world_size} processes; use a multiple of {world_size}"
+        )
 
 
 def take_subset(data: ImageSet, size: int, *, seed: int) -> ImageSet:
@@ -184,11 +178,8 @@ class TensorLoader:
     ) -> None:
         if batch_size < 1:
             raise SlimctlError(f"batch size must be >= 1, got {batch_size}")
-        if train and batch_size % world_size:
-            raise SlimctlError(
-                f"data.batch_size {batch_size} is the global batch and must be divisible by the "
-                f"{world_size} processes; use a multiple of {world_size}"
-            )
+        if train:
+            check_global_batch(batch_size, world_size)
         if pad < 0:
             raise ValueError(f"pad must be >= 0 pixels, got {pad}")
         self.device = torch.device(device)
@@ -509,11 +500,8 @@ class FolderLoader:
                  channels_last: bool = False, subset: int | None = None) -> None:
         from torchvision import datasets, transforms
 
-        if train and batch_size % world_size:
-            raise SlimctlError(
-                f"data.batch_size {batch_size} is the global batch and must be divisible by the "
-                f"{world_size} processes; use a multiple of {world_size}"
-            )
+        if train:
+            check_global_batch(batch_size, world_size)
         _folder_classes(folder)
         normalise = [transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
         if train:
