@@ -121,10 +121,11 @@ def markdown_table(runs_dir: Path) -> str:
                 error = NOT_RUN if row.error is None else f"{row.error:.2f}"
                 after = "-" if row.error_after_prune is None else f"{row.error_after_prune:.2f}"
                 paper = "-" if row.paper is None else f"{row.paper[0]:.2f} / {row.paper[1] / 1e6:.2f}M / {row.paper[2]:.2e}"
+                reference = base if "pruned)" in row.model else None  # % pruned only on pruned rows
                 lines.append(
                     f"| {row.model} | {error} | {after} | {_fmt_count(row.params, 1e6, 'M')} | "
-                    f"{_fmt_pruned(row.params, base and base.params)} | {_fmt_count(row.flops, 1e6, 'M')} | "
-                    f"{_fmt_pruned(row.flops, base and base.flops)} | {paper} |"
+                    f"{_fmt_pruned(row.params, reference and reference.params)} | {_fmt_count(row.flops, 1e6, 'M')} | "
+                    f"{_fmt_pruned(row.flops, reference and reference.flops)} | {paper} |"
                 )
         lines.append("")
     return "\n".join(lines)
