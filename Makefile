@@ -66,8 +66,10 @@ $(RUNS)/$(1)-$(2)/baseline/.done: | install
 $(RUNS)/$(1)-$(2)/pruned-%.pt: $(RUNS)/$(1)-$(2)/sparse/.done
 	$(SLIMCTL) prune $(RUNS)/$(1)-$(2)/sparse/best.pt --ratio $$* -o $$@ --data-root $(DATA) --force
 
+# Resume an interrupted fine-tune only if its pruned input has not been remade since.
 $(RUNS)/$(1)-$(2)/finetune-%/.done: $(RUNS)/$(1)-$(2)/pruned-%.pt
-	$(SLIMCTL) finetune $$< -c configs/$(1)_$(2).yaml -o $$(@D) $$(call train_args,$$(@D))
+	$(SLIMCTL) finetune $$< -c configs/$(1)_$(2).yaml -o $$(@D) --set data.root=$(DATA) \
+	  $(foreach s,$(SET),--set $(s)) $$$$( [ $$(@D)/last.pt -nt $$< ] && echo --resume || echo --force )
 	touch $$@
 endef
 

@@ -68,7 +68,8 @@ def bench_checkpoints(
     for path, model in models:
         params, flops = count_params(model), count_flops(model)
         for bs in batch_sizes:
-            ms = latency_ms(model, batch_size=bs, device=device, dtype=dtype, repeats=repeats, warmup=warmup)
+            ms = latency_ms(model, batch_size=bs, device=device, dtype=dtype, repeats=repeats, warmup=warmup,
+                            input_size=tuple(model.arch_spec["input_size"]))
             baseline.setdefault(bs, ms)
             rows.append({
                 "checkpoint": str(path), "params": params, "flops": flops, "batch_size": bs,

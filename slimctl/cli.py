@@ -170,9 +170,6 @@ def prune_cmd(checkpoint: Path, ratio: float | None, out: Path | None, min_chann
     from slimctl.report import before_after_table, prune_table
     from slimctl.stages import prune_checkpoint
 
-    if out is None:
-        label = "cfg" if ratio is None else f"{ratio:g}"
-        out = checkpoint.with_name(f"pruned-r{label}.pt")
     result = prune_checkpoint(checkpoint, out, ratio=ratio, min_channels=min_channels, round_to=round_to,
                               coupled=coupled, evaluate_model=not no_eval, data_root=data_root, force=force, device=device)
     if as_json:

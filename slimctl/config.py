@@ -279,6 +279,7 @@ def validate_train(t: TrainConfig, section: str) -> None:
     _check(all(0 < m <= 1 for m in t.milestones), f"{section}.milestones", "fractions in (0, 1]", list(t.milestones))
     _check(0 < t.lr_decay <= 1, f"{section}.lr_decay", "in (0, 1]", t.lr_decay)
     _check(t.sparsity >= 0, f"{section}.sparsity", ">= 0", t.sparsity)
+    _check(0 <= t.seed < 2**63, f"{section}.seed", "in [0, 2^63)", t.seed)
     _check(t.sparsity_on in ("ranked", "all"), f"{section}.sparsity_on", "ranked or all", t.sparsity_on)
     _check(t.device in DEVICES, f"{section}.device", f"one of {', '.join(DEVICES)}", t.device)
     _check(t.precision in PRECISIONS, f"{section}.precision", f"one of {', '.join(PRECISIONS)}", t.precision)
@@ -297,6 +298,7 @@ def validate(cfg: Config) -> None:
     _check(d.test_batch_size >= 1, "data.test_batch_size", ">= 1", d.test_batch_size)
     _check(d.subset is None or d.subset >= 1, "data.subset", ">= 1 or null", d.subset)
     _check(d.workers >= 0, "data.workers", ">= 0", d.workers)
+    _check(0 <= d.seed < 2**63, "data.seed", "in [0, 2^63)", d.seed)
     _check(d.image_size is None or (d.name == "imagefolder" and d.image_size >= 8), "data.image_size",
            "null, or >= 8 with data.name imagefolder (CIFAR and digits are 32×32)", d.image_size)
     validate_train(cfg.train, "train")

@@ -71,13 +71,18 @@ def all_reduce_sum(*tensors: torch.Tensor) -> None:
             dist.all_reduce(t, op=dist.ReduceOp.SUM)
 
 
-def any_rank(flag: bool, device: torch.device) -> bool:
-    """True on every rank if it is True on any (e.g. one rank got Ctrl-C): ranks stop together."""
+def max_over_ranks(value: int, device: torch.device) -> int:
+    """The largest of every rank's `value` (e.g. the number of a signal only one rank received)."""
     if not active():
-        return flag
-    t = torch.tensor(int(flag), device=device)
+        return value
+    t = torch.tensor(value, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+    return int(t.item())
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank if it is True on any: ranks stop together."""
+    return bool(max_over_ranks(int(flag), device))
 
 
 def max_diff_from_rank0(tensors: list[torch.Tensor]) -> float:

@@ -55,7 +55,8 @@ def count_flops(model: nn.Module, input_size: tuple[int, int, int] | None = None
 
     # A BN may carry an inserted channel selection as a child; it is still counted as a leaf.
     leaves = [m for m in model.modules() if not list(m.children()) or isinstance(m, nn.BatchNorm2d)]
-    handles = [m.register_forward_hook(hook) for m in leaves]
+    # prepend: see a BN's own output, before an inserted selection's hook narrows it.
+    handles = [m.register_forward_hook(hook, prepend=True) for m in leaves]
     was_training = model.training
     device = next(model.parameters()).device
     try:

@@ -16,6 +16,7 @@ from torch import nn
 
 from slimctl import distributed
 from slimctl.checkpoint import (
+    file_sha256,
     load_checkpoint,
     make_checkpoint,
     model_from_checkpoint,
@@ -134,10 +135,18 @@ def _train(
 ) -> dict[str, Any]:
     """The part sparse-train and finetune share: loaders, device, precision, fit, checkpoints."""
     world, device = distributed.setup(train.device)
+    if train.sync_bn and world.enabled and device.type != "cuda":
+        raise SlimctlError(
+            "train.sync_bn needs CUDA devices (PyTorch's SyncBatchNorm is GPU-only); set it to false for CPU runs"
+        )
     dtype = resolve_precision(train.precision, device)
+    if not world.is_main:
+        distributed.barrier()  # rank 0 downloads/reads the data first: no concurrent downloads
     train_loader, test_loader, num_classes = build_loaders(
         cfg.data, device=device, channels_last=train.channels_last, rank=world.rank, world_size=world.world_size
     )
+    if world.is_main:
+        distributed.barrier()
     if num_classes != model.arch_spec["num_classes"]:
         raise SlimctlError(
             f"data.name {cfg.data.name!r} has {num_classes} classes but the model was built for "
@@ -149,10 +158,21 @@ def _train(
         if not last.get("resume"):
             raise SlimctlError(f"{run_dir / 'last.pt'} holds no resume state (the run finished or was not resumable)")
         _check_same_recipe(last.get("config"), cfg.to_dict(), run_dir)
+        recorded = (last.get("parent") or {}).get("sha256")
+        if parent is not None and recorded and recorded != file_sha256(parent):
+            raise SlimctlError(
+                f"--resume: {run_dir} fine-tunes another checkpoint than {parent} (it changed since); "
+                "start over with --force"
+            )
         model = model_from_checkpoint(last, source=str(run_dir / "last.pt"))
         resume_state = last["resume"]
     model = model.to(device, memory_format=torch.channels_last if train.channels_last else torch.preserve_format)
     gammas = bn_scales(model, sparsity_targets(model, train.sparsity_on))
+    if not gammas:
+        raise SlimctlError(
+            f"{model.arch_spec['arch']}: no BatchNorm is ranked by any channel group, so there is nothing "
+            "to sparsify or prune; try train.sparsity_on: all, or `slimctl groups --explain` to see why"
+        )
     info = {"params": count_params(model), "flops": count_flops(model)}
     config = cfg.to_dict()
 
@@ -175,10 +195,6 @@ def _train(
         + (f", {world.world_size} processes" if world.enabled else "")
         + f" → {run_dir}"
     )
-    if train.sync_bn and world.enabled and device.type != "cuda":
-        raise SlimctlError(
-            "train.sync_bn needs CUDA devices (PyTorch's SyncBatchNorm is GPU-only); set it to false for CPU runs"
-        )
     trained = model
     if world.enabled:
         if train.sync_bn:  # BN statistics over the global batch, at one all-reduce per BN layer
@@ -269,7 +285,7 @@ def _test_top1(model: nn.Module, cfg: Config, device: torch.device, data_root: s
 
 def prune_checkpoint(
     checkpoint: Path,
-    out: Path,
+    out: Path | None,
     *,
     ratio: float | None = None,
     min_channels: int | None = None,
@@ -289,6 +305,8 @@ def prune_checkpoint(
         if ratio is None:
             raise SlimctlError("--ratio is required (the checkpoint records no prune.ratio)")
     validate_ratio(ratio)
+    if out is None:
+        out = checkpoint.with_name(f"pruned-r{ratio:g}.pt")
     if min_channels is None:
         min_channels = cfg.prune.min_channels if cfg else 1
     if out.exists() and not force:

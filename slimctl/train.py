@@ -234,6 +234,14 @@ def write_metrics(path: Path, rows: list[dict[str, Any]]) -> None:
     atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
+def _summed_over_ranks(state: EpochState, device: torch.device) -> EpochState:
+    if not distributed.active():
+        return state
+    sums = torch.tensor([state.loss_sum, state.correct, state.images], dtype=torch.float64, device=device)
+    distributed.all_reduce_sum(sums)
+    return dataclasses.replace(state, loss_sum=float(sums[0]), correct=int(sums[1]), images=int(sums[2]))
+
+
 def rng_state() -> dict[str, Any]:
     state = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -277,9 +285,10 @@ def fit(
     Under torchrun every rank calls this; only `is_main` (rank 0) writes and logs.
     """
     if not is_main:
-        save = lambda *args: None  # noqa: E731
-        log = lambda *args: None  # noqa: E731
+        save = write_rows = log = lambda *args: None  # noqa: E731
         progress = None
+    else:
+        write_rows = write_metrics
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
     rows: list[dict[str, Any]] = []
@@ -294,6 +303,8 @@ def fit(
         best_top1 = float(resume_state["best_top1"])
         start_epoch = int(resume_state["epoch"])
         partial = EpochState(**resume_state["partial"]) if resume_state.get("partial") else None
+        if partial is not None and not is_main:  # the saved sums are all ranks' (reduced): count them once
+            partial = dataclasses.replace(partial, loss_sum=0.0, correct=0, images=0)
         set_rng_state(resume_state["rng"])
 
     def resume_info(epoch: int, state: EpochState | None) -> dict[str, Any]:
@@ -310,14 +321,19 @@ def fit(
     task = progress.add_task("train", total=None) if progress is not None else None
     with graceful_stop() as stop:
         steps_seen = 0
+        agreed = {"signum": 0}  # the signal every rank acts on (under torchrun only one may get it)
+
+        def signalled() -> int:
+            agreed["signum"] = distributed.max_over_ranks(stop["signum"] or 0, device)
+            return agreed["signum"]
 
         def should_stop() -> bool:
             # Ranks must stop at the same step; agreeing costs a collective, so only every 10 steps.
             nonlocal steps_seen
             steps_seen += 1
             if not distributed.active():
-                return stop["signum"] is not None
-            return steps_seen % 10 == 0 and distributed.any_rank(stop["signum"] is not None, device)
+                return signalled() > 0
+            return steps_seen % 10 == 0 and signalled() > 0
 
         for epoch in range(start_epoch, epochs):
             epoch_lr = lr_at(epoch, lr=lr, milestones=milestones, decay=lr_decay)
@@ -334,10 +350,8 @@ def fit(
                 scaler=scaler, state=partial, should_stop=should_stop, on_step=step,
             )
             partial = None
-            if distributed.active() and state.completed:  # train metrics over all ranks' samples
-                sums = torch.tensor([state.loss_sum, state.correct, state.images], dtype=torch.float64, device=device)
-                distributed.all_reduce_sum(sums)
-                state = dataclasses.replace(state, loss_sum=float(sums[0]), correct=int(sums[1]), images=int(sums[2]))
+            # Train metrics over all ranks' samples (ranks finish or stop at the same step).
+            state = _summed_over_ranks(state, device)
             if distributed.any_rank(state.first_bad_step >= 0, device):  # every rank stops, not just one
                 raise SlimctlError(
                     f"training diverged: the loss became NaN/inf at epoch {epoch + 1}, step {state.first_bad_step + 1} "
@@ -347,7 +361,7 @@ def fit(
             if not state.completed:
                 save(run_dir / "last.pt", model, {"epoch": epoch}, resume_info(epoch, state))
                 raise Interrupted(
-                    stop["signum"],
+                    agreed["signum"],
                     f"stopped at epoch {epoch + 1}, step {state.steps}/{len(train_loader)}; "
                     f"{run_dir / 'last.pt'} holds the run: repeat the command with --resume to continue",
                 )
@@ -372,16 +386,16 @@ def fit(
             if is_best:
                 save(run_dir / "best.pt", model, metrics, None)
             save(run_dir / "last.pt", model, metrics, resume_info(epoch + 1, None))
-            write_metrics(run_dir / "metrics.jsonl", rows)
+            write_rows(run_dir / "metrics.jsonl", rows)
             log(
                 f"epoch {epoch + 1:>3}/{epochs}  lr {epoch_lr:.4g}  loss {state.loss:.4f}  "
                 f"train {state.top1:5.2f}%  test {test_top1:5.2f}%  "
                 f"{row['images_per_sec']:.0f} img/s  |γ| {row['gamma_mean_abs']:.4f}"
                 + ("  *best" if is_best else "")
             )
-            if stop["signum"] is not None and epoch + 1 < epochs:
+            if epoch + 1 < epochs and signalled():
                 raise Interrupted(
-                    stop["signum"],
+                    agreed["signum"],
                     f"stopped after epoch {epoch + 1}; {run_dir / 'last.pt'} holds the run: "
                     "repeat the command with --resume to continue",
                 )

@@ -77,10 +77,21 @@ def _wait_for(path, proc, timeout=60):
         time.sleep(0.02)
 
 
+# Long enough that the signal, sent after epoch 1, lands before the run ends even on a loaded machine.
+LONG = ["--set", "train.epochs=8"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_long(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref_long") / "run"
+    run("sparse-train", "-c", DEMO_CONFIG, "-o", out, *BASE, *LONG)
+    return out
+
+
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_a_signal_stops_at_a_step_with_a_resumable_checkpoint(tmp_path, uninterrupted, sig, code):
+def test_a_signal_stops_at_a_step_with_a_resumable_checkpoint(tmp_path, uninterrupted_long, sig, code):
     out = tmp_path / "run"
-    proc = _start(out)
+    proc = _start(out, *LONG)
     _wait_for(out / "metrics.jsonl", proc)  # epoch 1 finished; the signal lands inside epoch 2
     proc.send_signal(sig)
     stdout, stderr = proc.communicate(timeout=60)
@@ -89,9 +100,9 @@ def test_a_signal_stops_at_a_step_with_a_resumable_checkpoint(tmp_path, uninterr
     last = load_checkpoint(out / "last.pt")
     assert last["resume"]["epoch"] >= 1
     # Resuming (mid-epoch included) ends bit-identical to the uninterrupted run.
-    run("sparse-train", "-c", DEMO_CONFIG, "-o", out, *BASE, "--resume")
+    run("sparse-train", "-c", DEMO_CONFIG, "-o", out, *BASE, *LONG, "--resume")
     assert same_tensors(load_checkpoint(out / "last.pt")["state_dict"],
-                        load_checkpoint(uninterrupted / "last.pt")["state_dict"])
+                        load_checkpoint(uninterrupted_long / "last.pt")["state_dict"])
 
 
 def test_a_second_signal_aborts_at_once():

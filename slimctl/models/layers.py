@@ -85,7 +85,7 @@ def module_shape(module: nn.Module) -> list[int] | None:
     """The sizes pruning can change, or None for modules pruning never resizes."""
     if isinstance(module, nn.Conv2d):
         return [module.in_channels, module.out_channels, module.groups]
-    if isinstance(module, nn.BatchNorm2d):
+    if isinstance(module, (nn.BatchNorm2d, nn.SyncBatchNorm)):  # SyncBatchNorm: train.sync_bn
         return [module.num_features]
     if isinstance(module, nn.Linear):
         return [module.in_features, module.out_features]
@@ -114,7 +114,7 @@ def resized(module: nn.Module, shape: list[int]) -> nn.Module:
             dilation=module.dilation, groups=groups, bias=module.bias is not None,
             padding_mode=module.padding_mode,
         )
-    elif isinstance(module, nn.BatchNorm2d):
+    elif isinstance(module, (nn.BatchNorm2d, nn.SyncBatchNorm)):
         new = type(module)(
             shape[0], eps=module.eps, momentum=module.momentum, affine=module.affine,
             track_running_stats=module.track_running_stats,

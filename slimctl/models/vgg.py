@@ -47,9 +47,10 @@ class VGG(nn.Module):
         init_paper_weights(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # 2×2 → 1×1 on 32×32 inputs. Functional, as in the reference code, whose FLOP counter
-        # therefore never saw this pool: that is how the paper's 797,304,842 comes out.
-        x = F.avg_pool2d(self.features(x), 2)
+        # 2×2 → 1×1 on 32×32 inputs (the reference's avg_pool2d(2)), and 1×1 on any other size.
+        # Functional, as in the reference code, whose FLOP counter therefore never saw this pool:
+        # that is how the paper's 797,304,842 comes out.
+        x = F.adaptive_avg_pool2d(self.features(x), 1)
         return self.classifier(torch.flatten(x, 1))
 
     def channel_groups(self) -> list[ChannelGroup]:
