@@ -12,8 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
+from slimctl.checkpoint import load_checkpoint
 from slimctl.errors import SlimctlError
 
 # Paper, Table 1(a) (CIFAR-10): test error %, params, FLOPs; ratio None = the unpruned baseline.
@@ -45,11 +44,8 @@ def _metrics(path: Path) -> dict[str, Any] | None:
     """A checkpoint's recorded metrics, or None when the file is absent."""
     if not path.exists():
         return None
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise SlimctlError(f"cannot read {path}: {type(exc).__name__}") from None
-    return ckpt.get("metrics") or {} if isinstance(ckpt, dict) else None
+    metrics = load_checkpoint(path).get("metrics")  # the same checks as every other reader
+    return metrics if isinstance(metrics, dict) else {}
 
 
 def _error(metrics: dict[str, Any] | None, key: str = "best_top1") -> float | None:
@@ -62,7 +58,6 @@ def _error(metrics: dict[str, Any] | None, key: str = "best_top1") -> float | No
 def recipe_rows(folder: Path) -> list[Row]:
     """Rows for one recipe folder: baseline, sparse, then one per pruning ratio found."""
     dataset, _, name = folder.name.partition("-")
-    arch = name.split("_")[0]  # "vgg19_w025" is a vgg19 recipe at another width
     rows = []
     for stage, label in (("baseline", "baseline"), ("sparse", "sparse-trained")):
         m = _metrics(folder / stage / "best.pt")
