@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from slimctl.config import validate_ratio
 from slimctl.errors import SlimctlError
 
 
@@ -95,14 +96,19 @@ def channel_groups(model: nn.Module, *, coupled: str = "keep") -> list[ChannelGr
     declare = getattr(model, "channel_groups", None)
     if declare is not None:
         return list(declare())
+    result = trace_model(model, coupled=coupled)
+    result.prepare(model)
+    return result.groups
+
+
+def trace_model(model: nn.Module, *, coupled: str = "keep"):
+    """`trace.derive_groups` at the model's recorded input size, on its device (model unchanged)."""
     from slimctl.trace import derive_groups
 
     size = getattr(model, "arch_spec", {}).get("input_size", (3, 224, 224))
     device = next(iter(model.parameters())).device
     # Batch 2: BatchNorm in train mode (the trace runs in train mode) needs more than one value.
-    result = derive_groups(model, torch.zeros(2, *size, device=device), coupled=coupled)
-    result.prepare(model)
-    return result.groups
+    return derive_groups(model, torch.zeros(2, *size, device=device), coupled=coupled)
 
 
 def group_scores(model: nn.Module, group: ChannelGroup) -> torch.Tensor:
@@ -140,8 +146,7 @@ def make_plan(
 ) -> ChannelPlan:
     """One global threshold over every group's |γ|; each group keeps ≥ `min_channels` channels
     (its largest |γ|), and with `round_to` > 1 a multiple of it (never more than the group has)."""
-    if not 0 <= ratio < 1:
-        raise SlimctlError(f"--ratio must be in [0, 1), got {ratio}")
+    validate_ratio(ratio)
     if min_channels < 1:
         raise SlimctlError(f"--min-channels must be >= 1, got {min_channels}")
     if round_to < 1:

@@ -360,10 +360,10 @@ def explain_groups(model: nn.Module, *, coupled: str = "keep") -> list[dict[str,
              + ([g.selection] if g.selection else []), "pruned": True, "reason": None}
             for g in declare()
         ]
-    from slimctl.trace import derive_groups, describe_spaces
+    from slimctl.plan import trace_model
+    from slimctl.trace import describe_spaces
 
-    size = model.arch_spec.get("input_size", (3, 224, 224))
-    return describe_spaces(derive_groups(model, torch.zeros(2, *size), coupled=coupled))
+    return describe_spaces(trace_model(model, coupled=coupled))
 
 
 def evaluate_checkpoint(checkpoint: Path, *, device: str = "cpu", data_root: str | None = None) -> dict[str, Any]:
