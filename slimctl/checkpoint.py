@@ -116,10 +116,12 @@ def make_checkpoint(
     stage: str,
     config: dict[str, Any] | None = None,
     parent: str | Path | None = None,
+    parent_sha256: str | None = None,
     metrics: dict[str, Any] | None = None,
     prune: dict[str, Any] | None = None,
     resume: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
+    """`parent_sha256`: the parent file's hash when the caller has it (training saves every epoch)."""
     from slimctl import __version__
     from slimctl.models import module_widths
 
@@ -138,7 +140,8 @@ def make_checkpoint(
         "digest": model_digest(spec["arch"], spec["num_classes"], dict(spec["arch_args"]), widths, state),
         "config": config,
         "stage": stage,
-        "parent": None if parent is None else {"path": str(Path(parent).resolve()), "sha256": file_sha256(parent)},
+        "parent": None if parent is None else {"path": str(Path(parent).resolve()),
+                                               "sha256": parent_sha256 or file_sha256(parent)},
         "metrics": metrics or {},
         "prune": prune,
         "resume": resume,

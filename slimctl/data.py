@@ -95,26 +95,30 @@ def load_dataset(name: str, root: str | Path, *, train: bool, download: bool) ->
 
 def build_loaders(
     cfg: DataConfig, *, device: torch.device | str, channels_last: bool = False, rank: int = 0, world_size: int = 1
-) -> tuple[TensorLoader, TensorLoader, int]:
+) -> tuple[TensorLoader | FolderLoader, TensorLoader | FolderLoader, int]:
     """(train loader, test loader, number of classes) for a `data:` config section."""
+    train, test = (build_loader(cfg, train=split, device=device, channels_last=channels_last, rank=rank,
+                                world_size=world_size) for split in (True, False))
+    return train, test, train.num_classes
+
+
+def build_loader(
+    cfg: DataConfig, *, train: bool, device: torch.device | str, channels_last: bool = False, rank: int = 0,
+    world_size: int = 1,
+) -> TensorLoader | FolderLoader:
+    """The training or the test loader alone (`eval` and `prune` read no training data: for an
+    ImageNet folder, listing it alone takes minutes)."""
+    batch_size = cfg.batch_size if train else cfg.test_batch_size
     if cfg.name == "imagefolder":
-        loaders = [
-            FolderLoader(Path(cfg.root) / split, train=split == "train", batch_size=size, image_size=cfg.image_size or 224,
-                         workers=cfg.workers, device=device, seed=cfg.seed, rank=rank, world_size=world_size,
-                         channels_last=channels_last, subset=cfg.subset if split == "train" else None)
-            for split, size in (("train", cfg.batch_size), ("val", cfg.test_batch_size))
-        ]
-        return loaders[0], loaders[1], len(loaders[0].dataset.classes)
-    train_set = load_dataset(cfg.name, cfg.root, train=True, download=cfg.download)
-    test_set = load_dataset(cfg.name, cfg.root, train=False, download=cfg.download)
-    if cfg.subset is not None:
-        train_set = take_subset(train_set, cfg.subset, seed=cfg.seed)
-    train_loader, test_loader = (
-        TensorLoader(data, batch_size=size, train=train, device=device, seed=cfg.seed,
-                     channels_last=channels_last, rank=rank, world_size=world_size)
-        for data, size, train in ((train_set, cfg.batch_size, True), (test_set, cfg.test_batch_size, False))
-    )
-    return train_loader, test_loader, train_set.num_classes
+        return FolderLoader(Path(cfg.root) / ("train" if train else "val"), train=train, batch_size=batch_size,
+                            image_size=cfg.image_size or 224, workers=cfg.workers, device=device, seed=cfg.seed,
+                            rank=rank, world_size=world_size, channels_last=channels_last,
+                            subset=cfg.subset if train else None)
+    data = load_dataset(cfg.name, cfg.root, train=train, download=cfg.download)
+    if train and cfg.subset is not None:
+        data = take_subset(data, cfg.subset, seed=cfg.seed)
+    return TensorLoader(data, batch_size=batch_size, train=train, device=device, seed=cfg.seed,
+                        channels_last=channels_last, rank=rank, world_size=world_size)
 
 
 def check_global_batch(batch_size: int, world_size: int) -> None:
@@ -524,6 +528,10 @@ class FolderLoader:
     @property
     def dataset_size(self) -> int:
         return len(self.source)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.dataset.classes)
 
     @property
     def num_samples(self) -> int:

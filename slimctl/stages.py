@@ -23,7 +23,7 @@ from slimctl.checkpoint import (
     save_checkpoint,
 )
 from slimctl.config import Config, TrainConfig, config_from_dict, save_config, validate_ratio
-from slimctl.data import build_loaders, num_classes_of
+from slimctl.data import build_loader, build_loaders, num_classes_of
 from slimctl.errors import SlimctlError
 from slimctl.flops import count_flops, count_params
 from slimctl.models import create_model, module_widths
@@ -153,13 +153,14 @@ def _train(
             f"{model.arch_spec['num_classes']}; use the data set the model was trained on"
         )
     resume_state = None
+    parent_sha256 = None if parent is None else file_sha256(parent)  # once, not at every save
     if resume:
         last = load_checkpoint(run_dir / "last.pt")
         if not last.get("resume"):
             raise SlimctlError(f"{run_dir / 'last.pt'} holds no resume state (the run finished or was not resumable)")
         _check_same_recipe(last.get("config"), cfg.to_dict(), run_dir)
         recorded = (last.get("parent") or {}).get("sha256")
-        if parent is not None and recorded and recorded != file_sha256(parent):
+        if parent is not None and recorded and recorded != parent_sha256:
             raise SlimctlError(
                 f"--resume: {run_dir} fine-tunes another checkpoint than {parent} (it changed since); "
                 "start over with --force"
@@ -180,7 +181,8 @@ def _train(
         # `model`, not the wrapper being trained: DDP, torch.compile and SyncBatchNorm all share its
         # parameters and buffers, and it has the plain BatchNorm2d modules a checkpoint describes.
         ckpt = make_checkpoint(
-            model, stage=stage, config=config, parent=parent, metrics={**info, **metrics}, resume=resume_info
+            model, stage=stage, config=config, parent=parent, parent_sha256=parent_sha256,
+            metrics={**info, **metrics}, resume=resume_info,
         )
         save_checkpoint(path, ckpt)
 
@@ -278,7 +280,7 @@ def _recorded_config(ckpt: dict[str, Any], source: str) -> Config | None:
 
 def _test_top1(model: nn.Module, cfg: Config, device: torch.device, data_root: str | None) -> tuple[float, float]:
     data = cfg.data if data_root is None else dataclasses.replace(cfg.data, root=data_root)
-    _, test_loader, _ = build_loaders(dataclasses.replace(data, download=False), device=device)
+    test_loader = build_loader(dataclasses.replace(data, download=False), train=False, device=device)
     dtype = resolve_precision(cfg.train.precision, device)
     return evaluate(model.to(device), test_loader, device=device, dtype=dtype)
 
@@ -385,11 +387,11 @@ def lineage(checkpoint: Path) -> list[dict[str, Any]]:
         seen.add(path.resolve())
         ckpt = load_checkpoint(path)
         metrics = ckpt.get("metrics") or {}
-        model = model_from_checkpoint(ckpt, source=str(path))
-        rows.append({
-            "stage": ckpt["stage"], "path": str(path), "params": count_params(model), "flops": count_flops(model),
-            "top1": metrics.get("top1"),
-        })
+        if not all(isinstance(metrics.get(k), int) for k in ("params", "flops")):  # recorded by every stage
+            model = model_from_checkpoint(ckpt, source=str(path))
+            metrics = {**metrics, "params": count_params(model), "flops": count_flops(model)}
+        rows.append({"stage": ckpt["stage"], "path": str(path), "params": metrics["params"],
+                     "flops": metrics["flops"], "top1": metrics.get("top1")})
         parent = ckpt.get("parent")
         path = Path(parent["path"]) if isinstance(parent, dict) and parent.get("path") else None
     return rows[::-1]

@@ -1,6 +1,7 @@
 """ImageNet-style folders: a small torchvision model through sparse-train → prune → finetune."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -73,3 +74,8 @@ def test_torchvision_model_end_to_end(folder, tmp_path):
     assert result.exit_code == 0, result.output
     result = runner.invoke(cli, ["eval", str(tmp_path / "f" / "best.pt"), "--json"])
     assert result.exit_code == 0 and json.loads(result.output)["params"] == pruned["params"]
+    # Evaluation reads only val/: a folder without train/ is enough (an ImageNet train/ listing takes minutes).
+    val_only = tmp_path / "val_only"
+    shutil.copytree(folder / "val", val_only / "val")
+    result = runner.invoke(cli, ["eval", str(tmp_path / "f" / "best.pt"), "--data-root", str(val_only), "--json"])
+    assert result.exit_code == 0, result.output
