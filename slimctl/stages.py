@@ -30,6 +30,7 @@ from slimctl.models import create_model, module_widths
 from slimctl.plan import channel_groups, group_scores, make_plan
 from slimctl.report import plot_gamma_histogram
 from slimctl.surgery import apply_plan
+from slimctl.trace import reattach_selections
 from slimctl.train import bn_scales, evaluate, fit, milestone_epochs, resolve_device, resolve_precision
 
 CHECKPOINT_NAMES = ("last.pt", "best.pt")
@@ -200,7 +201,7 @@ def _train(
     trained = model
     if world.enabled:
         if train.sync_bn:  # BN statistics over the global batch, at one all-reduce per BN layer
-            trained = nn.SyncBatchNorm.convert_sync_batchnorm(trained)
+            trained = reattach_selections(nn.SyncBatchNorm.convert_sync_batchnorm(trained))
         # λ·sign(γ) is added after backward(), i.e. after DDP's all-reduce: once per rank, not scaled.
         trained = nn.parallel.DistributedDataParallel(trained, device_ids=[device.index] if device.type == "cuda" else None)
     if train.compile:

@@ -26,9 +26,8 @@ Sigmoid-like ops (f(0) ≠ 0) cannot shrink.
 Selection in torchvision models: they have no `ChannelSelection` modules, so one is added as a
 child `select` of the BN itself, applied by a forward hook (`insert_selections`). The BN keeps its
 name and state_dict keys (the selection adds `<bn>.select.indices`), `module_widths` records the
-selection like any other, and a checkpoint rebuilds the model by calling `insert_selections` with
-the BN names (`selected_bns(model)`, or the state_dict keys ending in `.select.indices`) before
-`apply_widths`/`load_state_dict`. `derive_groups` never changes the model: call
+selection like any other (`<bn>.select`), and `create_model(widths=…)` rebuilds the model from a
+checkpoint by calling `insert_selections` for those names before `apply_widths`/`load_state_dict`. `derive_groups` never changes the model: call
 `TraceResult.prepare(model)` before planning.
 """
 
@@ -114,17 +113,14 @@ def insert_selections(model: nn.Module, bn_names: tuple[str, ...] | list[str]) -
         bn.register_forward_hook(_select_hook)
 
 
-def selection_bns_in_state(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> list[str]:
-    """The BNs of `model` whose inserted selection a saved state_dict holds (`<bn>.select.indices`)."""
-    bns = {n for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)}
-    return [k[: -len(".select.indices")] for k in state_dict
-            if k.endswith(".select.indices") and k[: -len(".select.indices")] in bns]
-
-
-def selected_bns(model: nn.Module) -> list[str]:
-    """The BNs carrying an inserted selection (what a checkpoint records to rebuild the model)."""
-    return [n for n, m in model.named_modules()
-            if isinstance(m, nn.BatchNorm2d) and isinstance(getattr(m, "select", None), ChannelSelection)]
+def reattach_selections(model: nn.Module) -> nn.Module:
+    """Re-hook inserted selections after a module swap that keeps a BN's children but not its hooks
+    (`nn.SyncBatchNorm.convert_sync_batchnorm`): without it the consumers would get the full width."""
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and isinstance(getattr(m, "select", None), ChannelSelection) \
+                and _select_hook not in m._forward_hooks.values():
+            m.register_forward_hook(_select_hook)
+    return model
 
 
 # --- tracing -------------------------------------------------------------------------------------

@@ -18,10 +18,10 @@ from torch import nn
 from conftest import randomize_bn
 from slimctl.errors import SlimctlError
 from slimctl.models import create_model
-from slimctl.models.layers import apply_widths, module_widths
+from slimctl.models.layers import module_widths
 from slimctl.plan import ChannelGroup, ChannelPlan, Consumer, channel_groups, make_plan
 from slimctl.surgery import apply_plan
-from slimctl.trace import TraceResult, derive_groups, insert_selections, selected_bns
+from slimctl.trace import TraceResult, derive_groups
 
 torchvision = pytest.importorskip("torchvision")
 
@@ -110,7 +110,7 @@ TORCHVISION = {
     "resnet18": {"free": 8, "coupled": 4},
     "mobilenet_v2": {"depthwise": 17, "coupled": 5},
     "mobilenet_v3_small": {"depthwise": 11},  # with squeeze-excitation
-    "vgg11_bn": {"free": 8},  # flatten → Linear with 49 columns per channel
+    "vgg16_bn": {"free": 13},  # flatten → Linear with 49 columns per channel
     "densenet121": {"selection": 62, "free": 58},
     "resnet50": {"free": 33},
     "efficientnet_b0": {"depthwise": 16},
@@ -157,10 +157,11 @@ def test_pruned_torchvision_model_rebuilds_and_prunes_again() -> None:
     """Inserted selections are recorded by BN name; widths + state_dict rebuild the pruned model."""
     model, x = torchvision_model("densenet121"), image()
     result, _, pruned = prune_traced(model, x)
-    assert result.selections and set(selected_bns(pruned)) == set(result.selections)
-    fresh = torchvision_model("densenet121")
-    insert_selections(fresh, selected_bns(pruned))
-    apply_widths(fresh, module_widths(pruned))
+    widths = module_widths(pruned)
+    assert result.selections and {n for n in widths if n.endswith(".select")} == {
+        f"{bn}.select" for bn in result.selections}
+    # The checkpoint path: arch + recorded widths (selections included) + state_dict.
+    fresh = create_model("torchvision.densenet121", 10, widths=widths)
     fresh.load_state_dict(pruned.state_dict())
     assert torch.equal(outputs(fresh, x), outputs(pruned, x))
     # Second pass: traced again (the selections already exist), pruned again, still exact.
@@ -169,6 +170,18 @@ def test_pruned_torchvision_model_rebuilds_and_prunes_again() -> None:
     plan = make_plan(pruned, again.groups, 0.3)
     twice = apply_plan(pruned, plan)
     assert rel_err(outputs(twice, x), outputs(reference(pruned, plan), x)) < 1e-5
+
+
+def test_sync_batchnorm_conversion_keeps_the_selections() -> None:
+    """train.sync_bn swaps every BN for a SyncBatchNorm, which keeps children but drops hooks."""
+    from slimctl.trace import reattach_selections
+
+    x = image(32)
+    _, _, pruned = prune_traced(torchvision_model("densenet121"), x)
+    synced = nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(pruned))
+    with pytest.raises(RuntimeError):  # the consumers get the BN's full width
+        outputs(synced, x)
+    assert torch.equal(outputs(reattach_selections(synced), x), outputs(pruned, x))
 
 
 # --- residual-coupled sets -----------------------------------------------------------------------
@@ -329,12 +342,3 @@ def test_reused_parameterised_modules_and_shared_inplace_ops_freeze() -> None:
     assert "called 2 times" in result.frozen_bns["bn1"]  # its consumer conv2 is reused
     assert "called 2 times" in result.frozen_bns["bn2"]
     assert "in-place" in result.frozen_bns["bn3"]
-
-
-def test_inserted_selections_are_found_in_a_saved_state_dict() -> None:
-    from slimctl.trace import selection_bns_in_state
-
-    model = torchvision_model("densenet121")
-    result = derive_groups(model, image())
-    result.prepare(model)
-    assert selection_bns_in_state(torchvision_model("densenet121"), model.state_dict()) == list(result.selections)
