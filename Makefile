@@ -87,14 +87,15 @@ $(eval $(call RECIPE,imagenet,resnet50,0.3))
 $(eval $(call RECIPE,cifar10,vgg19_w025,0.5 0.7))
 $(eval $(call RECIPE,cifar10,preresnet56,0.4 0.6))
 
-# $(1) = recipe folder name: the plots of one recipe (|γ| histograms, test error per epoch).
+# $(1) = recipe folder name, $(2) = its ratios: the plots of one recipe (|γ| histograms, test error
+# per epoch), after every stage (so `make -j2` cannot draw them early).
 define PLOTS
-$(RUNS)/$(1)/plots.done: $(RUNS)/$(1)/baseline/.done $(RUNS)/$(1)/sparse/.done $(wildcard $(RUNS)/$(1)/finetune-*/.done)
+$(RUNS)/$(1)/plots.done: $(RUNS)/$(1)/baseline/.done $(RUNS)/$(1)/sparse/.done $(foreach r,$(2),$(RUNS)/$(1)/finetune-$(r)/.done)
 	$(BIN)/python scripts/plot_runs.py $(RUNS)/$(1)
 	touch $$@
 endef
-$(eval $(call PLOTS,cifar10-vgg19_w025))
-$(eval $(call PLOTS,cifar10-preresnet56))
+$(eval $(call PLOTS,cifar10-vgg19_w025,0.5 0.7))
+$(eval $(call PLOTS,cifar10-preresnet56,0.4 0.6))
 
 cpu-repro-vgg: cifar10-vgg19_w025-baseline cifar10-vgg19_w025 $(RUNS)/cifar10-vgg19_w025/plots.done
 cpu-repro-resnet: cifar10-preresnet56-baseline cifar10-preresnet56 $(RUNS)/cifar10-preresnet56/plots.done

@@ -5,10 +5,11 @@
 For each model, in this one invocation: random BN scales (γ ~ U(0, 1), seeded — the structure of
 a prune does not need a trained model), then
   BNs       BatchNorm2d layers in the model
-  spaces    the traced channel spaces (`slimctl groups --explain`): how many shrink (free,
-            depthwise, grouped, coupled), how many keep their width but let their consumers read
-            only the kept channels (selection), and how many keep their width (frozen, or
-            residual-coupled under the paper's default `--coupled keep`)
+  groups    from the traced channel spaces (`slimctl groups --explain`): shrink = spaces that
+            become narrower (free, depthwise, grouped, coupled); select = BNs whose space keeps
+            its width but whose consumers read only the kept channels (a selection); keep =
+            spaces that keep their width (frozen, or residual-coupled under the paper's default
+            `--coupled keep`) — a selection BN's space is counted there too
   params, FLOPs  before and after `slimctl prune --ratio 0.5` (FLOPs at --size, the paper's count)
   prune s   wall time of the prune stage as the CLI runs it (load, trace, plan, surgery, count,
             save, histogram), without the Python start-up
@@ -52,9 +53,9 @@ def random_gammas(model: nn.Module, seed: int) -> None:
 
 def space_counts(rows: list[dict[str, Any]]) -> dict[str, int]:
     """shrink / select / keep counts of `explain_groups` rows."""
-    shrink = sum(r["pruned"] and r["kind"] in SHRINK_KINDS for r in rows)
-    select = sum(r["kind"] == "selection" for r in rows)
-    return {"shrink": shrink, "select": select, "keep": len(rows) - shrink - select}
+    return {"shrink": sum(r["pruned"] and r["kind"] in SHRINK_KINDS for r in rows),
+            "select": sum(r["kind"] == "selection" for r in rows),
+            "keep": sum(not r["pruned"] for r in rows)}
 
 
 def measure(name: str, *, size: int, ratio: float, batch_sizes: list[int], repeats: int, seed: int,

@@ -30,7 +30,6 @@ from slimctl.models import create_model, module_widths
 from slimctl.plan import channel_groups, group_scores, make_plan
 from slimctl.report import plot_gamma_histogram
 from slimctl.surgery import apply_plan
-from slimctl.trace import reattach_selections
 from slimctl.train import bn_scales, evaluate, fit, milestone_epochs, resolve_device, resolve_precision
 
 CHECKPOINT_NAMES = ("last.pt", "best.pt")
@@ -179,8 +178,8 @@ def _train(
     config = cfg.to_dict()
 
     def save(path: Path, trained: nn.Module, metrics: dict[str, Any], resume_info: dict[str, Any] | None) -> None:
-        # `model`, not the wrapper being trained: DDP, torch.compile and SyncBatchNorm all share its
-        # parameters and buffers, and it has the plain BatchNorm2d modules a checkpoint describes.
+        # `model`, not the wrapper being trained: DDP and torch.compile wrap it and share its parameters
+        # and buffers (SyncBatchNorm conversion swaps its BN children in place, same state_dict keys).
         ckpt = make_checkpoint(
             model, stage=stage, config=config, parent=parent, parent_sha256=parent_sha256,
             metrics={**info, **metrics}, resume=resume_info,
@@ -201,6 +200,8 @@ def _train(
     trained = model
     if world.enabled:
         if train.sync_bn:  # BN statistics over the global batch, at one all-reduce per BN layer
+            from slimctl.trace import reattach_selections
+
             trained = reattach_selections(nn.SyncBatchNorm.convert_sync_batchnorm(trained))
         # λ·sign(γ) is added after backward(), i.e. after DDP's all-reduce: once per rank, not scaled.
         trained = nn.parallel.DistributedDataParallel(trained, device_ids=[device.index] if device.type == "cuda" else None)

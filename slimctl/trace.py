@@ -27,8 +27,8 @@ Selection in torchvision models: they have no `ChannelSelection` modules, so one
 child `select` of the BN itself, applied by a forward hook (`insert_selections`). The BN keeps its
 name and state_dict keys (the selection adds `<bn>.select.indices`), `module_widths` records the
 selection like any other (`<bn>.select`), and `create_model(widths=…)` rebuilds the model from a
-checkpoint by calling `insert_selections` for those names before `apply_widths`/`load_state_dict`. `derive_groups` never changes the model: call
-`TraceResult.prepare(model)` before planning.
+checkpoint by calling `insert_selections` for those names before `apply_widths`/`load_state_dict`.
+`derive_groups` never changes the model: call `TraceResult.prepare(model)` before planning.
 """
 
 from __future__ import annotations

@@ -80,7 +80,7 @@ def test_eval_info_report(pipeline):
     assert info["params"] == first["params"] and info["flops"] == first["flops"]
     rows = json.loads(run("report", root / "pruned2.pt", "--json").output)
     assert [r["stage"] for r in rows] == ["sparse-train", "prune", "finetune", "prune"]
-    for row in rows:  # read from each checkpoint's recorded metrics: they match the rebuilt model
+    for row in rows:  # (read from the recorded metrics) they match the model each checkpoint rebuilds
         rebuilt = json.loads(run("info", row["path"], "--json").output)
         assert (row["params"], row["flops"]) == (rebuilt["params"], rebuilt["flops"])
     assert rows[1]["params"] == first["params"] < rows[0]["params"]
