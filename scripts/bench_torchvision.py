@@ -58,15 +58,15 @@ def space_counts(rows: list[dict[str, Any]]) -> dict[str, int]:
             "keep": sum(not r["pruned"] for r in rows)}
 
 
-def measure(name: str, *, size: int, ratio: float, batch_sizes: list[int], repeats: int, seed: int,
-            folder: Path) -> dict[str, Any]:
+def measure(name: str, *, size: int, ratio: float, round_to: int, batch_sizes: list[int], repeats: int,
+            seed: int, folder: Path) -> dict[str, Any]:
     model = create_model(f"torchvision.{name}", num_classes=1000, input_size=(3, size, size))
     random_gammas(model, seed)
     counts = space_counts(explain_groups(model))
     original, pruned = folder / f"{name}.pt", folder / f"{name}-pruned.pt"
     save_checkpoint(original, make_checkpoint(model, stage="sparse-train"))
     start = time.perf_counter()
-    result = prune_checkpoint(original, pruned, ratio=ratio, evaluate_model=False, force=True)
+    result = prune_checkpoint(original, pruned, ratio=ratio, round_to=round_to, evaluate_model=False, force=True)
     prune_s = time.perf_counter() - start
     device = torch.device("cpu")
     latency = bench_checkpoints([original, pruned], batch_sizes=batch_sizes, device=device,
@@ -102,14 +102,16 @@ def rows_as_cells(rows: list[dict[str, Any]], batch_sizes: list[int]) -> tuple[l
 @click.option("--size", type=click.IntRange(min=32), default=224, show_default=True,
               help="Input height = width (pixels) for FLOPs, tracing and latency.")
 @click.option("--ratio", type=float, default=0.5, show_default=True, help="Prune ratio.")
+@click.option("--round-to", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Kept channels per group rounded up to a multiple of this (`slimctl prune --round-to`).")
 @click.option("--batch-sizes", default="1,16", show_default=True, help="Comma-separated batch sizes to time.")
 @click.option("--repeats", type=click.IntRange(min=1), default=10, show_default=True,
               help="Timed forward passes per batch size (median reported).")
 @click.option("--seed", default=0, show_default=True, help="Seed of the random γ.")
 @click.option("--markdown", is_flag=True, help="Print a markdown table (for the README) instead of a rich one.")
 @click.option("--json-out", type=click.Path(path_type=Path), help="Also write the rows as JSON.")
-def main(models: str, size: int, ratio: float, batch_sizes: str, repeats: int, seed: int, markdown: bool,
-         json_out: Path | None) -> None:
+def main(models: str, size: int, ratio: float, round_to: int, batch_sizes: str, repeats: int, seed: int,
+         markdown: bool, json_out: Path | None) -> None:
     try:
         sizes = [int(b) for b in batch_sizes.split(",")]
     except ValueError:
@@ -119,8 +121,8 @@ def main(models: str, size: int, ratio: float, batch_sizes: str, repeats: int, s
     with tempfile.TemporaryDirectory() as tmp:
         for name in models.split(","):
             try:
-                rows.append(measure(name, size=size, ratio=ratio, batch_sizes=sizes, repeats=repeats, seed=seed,
-                                    folder=Path(tmp)))
+                rows.append(measure(name, size=size, ratio=ratio, round_to=round_to, batch_sizes=sizes,
+                                    repeats=repeats, seed=seed, folder=Path(tmp)))
             except SlimctlError as exc:
                 raise click.BadParameter(f"{name}: {exc}", param_hint="--models") from None
             click.echo(f"{name}: done", err=True)
@@ -130,7 +132,8 @@ def main(models: str, size: int, ratio: float, batch_sizes: str, repeats: int, s
         for c in cells:
             click.echo("| " + " | ".join(c) + " |")
     else:
-        table = Table(title=f"prune ratio {ratio}, random γ, {size}×{size}, CPU ({torch.get_num_threads()} threads)")
+        table = Table(title=f"prune ratio {ratio} (round-to {round_to}), random γ, {size}×{size}, "
+                            f"CPU ({torch.get_num_threads()} threads)")
         for column in header:
             table.add_column(column)
         for c in cells:
