@@ -119,7 +119,10 @@ def graceful_stop():
             raise KeyboardInterrupt
         flag["signum"] = signum
 
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    # A signal ignored at start stays ignored (Unix convention: e.g. SIGINT of a background job of
+    # a non-interactive shell, or under nohup), so a terminal's Ctrl-C does not stop that run.
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)
+                if signal.getsignal(sig) is not signal.SIG_IGN}
     try:
         yield flag
     finally:

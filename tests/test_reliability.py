@@ -66,7 +66,10 @@ def _start(out, *extra):
     cmd = [sys.executable, "-m", "slimctl", "sparse-train", "-c", str(DEMO_CONFIG), "-o", str(out), *BASE, *extra]
     # Bit-identity needs the same float reduction order: the same thread count as this process.
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
-    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    # SIGINT handled as in a terminal even when this suite runs as a background job (which starts
+    # with SIGINT ignored, and slimctl leaves an ignored signal ignored).
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _wait_for(path, proc, timeout=60):
@@ -105,13 +108,30 @@ def test_a_signal_stops_at_a_step_with_a_resumable_checkpoint(tmp_path, uninterr
                         load_checkpoint(uninterrupted_long / "last.pt")["state_dict"])
 
 
-def test_a_second_signal_aborts_at_once():
+@pytest.fixture
+def sigint_default():
+    """SIGINT as in an interactive Python (a background job of a script starts with it ignored)."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
+def test_a_second_signal_aborts_at_once(sigint_default):
     with graceful_stop() as flag:
         os.kill(os.getpid(), signal.SIGINT)
         assert flag["signum"] == signal.SIGINT  # the first one only asks to stop
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+
+
+def test_an_ignored_signal_stays_ignored(sigint_default):
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    with graceful_stop() as flag:
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        os.kill(os.getpid(), signal.SIGINT)
+        assert flag["signum"] is None
+    assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
 
 
 def test_keyboard_interrupt_exits_130_without_traceback(monkeypatch, tmp_path):
