@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -99,3 +100,10 @@ def test_bench_torchvision_script(tmp_path):
     assert set(row["latency"]) == {"1", "2"} and all(ms > 0 for pair in row["latency"].values() for ms in pair)
     bad = subprocess.run([sys.executable, script, "--models", "no_such_net"], capture_output=True, text=True)
     assert bad.returncode == 2 and "no_such_net" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_googlenet_builds_without_torchvisions_future_warning():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        model = create_model("torchvision.googlenet", 10)
+    assert model.aux1 is not None  # torchvision's defaults otherwise: aux heads on

@@ -108,8 +108,11 @@ def _torchvision_model(name: str, num_classes: int, width: float, arch_args: dic
         raise SlimctlError(f"unknown torchvision model {name!r}; e.g. resnet50, mobilenet_v2 (torchvision.models.list_models())")
     if width != 1.0:
         raise SlimctlError("model.width scales slimctl's own families only; torchvision models keep their widths")
+    # GoogLeNet and Inception-v3 warn (FutureWarning) unless init_weights is given; True is what
+    # torchvision uses when it is not, so the models are the same, without the warning.
+    quiet = {"init_weights": True} if name in ("googlenet", "inception_v3") else {}
     try:
-        return torchvision.models.get_model(name, weights=None, num_classes=num_classes, **arch_args)
+        return torchvision.models.get_model(name, weights=None, num_classes=num_classes, **{**quiet, **arch_args})
     except (TypeError, ValueError) as exc:
         raise SlimctlError(f"torchvision.{name}: {exc}") from None
 
