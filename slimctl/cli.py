@@ -17,6 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from slimctl import __version__
 from slimctl.errors import SlimctlError
+from slimctl.plan import COUPLED_MODES
 
 
 class UserError(click.ClickException):
@@ -152,7 +153,7 @@ def sparse_train_cmd(config: Path, out: Path | None, overrides: tuple[str, ...],
               help="No layer keeps fewer channels than this (its largest |γ|) [default: prune.min_channels, 1].")
 @click.option("--round-to", type=int, default=1, show_default=True,
               help="Keep a multiple of N channels per layer (faster on GPUs/vector units); 1 = the paper.")
-@click.option("--coupled", type=click.Choice(["keep", "max", "mean", "sum"]), default="keep", show_default=True,
+@click.option("--coupled", type=click.Choice(COUPLED_MODES), default="keep", show_default=True,
               help="Traced models: keep residual-coupled channels (the paper), or prune each coupled set "
                    "together, ranked by the max/mean/sum of its BNs' |γ|.")
 @click.option("--data-root", default=None, help="Where the data set lives, if not where the checkpoint's config says.")
@@ -249,7 +250,7 @@ def info_cmd(checkpoint: Path | None, arch: str | None, num_classes: int, width:
 @cli.command("groups")
 @click.argument("source")
 @click.option("--num-classes", type=click.IntRange(min=1), default=10, show_default=True, help="With an arch name.")
-@click.option("--coupled", type=click.Choice(["keep", "max", "mean", "sum"]), default="keep", show_default=True,
+@click.option("--coupled", type=click.Choice(COUPLED_MODES), default="keep", show_default=True,
               help="How residual-coupled spaces are treated (traced models).")
 @click.option("--explain", is_flag=True, help="Also list the members of each space and why frozen ones keep their width.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list of spaces.")

@@ -33,6 +33,8 @@ class Consumer:
 
 
 REDUCTIONS = ("max", "mean", "sum")
+# Residual-coupled spaces (traced models): kept, as in the paper, or pruned together by a reduction.
+COUPLED_MODES = ("keep", *REDUCTIONS)
 
 
 @dataclass(frozen=True)

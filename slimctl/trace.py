@@ -46,9 +46,7 @@ from torch.nn import functional as F
 
 from slimctl.errors import SlimctlError
 from slimctl.models.layers import ChannelSelection
-from slimctl.plan import REDUCTIONS, ChannelGroup, Consumer
-
-COUPLED_MODES = ("keep", *REDUCTIONS)
+from slimctl.plan import COUPLED_MODES, ChannelGroup, Consumer
 
 # Per-channel modules/functions that map 0 to 0 (a zeroed channel stays zero) ...
 _ZERO_MODULES = (
@@ -197,9 +195,8 @@ class _Seg:
 
 
 class _Walker:
-    def __init__(self, gm: fx.GraphModule, coupled: str) -> None:
+    def __init__(self, gm: fx.GraphModule) -> None:
         self.gm = gm
-        self.coupled = coupled
         self.modules = dict(gm.named_modules())
         self.spaces: list[_Space] = []
         self.parent: list[int] = []
@@ -511,7 +508,7 @@ def derive_groups(model: nn.Module, example_input: torch.Tensor, *, coupled: str
         )
     work = copy.deepcopy(model).train()  # aux heads exist only in train mode; ShapeProp updates BN stats
     gm = _trace(work, example_input.detach().to(next(iter(work.parameters())).device))
-    walker = _Walker(gm, coupled)
+    walker = _Walker(gm)
     walker.run()
     return _classify(walker, coupled)
 
@@ -519,7 +516,6 @@ def derive_groups(model: nn.Module, example_input: torch.Tensor, *, coupled: str
 def _classify(w: _Walker, coupled: str) -> TraceResult:
     groups: list[ChannelGroup] = []
     spaces: list[SpaceInfo] = []
-    shrinks: dict[int, bool] = {}
     roots = sorted({w.find(i) for i in range(len(w.spaces))})
     for root in roots:
         sp = w.spaces[root]
@@ -536,17 +532,14 @@ def _classify(w: _Walker, coupled: str) -> TraceResult:
             reasons.append(f"width {sp.width} is not a multiple of {divisions} groups")
         members = tuple(dict.fromkeys([*sp.producers, *(c.module for c in sp.consumers), *sp.readers]))
         if reasons:
-            shrinks[root] = False
             spaces.append(SpaceInfo("frozen", sp.width, members, tuple(sp.bns), "; ".join(dict.fromkeys(reasons))))
             continue
         if sp.residual and coupled == "keep":
-            shrinks[root] = False
             spaces.append(SpaceInfo("coupled", sp.width, members, tuple(sp.bns),
                                     "residual-coupled set, kept (coupled='keep', as in the paper)"))
             continue
         kind = "coupled" if sp.residual else "grouped" if divisions > 1 else \
             "depthwise" if sp.depthwise or len(sp.bns) > 1 else "free"
-        shrinks[root] = True
         groups.append(ChannelGroup(
             bn=sp.bns[0], producers=tuple(dict.fromkeys(sp.producers)),
             consumers=tuple(dict.fromkeys(sp.consumers)), extra_bns=tuple(sp.bns[1:]),
