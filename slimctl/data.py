@@ -93,6 +93,13 @@ def load_dataset(name: str, root: str | Path, *, train: bool, download: bool) ->
     return _load_cifar(name, Path(root), train=train, download=download)
 
 
+def input_size_of(cfg: DataConfig) -> tuple[int, int, int]:
+    """(C, H, W) of the images the loaders yield: data.image_size (default 224) for folders, 32×32
+    for the tensor data sets (config validation allows image_size only with imagefolder)."""
+    size = (cfg.image_size or 224) if cfg.name == "imagefolder" else 32
+    return (3, size, size)
+
+
 def build_loaders(
     cfg: DataConfig, *, device: torch.device | str, channels_last: bool = False, rank: int = 0, world_size: int = 1
 ) -> tuple[TensorLoader | FolderLoader, TensorLoader | FolderLoader, int]:
@@ -111,7 +118,7 @@ def build_loader(
     batch_size = cfg.batch_size if train else cfg.test_batch_size
     if cfg.name == "imagefolder":
         return FolderLoader(Path(cfg.root) / ("train" if train else "val"), train=train, batch_size=batch_size,
-                            image_size=cfg.image_size or 224, workers=cfg.workers, device=device, seed=cfg.seed,
+                            image_size=input_size_of(cfg)[-1], workers=cfg.workers, device=device, seed=cfg.seed,
                             rank=rank, world_size=world_size, channels_last=channels_last,
                             subset=cfg.subset if train else None)
     data = load_dataset(cfg.name, cfg.root, train=train, download=cfg.download)
@@ -495,8 +502,8 @@ class FolderLoader:
     """ImageNet-style folders through a DataLoader with worker processes (too big for the device).
 
     Train: RandomResizedCrop(image_size), horizontal flip, normalise; val: resize to image_size·256/224,
-    centre crop, normalise. The same interface as TensorLoader: global batch split over ranks
-    (DistributedSampler under torchrun), `set_epoch` makes the shuffle a function of (seed, epoch).
+    centre crop, normalise. The same interface as TensorLoader: under torchrun each rank takes an
+    equal share of a seeded permutation (`_indices`); `set_epoch` makes it a function of (seed, epoch).
     """
 
     def __init__(self, folder: Path, *, train: bool, batch_size: int, image_size: int, workers: int,
@@ -546,11 +553,13 @@ class FolderLoader:
     def _indices(self) -> list[int]:
         """This rank's sample order for the epoch: a seeded permutation, dealt out in rank order."""
         n = len(self.source)
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(_seed64(self.seed * 1_000_003 + self.epoch)))
         if not self.train:
             order = torch.arange(n)
-        elif self.world_size > 1:  # equal shares, so every rank takes the same number of steps
-            order = order[: n // self.world_size * self.world_size]
+        else:
+            generator = torch.Generator().manual_seed(_seed64(self.seed * 1_000_003 + self.epoch))
+            order = torch.randperm(n, generator=generator)
+            if self.world_size > 1:  # equal shares, so every rank takes the same number of steps
+                order = order[: n // self.world_size * self.world_size]
         return order[self.rank :: self.world_size].tolist()
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

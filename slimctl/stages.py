@@ -23,7 +23,7 @@ from slimctl.checkpoint import (
     save_checkpoint,
 )
 from slimctl.config import Config, TrainConfig, config_from_dict, save_config, validate_ratio
-from slimctl.data import build_loader, build_loaders, num_classes_of
+from slimctl.data import build_loader, build_loaders, input_size_of, num_classes_of
 from slimctl.errors import SlimctlError
 from slimctl.flops import count_flops, count_params
 from slimctl.models import create_model, module_widths
@@ -212,7 +212,7 @@ def _train(
         epochs=train.epochs, lr=train.lr, momentum=train.momentum, weight_decay=train.weight_decay,
         milestones=milestone_epochs(train.milestones, train.epochs), lr_decay=train.lr_decay,
         sparsity=train.sparsity, gammas=gammas, device=device, dtype=dtype, run_dir=run_dir,
-        save=save, resume_state=resume_state, progress=progress if world.is_main else None, log=log,
+        save=save, resume_state=resume_state, progress=progress, log=log,
         is_main=world.is_main,
     )
     return {**info, "best_top1": result["best_top1"], "run_dir": str(run_dir), "best": str(run_dir / "best.pt")}
@@ -251,9 +251,8 @@ def sparse_train(cfg: Config, run_dir: Path, *, resume: bool = False, force: boo
     """Train from scratch with the L1 penalty λ = train.sparsity on every ranked BN scale."""
     prepare_run_dir(run_dir, resume=resume, force=force)
     torch.manual_seed(cfg.train.seed)  # the initial weights are part of the recorded recipe
-    size = cfg.data.image_size or (224 if cfg.data.name == "imagefolder" else 32)
     model = create_model(cfg.model.arch, num_classes_of(cfg.data.name, cfg.data.root), width=cfg.model.width,
-                         input_size=(3, size, size))
+                         input_size=input_size_of(cfg.data))
     if cfg.model.weights and not resume:
         load_pretrained(model, cfg.model.weights, log=log)
     return _train(model, cfg=cfg, train=cfg.train, stage="sparse-train", run_dir=run_dir, parent=None,
