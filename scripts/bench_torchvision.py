@@ -37,7 +37,7 @@ from slimctl.errors import SlimctlError
 from slimctl.models import create_model
 from slimctl.report import human
 from slimctl.stages import explain_groups, prune_checkpoint
-from slimctl.train import resolve_precision
+from slimctl.device import resolve_precision
 
 MODELS = ("resnet18,resnet50,mobilenet_v2,mobilenet_v3_small,efficientnet_b0,densenet121,vgg16_bn,googlenet,"
           "regnet_x_400mf,resnext50_32x4d,shufflenet_v2_x1_0")

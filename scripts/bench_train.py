@@ -36,8 +36,10 @@ from torch.nn import functional as F
 from slimctl.data import CIFAR_MEAN, CIFAR_STD, TensorLoader, load_dataset
 from slimctl.flops import count_flops
 from slimctl.models import create_model
-from slimctl.plan import channel_groups
-from slimctl.train import bn_scales, resolve_precision, train_one_epoch
+from slimctl.trace import channel_groups
+from slimctl.device import resolve_precision
+from slimctl.sparsity import bn_scales
+from slimctl.train import train_one_epoch
 
 SPARSITY = 1e-4
 VARIANTS = ("reference", "slimctl", "slimctl-cl", "slimctl-nol1")

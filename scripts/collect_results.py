@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from slimctl.checkpoint import atomic_write_text
+from slimctl.files import atomic_write_text
 from slimctl.errors import SlimctlError
 from slimctl.results import markdown_table
 

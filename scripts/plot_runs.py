@@ -17,7 +17,8 @@ import torch
 
 from slimctl.checkpoint import load_checkpoint, model_from_checkpoint
 from slimctl.errors import SlimctlError
-from slimctl.plan import channel_groups, group_scores
+from slimctl.plan import group_scores
+from slimctl.trace import channel_groups
 from slimctl.report import plot_error_curves, plot_gamma_comparison
 
 STAGES = ("baseline", "sparse")

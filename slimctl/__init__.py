@@ -6,9 +6,8 @@ Python API:
     prune_model(model, ratio, ...)           (narrower model, channel plan)
 """
 
-__version__ = "0.1.0"
-
-from slimctl.checkpoint import load_model, make_checkpoint, save_checkpoint  # noqa: E402
-from slimctl.surgery import prune_model  # noqa: E402
+from slimctl._version import __version__
+from slimctl.checkpoint import load_model, make_checkpoint, save_checkpoint
+from slimctl.surgery import prune_model
 
 __all__ = ["__version__", "load_model", "make_checkpoint", "prune_model", "save_checkpoint"]

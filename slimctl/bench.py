@@ -16,7 +16,7 @@ from torch import nn
 
 from slimctl.checkpoint import load_checkpoint, model_from_checkpoint
 from slimctl.flops import count_flops, count_params
-from slimctl.train import autocast
+from slimctl.device import autocast
 
 
 def _sync(device: torch.device) -> None:

@@ -16,8 +16,7 @@ A checkpoint is one `torch.save` dict of plain types and tensors that rebuilds i
     resume      {epoch, optimizer, best_top1, rng, …} while a run can be resumed, else None
     versions    {slimctl, torch}
 
-Writes go to a temp file in the same folder, are flushed and fsync'ed, then `os.replace`d over the
-target: a crash leaves either the old file or the new one, never half of one.
+Writes are atomic (`slimctl.files`): a crash leaves either the old file or the new one.
 """
 
 from __future__ import annotations
@@ -25,62 +24,22 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import pickle
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from slimctl._version import __version__
 from slimctl.errors import SlimctlError
+from slimctl.files import atomic_write_bytes, file_sha256
+from slimctl.models import create_model, module_widths
+from slimctl.registry import is_known_arch, list_models
 
 FORMAT = "slimctl/1"
 REQUIRED_KEYS = ("format", "arch", "num_classes", "arch_args", "widths", "state_dict", "stage", "digest")
-STAGES = ("sparse-train", "prune", "finetune")
-
-
-# --------------------------------------------------------------------------- atomic writes
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)  # mkstemp's 0600 would make results private to their writer
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    try:  # make the rename itself durable
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError:
-        pass  # some filesystems cannot fsync a directory
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 # --------------------------------------------------------------------------- save
@@ -122,9 +81,6 @@ def make_checkpoint(
     resume: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """`parent_sha256`: the parent file's hash when the caller has it (training saves every epoch)."""
-    from slimctl import __version__
-    from slimctl.models import module_widths
-
     model = unwrap(model)
     spec = model.arch_spec  # set by create_model
     widths = module_widths(model)
@@ -199,8 +155,6 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 
 def model_from_checkpoint(ckpt: dict[str, Any], device: str | torch.device = "cpu", source: str = "checkpoint") -> nn.Module:
     """Rebuild the model from the checkpoint alone: arch + widths, then the state_dict (strict)."""
-    from slimctl.models import create_model, is_known_arch, list_models
-
     arch = ckpt["arch"]
     if not isinstance(arch, str) or not is_known_arch(arch):
         raise SlimctlError(f"{source}: unknown arch {arch!r}; known: {', '.join(list_models())}, torchvision.<name>")

@@ -15,9 +15,10 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from slimctl import __version__
+from slimctl._version import __version__
+from slimctl.device import PRECISIONS
 from slimctl.errors import SlimctlError
-from slimctl.plan import COUPLED_MODES
+from slimctl.groups import COUPLED_MODES
 
 
 class UserError(click.ClickException):
@@ -94,9 +95,13 @@ def cli() -> None:
 
 
 def _load_config(config: Path, overrides: tuple[str, ...]):
+    """The config, checked before any run folder is touched: types and ranges, then names."""
     from slimctl.config import load_config
+    from slimctl.stages import check_names
 
-    return load_config(config, overrides)
+    cfg = load_config(config, overrides)
+    check_names(cfg)
+    return cfg
 
 
 def _print_best(result: dict[str, Any]) -> None:
@@ -230,7 +235,7 @@ def info_cmd(checkpoint: Path | None, arch: str | None, num_classes: int, width:
     """Params, FLOPs (the paper's count, 1×3×32×32 input) and layer widths of a checkpoint or an arch."""
     from slimctl.checkpoint import load_checkpoint, model_from_checkpoint
     from slimctl.models import create_model, list_models
-    from slimctl.stages import describe
+    from slimctl.stages import model_summary
 
     if (checkpoint is None) == (arch is None):
         raise UserError(f"give either a CHECKPOINT or --arch NAME (one of: {', '.join(list_models())})")
@@ -238,7 +243,7 @@ def info_cmd(checkpoint: Path | None, arch: str | None, num_classes: int, width:
         model = create_model(arch, num_classes, width=width)
     else:
         model = model_from_checkpoint(load_checkpoint(checkpoint), source=str(checkpoint))
-    info = describe(model)
+    info = model_summary(model)
     if as_json:
         print_json(info)
     else:
@@ -305,7 +310,7 @@ def _batch_sizes(ctx: click.Context, param: click.Parameter, value: str) -> list
 @click.option("--batch-sizes", default="1,64", show_default=True, callback=_batch_sizes,
               help="Comma-separated batch sizes to time.")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or auto.")
-@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True,
+@click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True,
               help="auto: bf16 where the device runs it natively, else fp32.")
 @click.option("--repeats", type=click.IntRange(min=1), default=20, show_default=True,
               help="Timed forward passes per batch size (after 3 warm-up passes); the median is reported.")
@@ -315,7 +320,7 @@ def bench_cmd(checkpoints: tuple[Path, ...], batch_sizes: list[int], device: str
     """Inference latency of each checkpoint (e.g. baseline then pruned), with the speed-up against the first."""
     from slimctl.bench import bench_checkpoints
     from slimctl.report import bench_table
-    from slimctl.train import resolve_device, resolve_precision
+    from slimctl.device import resolve_device, resolve_precision
 
     dev = resolve_device(device)
     dtype = resolve_precision(precision, dev)

@@ -19,10 +19,10 @@ from typing import Any
 
 import yaml
 
+from slimctl.device import DEVICES, PRECISIONS
 from slimctl.errors import SlimctlError
-
-DEVICES = ("auto", "cpu", "cuda")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+from slimctl.files import atomic_write_text
+from slimctl.plan import validate_ratio
 
 
 @dataclass(frozen=True)
@@ -286,14 +286,10 @@ def validate_train(t: TrainConfig, section: str) -> None:
 
 
 def validate(cfg: Config) -> None:
-    from slimctl.data import DATASETS
-    from slimctl.models import is_known_arch, list_models
-
-    _check(is_known_arch(cfg.model.arch), "model.arch", f"one of {', '.join(list_models())} or torchvision.<name>",
-           cfg.model.arch)
+    """Types and ranges. Names (model.arch, data.name) are checked by the registry and the data
+    module when a stage uses them (`slimctl.stages.check_names`)."""
     _check(cfg.model.width > 0, "model.width", "> 0", cfg.model.width)
     d = cfg.data
-    _check(d.name in DATASETS, "data.name", f"one of {', '.join(DATASETS)}", d.name)
     _check(d.batch_size >= 1, "data.batch_size", ">= 1", d.batch_size)
     _check(d.test_batch_size >= 1, "data.test_batch_size", ">= 1", d.test_batch_size)
     _check(d.subset is None or d.subset >= 1, "data.subset", ">= 1 or null", d.subset)
@@ -311,17 +307,8 @@ def validate(cfg: Config) -> None:
     _check(cfg.prune.min_channels >= 1, "prune.min_channels", ">= 1", cfg.prune.min_channels)
 
 
-def validate_ratio(ratio: float, name: str = "--ratio") -> None:
-    if not 0 <= ratio < 1:
-        raise SlimctlError(
-            f"{name} must be in [0, 1) (the fraction of all BN channels to remove), got {ratio}"
-        )
-
-
 def save_config(cfg: Config, path: Path, extra: dict[str, Any] | None = None) -> None:
     """Write the resolved config as YAML (atomically); `extra` adds a provenance section."""
-    from slimctl.checkpoint import atomic_write_text
-
     data = cfg.to_dict()
     if extra:
         data = {**data, **extra}

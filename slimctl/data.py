@@ -65,7 +65,7 @@ class ImageSet:
 
 def num_classes_of(name: str, root: str | Path = "data") -> int:
     """Number of classes of a data set, without loading it (imagefolder: subfolders of root/train)."""
-    _check_name(name)
+    check_name(name)
     if name == "imagefolder":
         return len(_folder_classes(Path(root) / "train"))
     return _NUM_CLASSES[name]
@@ -85,7 +85,7 @@ def _folder_classes(folder: Path) -> list[str]:
 
 def load_dataset(name: str, root: str | Path, *, train: bool, download: bool) -> ImageSet:
     """Load the training or test split of `name`; `root` holds the CIFAR folders (unused for digits)."""
-    _check_name(name)
+    check_name(name)
     if name not in TENSOR_DATASETS:
         raise SlimctlError(f"{name} is read through FolderLoader (build_loaders), not as one tensor")
     if name == "digits":
@@ -150,7 +150,8 @@ def take_subset(data: ImageSet, size: int, *, seed: int) -> ImageSet:
     return replace(data, images=data.images[keep].contiguous(), labels=data.labels[keep].contiguous())
 
 
-def _check_name(name: str) -> None:
+def check_name(name: str) -> None:
+    """A SlimctlError naming the choices when `name` is not a data set slimctl reads."""
     if name not in DATASETS:
         raise SlimctlError(f"unknown data set {name!r}; data.name must be one of {', '.join(DATASETS)}")
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from slimctl.device import resolve_device
 from slimctl.errors import SlimctlError
 
 
@@ -41,8 +42,6 @@ def from_env() -> Dist:
 
 def setup(device_name: str) -> tuple[Dist, torch.device]:
     """Join the process group (once) and pick this rank's device: cuda:LOCAL_RANK + NCCL, or CPU + gloo."""
-    from slimctl.train import resolve_device
-
     info = from_env()
     if not info.enabled:
         return info, resolve_device(device_name)

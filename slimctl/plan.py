@@ -1,17 +1,8 @@
-"""Channel groups and the channel plan: which channels of which layers survive pruning.
+"""The channel plan: which channels of which groups survive pruning (pure ranking; no model changes).
 
-A *channel group* is one channel space of the network, ranked by the |γ| of one BatchNorm:
-- `producers` are modules whose output channels are the space (the conv before the BN, the BN);
-- `consumers` are modules whose input channels are the space (the next conv, or the Linear head),
-  possibly at an `offset` inside a concatenation and with `repeat` input columns per channel
-  (flatten → Linear);
-- `selection` names a ChannelSelection module when the BN itself must keep its width (it sits on a
-  stream other layers read whole): then only the consumers read the kept channels, through the
-  selection's index buffer.
-
-A family declares its groups (`model.channel_groups()`); `make_plan` turns them and a ratio into
-kept indices with the paper's single global threshold; `slimctl.surgery` applies the plan. Both are
-family-agnostic: a traced model's groups feed the same functions.
+`make_plan` turns channel groups (`slimctl.groups`) and a ratio into kept indices with the paper's
+single global threshold over |γ|; `slimctl.surgery` applies the plan. Both are family-agnostic:
+declared and traced groups feed the same functions.
 """
 
 from __future__ import annotations
@@ -21,41 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from slimctl.config import validate_ratio
 from slimctl.errors import SlimctlError
-
-
-@dataclass(frozen=True)
-class Consumer:
-    module: str
-    offset: int = 0  # first input channel of the space in `module`'s input (concatenations)
-    repeat: int = 1  # input columns per channel (flatten → Linear: H·W of the flattened map)
-
-
-REDUCTIONS = ("max", "mean", "sum")
-# Residual-coupled spaces (traced models): kept, as in the paper, or pruned together by a reduction.
-COUPLED_MODES = ("keep", *REDUCTIONS)
-
-
-@dataclass(frozen=True)
-class ChannelGroup:
-    bn: str
-    producers: tuple[str, ...] = ()
-    consumers: tuple[Consumer, ...] = ()
-    selection: str | None = None
-    # A space ranked by several BNs (a depthwise chain, a residual-coupled set): the other BNs, all
-    # of the space's width and also listed in `producers`; a channel's score is `reduce` over the |γ|s.
-    extra_bns: tuple[str, ...] = ()
-    reduce: str = "max"
-    # Grouped convolutions read the space in `divisions` equal contiguous chunks: each chunk keeps
-    # the same number of channels (which ones may differ per chunk).
-    divisions: int = 1
-    coupled: bool = False  # a residual-coupled set (several streams that must keep the same channels)
-
-    @property
-    def bns(self) -> tuple[str, ...]:
-        """Every BN whose |γ| ranks this group (the first is `bn`)."""
-        return (self.bn, *self.extra_bns)
+from slimctl.groups import REDUCTIONS, ChannelGroup
 
 
 @dataclass(frozen=True)
@@ -88,31 +46,6 @@ class ChannelPlan:
         return sum(g.total for g in self.groups)
 
 
-def channel_groups(model: nn.Module, *, coupled: str = "keep") -> list[ChannelGroup]:
-    """The groups a model declares, or else the groups its torch.fx graph implies.
-
-    A traced model gets ChannelSelection children inserted on its selection BNs (in place,
-    idempotent). `coupled` (traced models only): keep residual-coupled spaces (the paper), or prune
-    each coupled set together ranked by the max / mean / sum of its BNs' |γ|.
-    """
-    declare = getattr(model, "channel_groups", None)
-    if declare is not None:
-        return list(declare())
-    result = trace_model(model, coupled=coupled)
-    result.prepare(model)
-    return result.groups
-
-
-def trace_model(model: nn.Module, *, coupled: str = "keep"):
-    """`trace.derive_groups` at the model's recorded input size, on its device (model unchanged)."""
-    from slimctl.trace import derive_groups
-
-    size = getattr(model, "arch_spec", {}).get("input_size", (3, 224, 224))
-    device = next(iter(model.parameters())).device
-    # Batch 2: BatchNorm in train mode (the trace runs in train mode) needs more than one value.
-    return derive_groups(model, torch.zeros(2, *size, device=device), coupled=coupled)
-
-
 def group_scores(model: nn.Module, group: ChannelGroup) -> torch.Tensor:
     """|γ| of the group's current channels (for a selection group: only the still-selected ones)."""
     gamma = model.get_submodule(group.bn).weight.detach().abs().float().cpu()
@@ -125,6 +58,13 @@ def group_scores(model: nn.Module, group: ChannelGroup) -> torch.Tensor:
     if group.selection is not None:
         gamma = gamma[model.get_submodule(group.selection).indices.cpu()]
     return gamma
+
+
+def validate_ratio(ratio: float, name: str = "--ratio") -> None:
+    if not 0 <= ratio < 1:
+        raise SlimctlError(
+            f"{name} must be in [0, 1) (the fraction of all BN channels to remove), got {ratio}"
+        )
 
 
 def global_threshold(scores: torch.Tensor, ratio: float) -> float | None:

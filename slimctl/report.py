@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from rich.table import Table
 
-from slimctl.checkpoint import atomic_write_bytes
+from slimctl.files import atomic_write_bytes
 
 
 def human(n: float) -> str:

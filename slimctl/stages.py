@@ -1,4 +1,4 @@
-"""The pipeline's stages as library calls: sparse_train, prune_checkpoint, finetune, evaluate, describe.
+"""The pipeline's stages as library calls: sparse_train, prune_checkpoint, finetune, evaluate, model_summary.
 
 Each takes explicit arguments and returns a JSON-able dict; the CLI only parses options and
 prints. Checkpoints are the only thing passed between stages.
@@ -15,27 +15,36 @@ import torch
 from torch import nn
 
 from slimctl import distributed
-from slimctl.checkpoint import (
-    file_sha256,
-    load_checkpoint,
-    make_checkpoint,
-    model_from_checkpoint,
-    save_checkpoint,
-)
-from slimctl.config import Config, TrainConfig, config_from_dict, save_config, validate_ratio
-from slimctl.data import build_loader, build_loaders, input_size_of, num_classes_of
+from slimctl._version import __version__
+from slimctl.checkpoint import load_checkpoint, make_checkpoint, model_from_checkpoint, save_checkpoint
+from slimctl.config import Config, TrainConfig, config_from_dict, save_config
+from slimctl.data import DATASETS, build_loader, build_loaders, input_size_of, num_classes_of
+from slimctl.device import resolve_device, resolve_precision
 from slimctl.errors import SlimctlError
+from slimctl.files import file_sha256
 from slimctl.flops import count_flops, count_params
-from slimctl.models import create_model, module_widths
-from slimctl.plan import channel_groups, group_scores, make_plan
+from slimctl.inserted import reattach_selections
+from slimctl.models import create_model, is_known_arch, list_models, module_widths
+from slimctl.plan import group_scores, make_plan, validate_ratio
 from slimctl.report import plot_gamma_histogram
+from slimctl.sparsity import bn_scales
 from slimctl.surgery import apply_plan
-from slimctl.train import bn_scales, evaluate, fit, milestone_epochs, resolve_device, resolve_precision
+from slimctl.trace import channel_groups, space_rows, trace_model
+from slimctl.train import evaluate, fit, milestone_epochs
 
 CHECKPOINT_NAMES = ("last.pt", "best.pt")
 
 
-def describe(model: nn.Module) -> dict[str, Any]:
+def check_names(cfg: Config) -> None:
+    """The names a config uses exist: its arch in the model registry, its data set in slimctl.data."""
+    if not is_known_arch(cfg.model.arch):
+        raise SlimctlError(f"config key 'model.arch' must be one of {', '.join(list_models())} or "
+                           f"torchvision.<name>, got {cfg.model.arch!r}")
+    if cfg.data.name not in DATASETS:
+        raise SlimctlError(f"config key 'data.name' must be one of {', '.join(DATASETS)}, got {cfg.data.name!r}")
+
+
+def model_summary(model: nn.Module) -> dict[str, Any]:
     """params, FLOPs (paper's count), and the widths that define the model's shape."""
     spec = model.arch_spec
     widths = module_widths(model)
@@ -95,8 +104,6 @@ def sparsity_targets(model: nn.Module, which: str) -> list[str]:
 
 def provenance() -> dict[str, Any]:
     """Versions and git commit written beside a run's config, so a result can be traced to code."""
-    from slimctl import __version__
-
     try:
         commit = subprocess.run(
             ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
@@ -200,8 +207,6 @@ def _train(
     trained = model
     if world.enabled:
         if train.sync_bn:  # BN statistics over the global batch, at one all-reduce per BN layer
-            from slimctl.trace import reattach_selections
-
             trained = reattach_selections(nn.SyncBatchNorm.convert_sync_batchnorm(trained))
         # λ·sign(γ) is added after backward(), i.e. after DDP's all-reduce: once per rank, not scaled.
         trained = nn.parallel.DistributedDataParallel(trained, device_ids=[device.index] if device.type == "cuda" else None)
@@ -249,6 +254,7 @@ def _check_same_recipe(recorded: Any, current: dict[str, Any], run_dir: Path) ->
 def sparse_train(cfg: Config, run_dir: Path, *, resume: bool = False, force: bool = False, progress=None,
                  log: Callable[[str], None] = print) -> dict[str, Any]:
     """Train from scratch with the L1 penalty λ = train.sparsity on every ranked BN scale."""
+    check_names(cfg)
     prepare_run_dir(run_dir, resume=resume, force=force)
     torch.manual_seed(cfg.train.seed)  # the initial weights are part of the recorded recipe
     model = create_model(cfg.model.arch, num_classes_of(cfg.data.name, cfg.data.root), width=cfg.model.width,
@@ -264,6 +270,7 @@ def finetune(checkpoint: Path, cfg: Config, run_dir: Path, *, resume: bool = Fal
     """Train a (pruned) checkpoint's model with the `finetune` settings; no sparsity term."""
     ckpt = load_checkpoint(checkpoint)
     model = model_from_checkpoint(ckpt, source=str(checkpoint))
+    check_names(cfg)
     prepare_run_dir(run_dir, resume=resume, force=force)
     torch.manual_seed(cfg.finetune_train().seed)
     return _train(model, cfg=cfg, train=cfg.finetune_train(), stage="finetune", run_dir=run_dir,
@@ -363,10 +370,7 @@ def explain_groups(model: nn.Module, *, coupled: str = "keep") -> list[dict[str,
              + ([g.selection] if g.selection else []), "pruned": True, "reason": None}
             for g in declare()
         ]
-    from slimctl.plan import trace_model
-    from slimctl.trace import describe_spaces
-
-    return describe_spaces(trace_model(model, coupled=coupled))
+    return space_rows(trace_model(model, coupled=coupled))
 
 
 def evaluate_checkpoint(checkpoint: Path, *, device: str = "cpu", data_root: str | None = None) -> dict[str, Any]:

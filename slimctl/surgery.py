@@ -10,13 +10,14 @@ zeroing γ and β of every removed channel.
 from __future__ import annotations
 
 import copy
-from collections import defaultdict
 
 import torch
 from torch import nn
 
-from slimctl.models.layers import ChannelSelection, replace_module, resized
-from slimctl.plan import ChannelPlan, channel_groups, make_plan
+from slimctl.inserted import ChannelSelection
+from slimctl.models.layers import replace_module, resized
+from slimctl.plan import ChannelPlan, make_plan
+from slimctl.trace import channel_groups
 
 
 def apply_plan(model: nn.Module, plan: ChannelPlan) -> nn.Module:

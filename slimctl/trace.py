@@ -1,4 +1,4 @@
-"""Derive channel groups for any CNN from its torch.fx graph (see GENERIC.md).
+"""Derive channel groups for any CNN from its torch.fx graph (docs/design.md, "Traced groups").
 
 `derive_groups(model, example_input)` traces the model (train mode, so auxiliary heads are in the
 graph), propagates shapes, and follows every channel space through the graph:
@@ -23,12 +23,9 @@ selection): it keeps its width and its consumers read only the kept channels.
 consumer reads it (its BN's γ and β zeroed), so a space reaching a consumer before its BN or through
 Sigmoid-like ops (f(0) ≠ 0) cannot shrink.
 
-Selection in torchvision models: they have no `ChannelSelection` modules, so one is added as a
-child `select` of the BN itself, applied by a forward hook (`insert_selections`). The BN keeps its
-name and state_dict keys (the selection adds `<bn>.select.indices`), `module_widths` records the
-selection like any other (`<bn>.select`), and `create_model(widths=…)` rebuilds the model from a
-checkpoint by calling `insert_selections` for those names before `apply_widths`/`load_state_dict`.
-`derive_groups` never changes the model: call `TraceResult.prepare(model)` before planning.
+Selection in torchvision models: they have no `ChannelSelection` modules, so one is inserted into
+the BN (`slimctl.inserted`). `derive_groups` never changes the model: call
+`TraceResult.prepare(model)` before planning (`channel_groups` does).
 """
 
 from __future__ import annotations
@@ -45,8 +42,9 @@ from torch.fx.passes.shape_prop import ShapeProp
 from torch.nn import functional as F
 
 from slimctl.errors import SlimctlError
-from slimctl.models.layers import ChannelSelection
-from slimctl.plan import COUPLED_MODES, ChannelGroup, Consumer
+from slimctl.groups import COUPLED_MODES, ChannelGroup, Consumer
+from slimctl.inserted import SELECT, ChannelSelection, insert_selections, selection_of
+from slimctl.registry import input_size
 
 # Per-channel modules/functions that map 0 to 0 (a zeroed channel stays zero) ...
 _ZERO_MODULES = (
@@ -92,33 +90,6 @@ class TraceResult:
         """Insert the ChannelSelection modules the selection groups name (in place; idempotent)."""
         insert_selections(model, self.selections)
         return model
-
-
-# --- selection insertion -------------------------------------------------------------------------
-
-
-def _select_hook(module: nn.Module, _inputs: Any, output: torch.Tensor) -> torch.Tensor:
-    return module.select(output)
-
-
-def insert_selections(model: nn.Module, bn_names: tuple[str, ...] | list[str]) -> None:
-    """Give each named BN a child `select` (ChannelSelection) applied to its output by a forward hook."""
-    for name in bn_names:
-        bn = model.get_submodule(name)
-        if isinstance(getattr(bn, "select", None), ChannelSelection):
-            continue
-        bn.add_module("select", ChannelSelection(bn.num_features).to(bn.weight.device))
-        bn.register_forward_hook(_select_hook)
-
-
-def reattach_selections(model: nn.Module) -> nn.Module:
-    """Re-hook inserted selections after a module swap that keeps a BN's children but not its hooks
-    (`nn.SyncBatchNorm.convert_sync_batchnorm`): without it the consumers would get the full width."""
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and isinstance(getattr(m, "select", None), ChannelSelection) \
-                and _select_hook not in m._forward_hooks.values():
-            m.register_forward_hook(_select_hook)
-    return model
 
 
 # --- tracing -------------------------------------------------------------------------------------
@@ -278,12 +249,12 @@ class _Walker:
         if node.op == "get_attr":
             return None
         if self.inplace_on_shared(node):
-            return self.opaque(node, f"in-place {self.describe(node)} on a value other ops also read")
+            return self.opaque(node, f"in-place {self.label(node)} on a value other ops also read")
         if node.op == "call_module":
             return self.visit_module(node, self.modules[node.target])
         return self.visit_function(node)
 
-    def describe(self, node: fx.Node) -> str:
+    def label(self, node: fx.Node) -> str:
         if node.op == "call_module":
             return f"{type(self.modules[node.target]).__name__} {node.target!r}"
         name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
@@ -313,7 +284,7 @@ class _Walker:
                 self.bn_nodes.append(node)
             return self.opaque(node, f"{type(m).__name__} {name!r}, called {self.calls[name]} times")
         if segs is None:
-            return self.frozen_output(node, f"produced by {self.describe(node)}")
+            return self.frozen_output(node, f"produced by {self.label(node)}")
         if isinstance(m, nn.Conv2d):
             return self.visit_conv(node, m, segs)
         if isinstance(m, nn.Linear):
@@ -332,9 +303,9 @@ class _Walker:
                 for seg in segs:
                     self.space(seg.space).readers.append(name)
                 self.freeze(segs, f"read by BatchNorm2d {name!r} inside a concatenation")
-            if isinstance(getattr(m, "select", None), ChannelSelection):  # an inserted selection
+            if selection_of(m) is not None:  # an inserted selection
                 self.freeze(segs, f"BatchNorm2d {name!r} keeps its width (channel selection)")
-                k = m.select.indices.numel()
+                k = selection_of(m).indices.numel()
                 return [_Seg(self.new(k, reason=f"selected channels of {name!r}"), k, True)]
             return [_Seg(s.space, s.width, True, s.repeat) for s in segs]
         if isinstance(m, ChannelSelection):
@@ -385,7 +356,7 @@ class _Walker:
     def passed(self, node: fx.Node, segs: list[_Seg], zero: bool) -> list[_Seg] | None:
         in_shape, out_shape = self.shape(node.args[0]), self.shape(node)
         if in_shape is None or out_shape is None or len(out_shape) < 2 or out_shape[1] != in_shape[1]:
-            return self.opaque(node, self.describe(node))
+            return self.opaque(node, self.label(node))
         return [_Seg(s.space, s.width, s.zero and zero, s.repeat) for s in segs]
 
     def flattened(self, node: fx.Node, segs: list[_Seg], start: int = 1, end: int = -1) -> list[_Seg] | None:
@@ -397,7 +368,7 @@ class _Walker:
         if start == 1 and end in (-1, len(in_shape) - 1) and len(out_shape) == 2 and out_shape[0] == in_shape[0]:
             hw = math.prod(in_shape[2:])
             return [_Seg(s.space, s.width, s.zero, s.repeat * hw) for s in segs]
-        return self.opaque(node, f"{self.describe(node)} reshaping the channel dimension")
+        return self.opaque(node, f"{self.label(node)} reshaping the channel dimension")
 
     def fname(self, node: fx.Node) -> Any:
         return node.target if node.op == "call_method" else getattr(node.target, "__name__", node.target)
@@ -414,13 +385,13 @@ class _Walker:
         if target in _DIV or fname in _DIV:
             if segs is not None and not any(isinstance(a, fx.Node) and self.layout.get(a) for a in node.args[1:]):
                 return segs
-            return self.opaque(node, self.describe(node))
+            return self.opaque(node, self.label(node))
         if fname in ("cat", "concat", "concatenate"):
             return self.concat(node)
         if not self.input_nodes(node):
-            return self.frozen_output(node, f"produced by {self.describe(node)}") if segs is None else None
+            return self.frozen_output(node, f"produced by {self.label(node)}") if segs is None else None
         if segs is None:
-            return self.opaque(node, self.describe(node))
+            return self.opaque(node, self.label(node))
         if fname in _ZERO_FUNCS or target is F.max_pool2d:
             return self.passed(node, segs, zero=True)
         if fname in _NONZERO_FUNCS:
@@ -437,7 +408,7 @@ class _Walker:
             in_shape = self.shape(node.args[0])
             if dims and in_shape and all(d % len(in_shape) >= 2 for d in dims):
                 return [_Seg(s.space, s.width, s.zero, s.repeat) for s in segs]
-        return self.opaque(node, self.describe(node))
+        return self.opaque(node, self.label(node))
 
     def concat(self, node: fx.Node) -> list[_Seg] | None:
         tensors = node.args[0]
@@ -456,7 +427,7 @@ class _Walker:
         """add/sub (residual coupling) and mul (an SE gate: the gate's space is x's)."""
         out_shape = self.shape(node)
         if out_shape is None or len(out_shape) < 2:
-            return self.opaque(node, self.describe(node)) if self.input_nodes(node) else None
+            return self.opaque(node, self.label(node)) if self.input_nodes(node) else None
         c = out_shape[1]
         full, other_zero, scalar_nonzero = [], [], False
         for a in list(node.args) + list(node.kwargs.values()):
@@ -471,12 +442,12 @@ class _Walker:
             elif isinstance(a, fx.Node) and shape is not None:  # a constant tensor (a buffer, …)
                 scalar_nonzero = True
         if not full:
-            return self.opaque(node, self.describe(node))
+            return self.opaque(node, self.label(node))
         widths = [s.width for s in full[0]]
         if any([s.width for s in segs] != widths for segs in full[1:]):
             for segs in full:
-                self.freeze(segs, f"{self.describe(node)} joins differently concatenated tensors")
-            return self.frozen_output(node, f"produced by {self.describe(node)}")
+                self.freeze(segs, f"{self.label(node)} joins differently concatenated tensors")
+            return self.frozen_output(node, f"produced by {self.label(node)}")
         for segs in full[1:]:
             for a, b in zip(full[0], segs):
                 self.union(a.space, b.space, residual)
@@ -492,6 +463,29 @@ class _Walker:
 
 
 # --- classification ------------------------------------------------------------------------------
+
+
+def channel_groups(model: nn.Module, *, coupled: str = "keep") -> list[ChannelGroup]:
+    """The groups a model declares, or else the groups its torch.fx graph implies.
+
+    A traced model gets ChannelSelection children inserted on its selection BNs (in place,
+    idempotent). `coupled` (traced models only): keep residual-coupled spaces (the paper), or prune
+    each coupled set together ranked by the max / mean / sum of its BNs' |γ|.
+    """
+    declare = getattr(model, "channel_groups", None)
+    if declare is not None:
+        return list(declare())
+    result = trace_model(model, coupled=coupled)
+    result.prepare(model)
+    return result.groups
+
+
+def trace_model(model: nn.Module, *, coupled: str = "keep") -> TraceResult:
+    """`derive_groups` at the model's input size (`registry.input_size`), on its device (model unchanged)."""
+    device = next(iter(model.parameters())).device
+    # Batch 2: BatchNorm in train mode (the trace runs in train mode) needs more than one value.
+    return derive_groups(model, torch.zeros(2, *input_size(model), device=device), coupled=coupled)
+
 
 
 def derive_groups(model: nn.Module, example_input: torch.Tensor, *, coupled: str = "keep") -> TraceResult:
@@ -588,14 +582,14 @@ def _selection(w: _Walker, bn_node: fx.Node) -> tuple[str, list[Consumer], bool]
     if w.calls[name] > 1:
         return None
     start, existing = bn_node, True
-    if isinstance(getattr(bn, "select", None), ChannelSelection):
-        selection = f"{name}.select"
+    if selection_of(bn) is not None:
+        selection = f"{name}.{SELECT}"
     elif len(bn_node.users) == 1 and next(iter(bn_node.users)).op == "call_module" and isinstance(
             w.modules[next(iter(bn_node.users)).target], ChannelSelection):
         start = next(iter(bn_node.users))
         selection = start.target
     else:
-        selection, existing = f"{name}.select", False
+        selection, existing = f"{name}.{SELECT}", False
     consumers: list[Consumer] = []
     stack = [(start, 1)]
     while stack:
@@ -635,7 +629,7 @@ def _selection(w: _Walker, bn_node: fx.Node) -> tuple[str, list[Consumer], bool]
     return (selection, consumers, existing) if consumers else None
 
 
-def describe_spaces(result: TraceResult) -> list[dict]:
+def space_rows(result: TraceResult) -> list[dict]:
     """JSON-able rows of `result.spaces` (for `slimctl groups --explain`)."""
     return [
         {"kind": s.kind, "width": s.width, "bns": list(s.bns), "members": list(s.members),

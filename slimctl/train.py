@@ -12,7 +12,7 @@ import json
 import signal
 import threading
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -22,44 +22,13 @@ from torch import nn
 from torch.nn import functional as F
 
 from slimctl import distributed
+from slimctl.device import autocast
 from slimctl.errors import SlimctlError
+from slimctl.files import atomic_write_text
+from slimctl.sparsity import add_sparsity_grad, gamma_stats
 
 
-# --------------------------------------------------------------------------- device and precision
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise SlimctlError("train.device is 'cuda' but no CUDA device is available; use 'auto' or 'cpu'")
-    return torch.device(name)
-
-
-def cpu_has_native_bf16() -> bool:
-    """AVX-512 BF16 or AMX: bf16 matmuls run natively (private torch probes, absent on old builds)."""
-    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(getattr(torch.cpu, p, lambda: False)() for p in probes)
-
-
-def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype, or None for plain fp32. `auto` is bf16 only where it is native."""
-    if name == "fp32":
-        return None
-    if name == "bf16":
-        return torch.bfloat16
-    if name == "fp16":
-        return torch.float16
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
-    return torch.bfloat16 if cpu_has_native_bf16() else None
-
-
-def autocast(device: torch.device, dtype: torch.dtype | None):
-    return nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
-
-
-# --------------------------------------------------------------------------- schedule and sparsity
+# --------------------------------------------------------------------------- schedule
 
 
 def milestone_epochs(fractions: tuple[float, ...] | list[float], epochs: int) -> list[int]:
@@ -74,24 +43,6 @@ def milestone_epochs(fractions: tuple[float, ...] | list[float], epochs: int) ->
 def lr_at(epoch: int, *, lr: float, milestones: list[int], decay: float) -> float:
     """lr of 0-based `epoch`: decayed once for every milestone already reached."""
     return lr * decay ** sum(epoch >= m for m in milestones)
-
-
-def bn_scales(model: nn.Module, bn_names: list[str]) -> list[nn.Parameter]:
-    """The γ parameters of the named BatchNorms (the ones the plan ranks)."""
-    return [model.get_submodule(name).weight for name in bn_names]
-
-
-def add_sparsity_grad(gammas: list[nn.Parameter], sparsity: float) -> None:
-    """grad(γ) += λ·sign(γ) for every γ, in one fused op (γ only, never β)."""
-    if sparsity == 0 or not gammas:
-        return
-    weights = [g.detach() for g in gammas]
-    torch._foreach_add_([g.grad for g in gammas], torch._foreach_sign(weights), alpha=sparsity)
-
-
-def gamma_stats(gammas: list[nn.Parameter]) -> dict[str, float]:
-    flat = torch.cat([g.detach().abs().float().flatten() for g in gammas])
-    return {"gamma_mean_abs": float(flat.mean()), "gamma_frac_below_1e-2": float((flat < 1e-2).float().mean())}
 
 
 # --------------------------------------------------------------------------- interruption
@@ -232,8 +183,6 @@ def evaluate(model: nn.Module, loader, *, device: torch.device, dtype: torch.dty
 
 
 def write_metrics(path: Path, rows: list[dict[str, Any]]) -> None:
-    from slimctl.checkpoint import atomic_write_text
-
     atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 

@@ -4,6 +4,7 @@ import pytest
 
 from slimctl.config import Config, load_config
 from slimctl.errors import SlimctlError
+from slimctl.stages import check_names
 from slimctl.train import lr_at, milestone_epochs
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -57,8 +58,6 @@ def test_finetune_inherits_unset_keys_and_never_sparsifies():
         ("train.sparsity=-1", "'train.sparsity' must be >= 0"),
         ("train.milestones=[0.5, 1.5]", "'train.milestones' must be fractions in (0, 1]"),
         ("train.device=tpu", "'train.device' must be one of auto, cpu, cuda"),
-        ("model.arch=vgg99", "'model.arch' must be one of"),
-        ("data.name=mnist", "'data.name' must be one of"),
         ("data.batch_size=0", "'data.batch_size' must be >= 1"),
         ("train=3", "'train' must be a section"),
         ("noequals", "--set expects key=value"),
@@ -68,6 +67,14 @@ def test_bad_values_name_the_key(override, message):
     with pytest.raises(SlimctlError) as info:
         load_config(None, [override])
     assert message in str(info.value)
+
+
+@pytest.mark.parametrize("override, message", [("model.arch=vgg99", "'model.arch' must be one of"),
+                                               ("data.name=mnist", "'data.name' must be one of")])
+def test_unknown_names_are_checked_against_their_registries(override, message):
+    cfg = load_config(None, [override])  # types and ranges are fine: the name is the stage's to check
+    with pytest.raises(SlimctlError, match=message):
+        check_names(cfg)
 
 
 def test_bad_files(tmp_path):

@@ -18,7 +18,8 @@ from slimctl.checkpoint import model_from_checkpoint
 from slimctl.errors import SlimctlError
 from slimctl.flops import count_flops, count_params
 from slimctl.models import ChannelSelection, create_model, module_widths
-from slimctl.plan import ChannelPlan, channel_groups
+from slimctl.plan import ChannelPlan
+from slimctl.trace import channel_groups
 from slimctl.surgery import prune_model
 
 # Small members of each family: same block structure (first blocks with a strided shortcut, later

@@ -19,7 +19,9 @@ from conftest import randomize_bn
 from slimctl.errors import SlimctlError
 from slimctl.models import create_model
 from slimctl.models.layers import module_widths
-from slimctl.plan import ChannelGroup, ChannelPlan, Consumer, channel_groups, make_plan
+from slimctl.groups import ChannelGroup, Consumer
+from slimctl.plan import ChannelPlan, make_plan
+from slimctl.trace import channel_groups
 from slimctl.surgery import apply_plan
 from slimctl.trace import TraceResult, derive_groups
 
@@ -174,7 +176,7 @@ def test_pruned_torchvision_model_rebuilds_and_prunes_again() -> None:
 
 def test_sync_batchnorm_conversion_keeps_the_selections() -> None:
     """train.sync_bn swaps every BN for a SyncBatchNorm, which keeps children but drops hooks."""
-    from slimctl.trace import reattach_selections
+    from slimctl.inserted import reattach_selections
 
     x = image(32)
     _, _, pruned = prune_traced(torchvision_model("densenet121"), x)

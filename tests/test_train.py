@@ -3,8 +3,9 @@ import torch
 from torch import nn
 
 from slimctl.models import create_model
-from slimctl.plan import channel_groups
-from slimctl.train import add_sparsity_grad, bn_scales, gamma_stats, resolve_precision
+from slimctl.trace import channel_groups
+from slimctl.device import resolve_precision
+from slimctl.sparsity import add_sparsity_grad, bn_scales, gamma_stats
 
 
 def _model_with_grads():

@@ -7,7 +7,8 @@ from slimctl import prune_model
 from slimctl.errors import SlimctlError
 from slimctl.flops import count_flops, count_params
 from slimctl.models import create_model, list_models, module_widths
-from slimctl.plan import channel_groups, global_threshold, make_plan
+from slimctl.plan import global_threshold, make_plan
+from slimctl.trace import channel_groups
 
 
 @pytest.mark.parametrize("arch", list_models())

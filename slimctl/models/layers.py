@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from slimctl.errors import SlimctlError
-from slimctl.plan import ChannelGroup, Consumer
+from slimctl.groups import ChannelGroup, Consumer
+from slimctl.inserted import ChannelSelection
 
 
 def scale_width(channels: int, width: float) -> int:
@@ -34,26 +35,6 @@ def init_paper_weights(model: nn.Module) -> None:
         elif isinstance(m, nn.Linear):
             nn.init.normal_(m.weight, 0.0, 0.01)
             nn.init.zeros_(m.bias)
-
-
-class ChannelSelection(nn.Module):
-    """Pass on only the kept channels of a BN that must keep its width (the paper's "channel selection").
-
-    A pre-activation BN sits on a stream that other layers read at full width, so it cannot
-    shrink; the conv after it reads only the kept channels. The kept indices are a buffer, not a
-    Parameter: they get no gradient, are saved in the state_dict, work under DDP and torch.compile,
-    and selecting is one `index_select` on the device (no host sync).
-    """
-
-    def __init__(self, num_channels: int) -> None:
-        super().__init__()
-        self.register_buffer("indices", torch.arange(num_channels))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.index_select(1, self.indices)
-
-    def extra_repr(self) -> str:
-        return f"keeps={self.indices.numel()}"
 
 
 class PreActHead(nn.Module):

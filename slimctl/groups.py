@@ -1,0 +1,53 @@
+"""The vocabulary of pruning: channel groups and their consumers (plain data, no behaviour).
+
+A *channel group* is one channel space of the network, ranked by the |γ| of one BatchNorm:
+- `producers` are modules whose output channels are the space (the conv before the BN, the BN);
+- `consumers` are modules whose input channels are the space (the next conv, or the Linear head),
+  possibly at an `offset` inside a concatenation and with `repeat` input columns per channel
+  (flatten → Linear);
+- `selection` names a ChannelSelection module when the BN itself must keep its width (it sits on a
+  stream other layers read whole): then only the consumers read the kept channels, through the
+  selection's index buffer.
+
+A family declares its groups (`model.channel_groups()`); the tracer derives them for any other CNN
+(`slimctl.trace.channel_groups`). Both feed the same plan (`slimctl.plan`) and the same surgery.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+REDUCTIONS = ("max", "mean", "sum")
+# Residual-coupled spaces (traced models): kept, as in the paper, or pruned together by a reduction.
+COUPLED_MODES = ("keep", *REDUCTIONS)
+
+
+@dataclass(frozen=True)
+class Consumer:
+    module: str
+    offset: int = 0  # first input channel of the space in `module`'s input (concatenations)
+    repeat: int = 1  # input columns per channel (flatten → Linear: H·W of the flattened map)
+    # Whether a removed channel reaches this consumer as a constant (its BN emits β once γ ≈ 0, and
+    # only constant-preserving ops lie between): then pruning can add that constant's response.
+    constant: bool = True
+
+
+@dataclass(frozen=True)
+class ChannelGroup:
+    bn: str
+    producers: tuple[str, ...] = ()
+    consumers: tuple[Consumer, ...] = ()
+    selection: str | None = None
+    # A space ranked by several BNs (a depthwise chain, a residual-coupled set): the other BNs, all
+    # of the space's width and also listed in `producers`; a channel's score is `reduce` over the |γ|s.
+    extra_bns: tuple[str, ...] = ()
+    reduce: str = "max"
+    # Grouped convolutions read the space in `divisions` equal contiguous chunks: each chunk keeps
+    # the same number of channels (which ones may differ per chunk).
+    divisions: int = 1
+    coupled: bool = False  # a residual-coupled set (several streams that must keep the same channels)
+
+    @property
+    def bns(self) -> tuple[str, ...]:
+        """Every BN whose |γ| ranks this group (the first is `bn`)."""
+        return (self.bn, *self.extra_bns)

@@ -1,0 +1,81 @@
+"""The package's import graph has no cycles, counting imports inside functions too (so no lazy
+import hides one), and the vocabulary modules stay leaves."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import slimctl
+
+PACKAGE = Path(slimctl.__file__).parent
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def import_graph() -> dict[str, set[str]]:
+    """slimctl module → the slimctl modules it imports anywhere in its source."""
+    files = {module_name(p): p for p in PACKAGE.rglob("*.py")}
+    graph: dict[str, set[str]] = {name: set() for name in files}
+    for name, path in files.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                # `from slimctl.x import y`: the module slimctl.x.y if there is one, else slimctl.x.
+                targets = [f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in files else node.module
+                           for a in node.names]
+            else:
+                continue
+            graph[name] |= {t for t in targets if t in files and t != name}
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                return path[path.index(nxt):] + [nxt]
+            if nxt not in state and (cycle := visit(nxt)):
+                return cycle
+        path.pop()
+        state[node] = 2
+        return None
+
+    for start in sorted(graph):
+        if start not in state and (cycle := visit(start)):
+            return cycle
+    return None
+
+
+def test_import_graph_is_acyclic() -> None:
+    cycle = find_cycle(import_graph())
+    assert cycle is None, "import cycle: " + " → ".join(cycle)
+
+
+def test_cycle_finder_finds_a_cycle() -> None:
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_vocabulary_modules_are_leaves() -> None:
+    graph = import_graph()
+    leaves = ["slimctl._version", "slimctl.errors", "slimctl.files", "slimctl.device", "slimctl.groups",
+              "slimctl.inserted", "slimctl.registry"]
+    for leaf in leaves:
+        assert graph[leaf] <= {"slimctl.errors"}, f"{leaf} imports {sorted(graph[leaf])}"
+
+
+def test_plan_is_pure_and_trace_needs_no_family() -> None:
+    graph = import_graph()
+    assert graph["slimctl.plan"] <= {"slimctl.errors", "slimctl.groups"}
+    assert not any(m.startswith("slimctl.models") for m in graph["slimctl.trace"])
+    assert "slimctl.config" not in graph["slimctl.plan"]
