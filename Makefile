@@ -30,6 +30,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 
 demo: install
 	$(SLIMCTL) sparse-train -c configs/demo.yaml -o $(RUNS)/demo/sparse --force
+	$(SLIMCTL) sweep $(RUNS)/demo/sparse/best.pt --ratios 0.3,0.5,0.6,0.7,0.8,0.9 --png $(RUNS)/demo/sweep.png
 	$(SLIMCTL) prune $(RUNS)/demo/sparse/best.pt --ratio $(DEMO_RATIO) -o $(RUNS)/demo/pruned.pt --force
 	$(SLIMCTL) finetune $(RUNS)/demo/pruned.pt -c configs/demo.yaml -o $(RUNS)/demo/finetune --force
 	$(SLIMCTL) report $(RUNS)/demo/finetune/best.pt
@@ -60,8 +61,13 @@ $(RUNS)/$(1)-$(2)/sparse/.done: | install
 	touch $$@
 
 $(RUNS)/$(1)-$(2)/baseline/.done: | install
-	$(SLIMCTL) sparse-train -c configs/$(1)_$(2).yaml -o $$(@D) --set train.sparsity=0 $$(call train_args,$$(@D))
+	$(SLIMCTL) sparse-train -c configs/$(1)_$(2).yaml -o $$(@D) --set train.sparsity=0 --set train.sparsity_budget=null $$(call train_args,$$(@D))
 	touch $$@
+
+# Top-1 right after pruning at ratios 0.1 … 0.9, sparse vs baseline, compensated vs literal removal.
+$(RUNS)/$(1)-$(2)/sweep.json: $(RUNS)/$(1)-$(2)/sparse/.done $(RUNS)/$(1)-$(2)/baseline/.done
+	$(SLIMCTL) sweep $(RUNS)/$(1)-$(2)/sparse/best.pt --compare $(RUNS)/$(1)-$(2)/baseline/best.pt \
+	  --data-root $(DATA) --png $(RUNS)/$(1)-$(2)/sweep.png --json > $$@.tmp && mv $$@.tmp $$@
 
 $(RUNS)/$(1)-$(2)/pruned-%.pt: $(RUNS)/$(1)-$(2)/sparse/.done
 	$(SLIMCTL) prune $(RUNS)/$(1)-$(2)/sparse/best.pt --ratio $$* -o $$@ --data-root $(DATA) --force
@@ -97,8 +103,10 @@ endef
 $(eval $(call PLOTS,cifar10-vgg19_w025,0.5 0.7))
 $(eval $(call PLOTS,cifar10-preresnet56,0.4 0.6))
 
-cpu-repro-vgg: cifar10-vgg19_w025-baseline cifar10-vgg19_w025 $(RUNS)/cifar10-vgg19_w025/plots.done
-cpu-repro-resnet: cifar10-preresnet56-baseline cifar10-preresnet56 $(RUNS)/cifar10-preresnet56/plots.done
+cpu-repro-vgg: cifar10-vgg19_w025-baseline cifar10-vgg19_w025 $(RUNS)/cifar10-vgg19_w025/plots.done \
+  $(RUNS)/cifar10-vgg19_w025/sweep.json
+cpu-repro-resnet: cifar10-preresnet56-baseline cifar10-preresnet56 $(RUNS)/cifar10-preresnet56/plots.done \
+  $(RUNS)/cifar10-preresnet56/sweep.json
 cpu-repro: cpu-repro-vgg cpu-repro-resnet
 	$(MAKE) table
 .PHONY: cpu-repro cpu-repro-vgg cpu-repro-resnet

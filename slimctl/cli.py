@@ -18,7 +18,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from slimctl._version import __version__
 from slimctl.device import PRECISIONS
 from slimctl.errors import SlimctlError
+from slimctl.compensate import COMPENSATE_MODES
 from slimctl.groups import COUPLED_MODES
+from slimctl.sweep import DEFAULT_RATIOS
 
 
 class UserError(click.ClickException):
@@ -161,23 +163,42 @@ def sparse_train_cmd(config: Path, out: Path | None, overrides: tuple[str, ...],
 @click.option("--coupled", type=click.Choice(COUPLED_MODES), default="keep", show_default=True,
               help="Traced models: keep residual-coupled channels (the paper), or prune each coupled set "
                    "together, ranked by the max/mean/sum of its BNs' |γ|.")
+@click.option("--compensate", type=click.Choice(COMPENSATE_MODES), default="exact", show_default=True,
+              help="What a removed channel's constant output (its β, once γ ≈ 0) becomes: exact = its response "
+                   "is kept (position-dependent near padded borders; the pruned model equals the original with "
+                   "only those γ zeroed), bias = only its spatial mean, none = dropped (the paper's removal).")
+@click.option("--target-flops", default=None, metavar="X",
+              help="Instead of --ratio: the smallest ratio that removes X of the FLOPs (a fraction, e.g. 0.5) "
+                   "or leaves at most X (a count, e.g. 400M).")
+@click.option("--target-params", default=None, metavar="X", help="The same for parameters (e.g. 0.7 or 2.5M).")
 @click.option("--data-root", default=None, help="Where the data set lives, if not where the checkpoint's config says.")
 @click.option("--no-eval", is_flag=True, help="Skip the test-set evaluation of the pruned model.")
 @click.option("--device", default="cpu", show_default=True, help="Device for that evaluation (cpu, cuda, auto).")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables.")
 def prune_cmd(checkpoint: Path, ratio: float | None, out: Path | None, min_channels: int | None, round_to: int,
-              coupled: str, data_root: str | None, no_eval: bool, device: str, force: bool, as_json: bool) -> None:
+              coupled: str, compensate: str, target_flops: str | None, target_params: str | None,
+              data_root: str | None, no_eval: bool, device: str, force: bool, as_json: bool) -> None:
     """Remove the channels whose BN |γ| falls under one global threshold; write a narrower model.
 
     Also writes a |γ| histogram (OUT stem + _gamma.png) with the threshold marked, and evaluates
-    the pruned model (before any fine-tuning) when its data set is on disk.
+    the pruned model (before any fine-tuning) when its data set is on disk: top-1 with the chosen
+    compensation and, for comparison, with none.
     """
     from slimctl.report import before_after_table, prune_table
     from slimctl.stages import prune_checkpoint
+    from slimctl.targets import parse_target
 
+    if target_flops is not None and target_params is not None:
+        raise UserError("give one of --target-flops and --target-params, not both")
+    target = None
+    if target_flops is not None:
+        target = parse_target("flops", target_flops)
+    elif target_params is not None:
+        target = parse_target("params", target_params)
     result = prune_checkpoint(checkpoint, out, ratio=ratio, min_channels=min_channels, round_to=round_to,
-                              coupled=coupled, evaluate_model=not no_eval, data_root=data_root, force=force, device=device)
+                              coupled=coupled, compensate=compensate, target=target, evaluate_model=not no_eval,
+                              data_root=data_root, force=force, device=device)
     if as_json:
         print_json(result)
         return
@@ -185,7 +206,58 @@ def prune_cmd(checkpoint: Path, ratio: float | None, out: Path | None, min_chann
     out_console.print(before_after_table(result))
     if "eval_skipped" in result:
         err_console.print(f"[yellow]not evaluated:[/] {result['eval_skipped']}")
+    for note in result["not_compensated"]:
+        err_console.print(f"[yellow]note:[/] {note}")
+    if result["target"] is not None:
+        out_console.print(f"ratio {result['ratio']:.4g} meets --target-{result['target']['kind']} "
+                          f"{result['target']['value']}")
     out_console.print(f"→ {result['out']}  (histogram {result['histogram']})")
+
+
+@cli.command("sweep")
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option("--ratios", default=",".join(f"{r:g}" for r in DEFAULT_RATIOS), show_default=True,
+              help="Comma-separated ratios to try, each in [0, 1).")
+@click.option("--compare", type=click.Path(path_type=Path), default=None,
+              help="Another checkpoint to sweep alongside, e.g. the λ = 0 baseline of the same network.")
+@click.option("--tolerance", type=click.FloatRange(min=0), default=0.5, show_default=True,
+              help="Points of top-1 below the unpruned model's that still count as safe.")
+@click.option("--subset", type=int, default=None, help="Evaluate on this many test images (a fixed choice) for speed.")
+@click.option("--compensate", type=click.Choice(COMPENSATE_MODES), default="exact", show_default=True,
+              help="Compensation to sweep; 'none' (literal removal) is always swept beside it.")
+@click.option("--min-channels", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--round-to", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--coupled", type=click.Choice(COUPLED_MODES), default="keep", show_default=True)
+@click.option("--png", type=click.Path(path_type=Path), default=None, help="Also draw the curves into this PNG.")
+@click.option("--data-root", default=None, help="Where the data set lives, if not where the checkpoint's config says.")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or auto.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
+def sweep_cmd(checkpoint: Path, ratios: str, compare: Path | None, tolerance: float, subset: int | None,
+              compensate: str, min_channels: int, round_to: int, coupled: str, png: Path | None,
+              data_root: str | None, device: str, as_json: bool) -> None:
+    """Accuracy right after pruning at each ratio, without writing a checkpoint.
+
+    Prints threshold, params, FLOPs and top-1 per ratio (compensated and literal removal), and the
+    largest ratio within --tolerance points of the unpruned top-1. Needs the checkpoint's test set.
+    """
+    from slimctl.report import sweep_table
+    from slimctl.stages import sweep_checkpoint
+    from slimctl.sweep import parse_ratios
+
+    ratio_list = parse_ratios(ratios)
+    result = sweep_checkpoint(checkpoint, ratios=ratio_list, compare=compare, tolerance=tolerance, subset=subset,
+                              compensate=compensate, min_channels=min_channels, round_to=round_to, coupled=coupled,
+                              data_root=data_root, device=device, png=png)
+    if as_json:
+        print_json(result)
+        return
+    out_console.print(sweep_table(result))
+    for name, curve in result["curves"].items():
+        safe = curve["largest_safe_ratio"]
+        out_console.print(f"{name}: largest ratio within {tolerance:g} points of {curve['top1_unpruned']:.2f}%: "
+                          + (f"{safe:g}" if safe is not None else "none of those tried"))
+    if png is not None:
+        out_console.print(f"→ {png}")
 
 
 @cli.command("finetune")

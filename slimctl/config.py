@@ -63,6 +63,10 @@ class TrainConfig:
     lr_decay: float = 0.1
     # λ of the L1 penalty on BN scales (the paper's sparsity term); 0 trains normally.
     sparsity: float = 0.0
+    # Or state the strength as the run's L1 budget instead of λ: how far (in units of |γ|) the L1
+    # term alone can move a γ over the whole schedule, λ·Σ_t lr_t. λ is then derived from the
+    # schedule (epochs, lr, milestones, steps per epoch) and recorded. Set one of the two, not both.
+    sparsity_budget: float | None = None
     # Which BN scales get it: the ones pruning ranks, or every BatchNorm2d (the same set for
     # slimctl's own families; differs for traced models with frozen spaces).
     sparsity_on: str = "ranked"
@@ -89,6 +93,7 @@ class FinetuneConfig:
     milestones: tuple[float, ...] | None = None
     lr_decay: float | None = None
     sparsity: float | None = None
+    sparsity_budget: float | None = None
     sparsity_on: str | None = None
     seed: int | None = None
     device: str | None = None
@@ -117,6 +122,7 @@ class Config:
         """The `train` settings with the `finetune` overrides applied; sparsity is always 0."""
         overrides = {k: v for k, v in dataclasses.asdict(self.finetune).items() if v is not None}
         overrides["sparsity"] = 0.0
+        overrides["sparsity_budget"] = None
         return dataclasses.replace(self.train, **overrides)
 
     def to_dict(self) -> dict[str, Any]:
@@ -279,6 +285,13 @@ def validate_train(t: TrainConfig, section: str) -> None:
     _check(all(0 < m <= 1 for m in t.milestones), f"{section}.milestones", "fractions in (0, 1]", list(t.milestones))
     _check(0 < t.lr_decay <= 1, f"{section}.lr_decay", "in (0, 1]", t.lr_decay)
     _check(t.sparsity >= 0, f"{section}.sparsity", ">= 0", t.sparsity)
+    _check(t.sparsity_budget is None or t.sparsity_budget >= 0, f"{section}.sparsity_budget", ">= 0 or null",
+           t.sparsity_budget)
+    if t.sparsity_budget is not None and t.sparsity > 0:
+        raise SlimctlError(
+            f"config keys '{section}.sparsity' ({t.sparsity:g}) and '{section}.sparsity_budget' ({t.sparsity_budget:g}) "
+            "both set the sparsity strength; set one and null the other (e.g. --set train.sparsity_budget=null)"
+        )
     _check(0 <= t.seed < 2**63, f"{section}.seed", "in [0, 2^63)", t.seed)
     _check(t.sparsity_on in ("ranked", "all"), f"{section}.sparsity_on", "ranked or all", t.sparsity_on)
     _check(t.device in DEVICES, f"{section}.device", f"one of {', '.join(DEVICES)}", t.device)
@@ -298,10 +311,11 @@ def validate(cfg: Config) -> None:
     _check(d.image_size is None or (d.name == "imagefolder" and d.image_size >= 8), "data.image_size",
            "null, or >= 8 with data.name imagefolder (CIFAR and digits are 32×32)", d.image_size)
     validate_train(cfg.train, "train")
-    if cfg.finetune.sparsity not in (None, 0):
-        raise SlimctlError(
-            "config key 'finetune.sparsity' must be 0 or unset: fine-tuning never applies the sparsity term"
-        )
+    for key in ("sparsity", "sparsity_budget"):
+        if getattr(cfg.finetune, key) not in (None, 0):
+            raise SlimctlError(
+                f"config key 'finetune.{key}' must be 0 or unset: fine-tuning never applies the sparsity term"
+            )
     validate_train(cfg.finetune_train(), "finetune")
     validate_ratio(cfg.prune.ratio, "prune.ratio")
     _check(cfg.prune.min_channels >= 1, "prune.min_channels", ">= 1", cfg.prune.min_channels)

@@ -111,19 +111,21 @@ def build_loaders(
 
 def build_loader(
     cfg: DataConfig, *, train: bool, device: torch.device | str, channels_last: bool = False, rank: int = 0,
-    world_size: int = 1,
+    world_size: int = 1, subset: int | None = None,
 ) -> TensorLoader | FolderLoader:
     """The training or the test loader alone (`eval` and `prune` read no training data: for an
-    ImageNet folder, listing it alone takes minutes)."""
+    ImageNet folder, listing it alone takes minutes). `subset` keeps that many samples (chosen by
+    data.seed); the training split defaults to data.subset, the test split to all of it."""
     batch_size = cfg.batch_size if train else cfg.test_batch_size
+    if subset is None and train:
+        subset = cfg.subset
     if cfg.name == "imagefolder":
         return FolderLoader(Path(cfg.root) / ("train" if train else "val"), train=train, batch_size=batch_size,
                             image_size=input_size_of(cfg)[-1], workers=cfg.workers, device=device, seed=cfg.seed,
-                            rank=rank, world_size=world_size, channels_last=channels_last,
-                            subset=cfg.subset if train else None)
+                            rank=rank, world_size=world_size, channels_last=channels_last, subset=subset)
     data = load_dataset(cfg.name, cfg.root, train=train, download=cfg.download)
-    if train and cfg.subset is not None:
-        data = take_subset(data, cfg.subset, seed=cfg.seed)
+    if subset is not None:
+        data = take_subset(data, subset, seed=cfg.seed)
     return TensorLoader(data, batch_size=batch_size, train=train, device=device, seed=cfg.seed,
                         channels_last=channels_last, rank=rank, world_size=world_size)
 

@@ -2,13 +2,17 @@
 
 Forward hooks on leaf modules, one 1×3×32×32 input; a multiply and an add count as two FLOPs:
 conv (2·k²·C_in/groups + bias)·C_out·H_out·W_out; BN 2 per element; ReLU 1 per element; pooling
-k² per output element; Linear 2·in·out + out. Other leaves (channel selection, dropout) count 0.
+k² per output element; Linear 2·in·out + out; a pruning compensation term 1 per output element (an
+add). Other leaves (channel selection, dropout) count 0.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from slimctl.inserted import ConstantResponse
+from slimctl.registry import input_size as recorded_input_size
 
 
 def count_params(model: nn.Module) -> int:
@@ -33,14 +37,16 @@ def _module_flops(module: nn.Module, output: torch.Tensor) -> int:
         return 0  # counted by the caller from input/output sizes; see below
     if isinstance(module, nn.Linear):
         return 2 * module.in_features * module.out_features + (module.out_features if module.bias is not None else 0)
+    if isinstance(module, ConstantResponse):
+        return output.numel()  # one add per output element (its per-size map is cached)
     return 0
 
 
 def count_flops(model: nn.Module, input_size: tuple[int, int, int] | None = None) -> int:
     """FLOPs of one forward pass at batch 1 (eval mode, on the model's own device), at `input_size`
-    or the size the model records (`arch_spec["input_size"]`; 3×32×32 by default)."""
+    or the model's own (`registry.input_size`)."""
     if input_size is None:
-        input_size = tuple(getattr(model, "arch_spec", {}).get("input_size", (3, 32, 32)))
+        input_size = recorded_input_size(model)
     total = 0
 
     def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
@@ -53,8 +59,10 @@ def count_flops(model: nn.Module, input_size: tuple[int, int, int] | None = None
         else:
             total += _module_flops(module, output)
 
-    # A BN may carry an inserted channel selection as a child; it is still counted as a leaf.
-    leaves = [m for m in model.modules() if not list(m.children()) or isinstance(m, nn.BatchNorm2d)]
+    # A BN may carry an inserted channel selection as a child, a conv or Linear a constant response:
+    # they are still counted as leaves.
+    leaves = [m for m in model.modules()
+              if not list(m.children()) or isinstance(m, (nn.BatchNorm2d, nn.Conv2d, nn.Linear))]
     # prepend: see a BN's own output, before an inserted selection's hook narrows it.
     handles = [m.register_forward_hook(hook, prepend=True) for m in leaves]
     was_training = model.training

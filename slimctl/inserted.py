@@ -1,5 +1,6 @@
 """Modules slimctl adds inside a network, each with one name, one way to insert it and one way to
-find it again.
+find it again: `ChannelSelection` (child `select` of a BN) and `ConstantResponse` (child
+`compensate` of a conv or Linear).
 
 `ChannelSelection` passes on only the kept channels of a BN that must keep its width (the paper's
 "channel selection"). The paper's pre-activation families hold one as an ordinary module; in any
@@ -7,6 +8,11 @@ other model (a traced torchvision model) slimctl adds it as the child `select` o
 applies it with a forward hook, so the BN keeps its name and its state_dict keys (the selection adds
 `<bn>.select.indices`). A checkpoint records `<bn>.select` among its widths, and `insert_recorded`
 recreates the child before the weights are loaded.
+
+`ConstantResponse` carries what removed channels still contributed: a channel whose γ ≈ 0 emits
+the constant β, which the next layer reads as a bias. Pruning (`slimctl.compensate`) stores that
+constant's response and adds it to the layer's output, so removal does not shift later
+activations. Recorded and recreated the same way (`<layer>.compensate`).
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import torch
 from torch import nn
 
 SELECT = "select"  # the child name of an inserted ChannelSelection: `<bn>.select`
+COMPENSATE = "compensate"  # the child name of a ConstantResponse: `<conv or linear>.compensate`
 
 
 class ChannelSelection(nn.Module):
@@ -37,6 +44,53 @@ class ChannelSelection(nn.Module):
 
     def extra_repr(self) -> str:
         return f"keeps={self.indices.numel()}"
+
+
+class ConstantResponse(nn.Module):
+    """The response of a layer to the constants its removed input channels emitted, added to its output.
+
+    Two buffers: `bias` [out], a per-channel term (exact for Linear and unpadded convs, or the
+    spatial mean of the exact term in `--compensate bias`), and `kernel` [out, kh, kw], the reduced
+    kernel Σ_c W[o, c]·const_c over the removed channels c (empty, 0×0, when unused). Near a
+    zero-padded border fewer taps see the constant, so the exact response varies with position: it
+    is a conv of an all-ones map with the parent conv's stride, padding and dilation, computed for
+    the output's size and cached per size, so any input size stays exact.
+    """
+
+    def __init__(self, out: int, kh: int = 0, kw: int = 0) -> None:
+        super().__init__()
+        self.register_buffer("bias", torch.zeros(out))
+        self.register_buffer("kernel", torch.zeros(out, kh, kw))
+        self._cache: dict[tuple, torch.Tensor] = {}
+
+    @property
+    def shape(self) -> list[int]:
+        """[out, kh, kw]: what a checkpoint records to recreate it (kh = kw = 0: per channel only)."""
+        return list(self.kernel.shape)
+
+    def forward(self, output: torch.Tensor, layer: nn.Module, input_hw: tuple[int, int] | None = None) -> torch.Tensor:
+        """`output` of `layer` plus the response; `input_hw`: the layer's input H, W (per-position term)."""
+        shape = (1, -1) + (1,) * (output.dim() - 2)
+        output = output + self.bias.view(shape).to(output.dtype)
+        if self.kernel.numel():
+            output = output + self.position_map(layer, tuple(input_hw)).to(output.dtype)
+        return output
+
+    def position_map(self, conv: nn.Module, input_hw: tuple[int, int]) -> torch.Tensor:
+        """[out, H_out, W_out]: the kernel term at each output position for an input of `input_hw`."""
+        key = (input_hw, self.kernel.device, self.kernel.dtype, self.kernel._version)
+        compiling = torch.compiler.is_compiling()
+        if not compiling and key in self._cache:
+            return self._cache[key]
+        ones = torch.ones(1, 1, *input_hw, device=self.kernel.device, dtype=self.kernel.dtype)
+        result = nn.functional.conv2d(ones, self.kernel.unsqueeze(1), stride=conv.stride, padding=conv.padding,
+                                      dilation=conv.dilation)[0]
+        if not compiling:
+            self._cache = {key: result}
+        return result
+
+    def extra_repr(self) -> str:
+        return f"out={self.kernel.shape[0]}" + (", per position" if self.kernel.numel() else ", per channel")
 
 
 def _is_bn(module: nn.Module) -> bool:
@@ -64,12 +118,60 @@ def insert_selections(model: nn.Module, bn_names: tuple[str, ...] | list[str]) -
         bn.register_forward_hook(_select_hook)
 
 
+def _response_hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor:
+    return getattr(module, COMPENSATE)(output, module, inputs[0].shape[-2:])
+
+
+def response_of(layer: nn.Module) -> ConstantResponse | None:
+    """The ConstantResponse attached to a conv or Linear (its child `compensate`), if any."""
+    child = getattr(layer, COMPENSATE, None)
+    return child if isinstance(child, ConstantResponse) else None
+
+
+def attach_response(layer: nn.Module, *, bias: torch.Tensor | None = None, kernel: torch.Tensor | None = None) -> None:
+    """Add a per-channel `bias` [out] and/or a per-position `kernel` [out, kh, kw] to the layer's
+    ConstantResponse, attaching one (and its forward hook) if it has none."""
+    out = layer.weight.shape[0]
+    existing = response_of(layer)
+    kh, kw = kernel.shape[-2:] if kernel is not None else (existing.shape[1:] if existing is not None else (0, 0))
+    if existing is None or (kernel is not None and existing.shape != [out, kh, kw]):
+        new = ConstantResponse(out, kh, kw).to(layer.weight.device)
+        if existing is not None:  # it had only a per-channel term: keep it
+            new.bias.copy_(existing.bias)
+        layer.add_module(COMPENSATE, new)
+        existing = new
+    if bias is not None:
+        existing.bias.add_(bias.to(existing.bias))
+    if kernel is not None:
+        existing.kernel.add_(kernel.to(existing.kernel))
+    if _response_hook not in layer._forward_hooks.values():
+        layer.register_forward_hook(_response_hook)
+
+
+def is_inserted(model: nn.Module, name: str) -> bool:
+    """Whether `name` denotes a module slimctl inserts (`<bn>.select`, `<conv or linear>.compensate`),
+    judged by its parent's type (a family's own `select` modules sit beside their BN, not in it)."""
+    parent_name, _, child = name.rpartition(".")
+    try:
+        parent = model.get_submodule(parent_name)
+    except AttributeError:
+        return False
+    return (child == SELECT and _is_bn(parent)) or (child == COMPENSATE and isinstance(parent, (nn.Conv2d, nn.Linear)))
+
+
 def insert_recorded(model: nn.Module, widths: dict[str, list[int]]) -> None:
-    """Recreate the selections a checkpoint's widths record (`<bn>.select`) but `model` lacks."""
-    modules = dict(model.named_modules())
-    suffix = f".{SELECT}"
-    names = [n[: -len(suffix)] for n in widths if n.endswith(suffix) and n not in modules]
-    insert_selections(model, [n for n in names if _is_bn(modules.get(n, nn.Identity()))])
+    """Recreate the selections (`<bn>.select`) and constant responses (`<layer>.compensate`) a
+    checkpoint's widths record but `model` lacks (call after resizing their parents)."""
+    for name, shape in widths.items():
+        if not is_inserted(model, name):
+            continue
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        if child == SELECT:
+            insert_selections(model, [parent_name])
+        elif response_of(parent) is None:
+            parent.add_module(COMPENSATE, ConstantResponse(*shape).to(parent.weight.device))
+            parent.register_forward_hook(_response_hook)
 
 
 def reattach_selections(model: nn.Module) -> nn.Module:

@@ -94,11 +94,15 @@ def groups_table(rows: list[dict[str, Any]], *, explain: bool) -> Table:
     for r in rows:
         kinds[r["kind"]] = kinds.get(r["kind"], 0) + 1
     table = Table(title="channel spaces: " + ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())))
-    for column in ("kind", "width", "ranked by", *(("members", "why it keeps its width") if explain else ())):
+    notes = explain and any(r.get("constant_note") for r in rows)
+    columns = ("kind", "width", "ranked by", *(("members", "why it keeps its width") if explain else ()),
+               *(("β compensation",) if notes else ()))
+    for column in columns:
         table.add_column(column, justify="right" if column == "width" else "left", overflow="fold")
     for r in rows:
         bns = ", ".join(r["bns"]) or "-"
         extra = (", ".join(r["members"]), r["reason"] or "") if explain else ()
+        extra += (r.get("constant_note") or "",) if notes else ()
         table.add_row(r["kind"], str(r["width"]), bns, *extra)
     return table
 
@@ -146,6 +150,43 @@ def plot_gamma_comparison(named_scores: dict[str, torch.Tensor], path: Path, tit
     fig.suptitle(title)
     fig.tight_layout()
     _save_png(fig, path)
+
+
+def plot_sweep(curves: dict[str, dict[str, Any]], path: Path, *, modes: tuple[str, ...], title: str) -> None:
+    """Top-1 right after pruning vs ratio: one line per model and compensation mode, the unpruned
+    top-1 of each model dashed (the paper's "sparsity makes pruning safe" picture)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    colours = ["#4477aa", "#cc6677", "#228833", "#aa3377"]
+    for colour, (name, curve) in zip(colours, curves.items()):
+        label = Path(name).parent.name or Path(name).name
+        ratios = [r["ratio"] for r in curve["rows"]]
+        for mode, style in zip(modes, ("-o", ":x")):
+            ax.plot(ratios, [r[f"top1_{mode}"] for r in curve["rows"]], style, color=colour, label=f"{label}, {mode}")
+        ax.axhline(curve["top1_unpruned"], color=colour, linestyle="--", linewidth=0.8)
+    ax.set_xlabel("ratio of BN channels removed")
+    ax.set_ylabel("test top-1 % (before fine-tuning)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    _save_png(fig, path)
+
+
+def sweep_table(result: dict[str, Any]) -> Table:
+    modes = [result["compensate"]] + (["none"] if result["compensate"] != "none" else [])
+    table = Table(title=f"top-1 right after pruning, compensate={result['compensate']} "
+                        f"({result['images']} test images)")
+    for column in ("model", "ratio", "threshold", "params", "FLOPs", *(f"top-1 {m}" for m in modes)):
+        table.add_column(column, justify="left" if column == "model" else "right")
+    for name, curve in result["curves"].items():
+        label = os.path.relpath(name)
+        table.add_row(label, "0", "-", human(curve["params"]), human(curve["flops"]),
+                      *(percent(curve["top1_unpruned"]) for _ in modes))
+        for r in curve["rows"]:
+            table.add_row("", f"{r['ratio']:g}", f"{r['threshold']:.3g}" if r["threshold"] is not None else "-",
+                          human(r["params"]), human(r["flops"]), *(percent(r[f"top1_{m}"]) for m in modes))
+    return table
 
 
 def plot_error_curves(curves: dict[str, list[dict[str, Any]]], path: Path, title: str) -> None:

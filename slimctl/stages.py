@@ -26,9 +26,12 @@ from slimctl.flops import count_flops, count_params
 from slimctl.inserted import reattach_selections
 from slimctl.models import create_model, is_known_arch, list_models, module_widths
 from slimctl.plan import group_scores, make_plan, validate_ratio
-from slimctl.report import plot_gamma_histogram
-from slimctl.sparsity import bn_scales
-from slimctl.surgery import apply_plan
+from slimctl.report import plot_gamma_histogram, plot_sweep
+from slimctl.sparsity import bn_scales, budget_warning, gamma_stats, l1_budget, lr_sum, sparsity_for_budget
+from slimctl.compensate import COMPENSATE_MODES
+from slimctl.surgery import apply_plan, apply_plan_with_notes
+from slimctl.sweep import largest_safe_ratio, sweep_model
+from slimctl.targets import Target, plan_for_target
 from slimctl.trace import channel_groups, space_rows, trace_model
 from slimctl.train import evaluate, fit, milestone_epochs
 
@@ -181,7 +184,8 @@ def _train(
             f"{model.arch_spec['arch']}: no BatchNorm is ranked by any channel group, so there is nothing "
             "to sparsify or prune; try train.sparsity_on: all, or `slimctl groups --explain` to see why"
         )
-    info = {"params": count_params(model), "flops": count_flops(model)}
+    strength = sparsity_strength(train, steps_per_epoch=len(train_loader))
+    info = {"params": count_params(model), "flops": count_flops(model), **strength}
     config = cfg.to_dict()
 
     def save(path: Path, trained: nn.Module, metrics: dict[str, Any], resume_info: dict[str, Any] | None) -> None:
@@ -194,16 +198,21 @@ def _train(
         save_checkpoint(path, ckpt)
 
     if world.is_main:
-        save_config(cfg, run_dir / "config.yaml", extra={"provenance": provenance(), "stage": stage})
+        save_config(cfg, run_dir / "config.yaml",
+                    extra={"provenance": provenance(), "stage": stage, "sparsity_resolved": strength})
     else:
         log = lambda *args: None  # noqa: E731
     log(
         f"{stage}: {model.arch_spec['arch']} on {cfg.data.name} ({train_loader.dataset_size} train / "
         f"{test_loader.dataset_size} test images), {device.type}, {dtype or torch.float32}, "
-        f"{train.epochs} epochs, λ={train.sparsity:g}"
+        f"{train.epochs} epochs, λ={strength['sparsity']:.4g}"
+        + (f" (L1 budget {strength['l1_budget']:.3g})" if strength["sparsity"] else "")
         + (f", {world.world_size} processes" if world.enabled else "")
         + f" → {run_dir}"
     )
+    warning = budget_warning(strength["l1_budget"], gamma_stats(gammas)["gamma_mean_abs"])
+    if warning and resume_state is None:
+        log(f"warning: {warning}")
     trained = model
     if world.enabled:
         if train.sync_bn:  # BN statistics over the global batch, at one all-reduce per BN layer
@@ -216,11 +225,22 @@ def _train(
         trained, train_loader, test_loader,
         epochs=train.epochs, lr=train.lr, momentum=train.momentum, weight_decay=train.weight_decay,
         milestones=milestone_epochs(train.milestones, train.epochs), lr_decay=train.lr_decay,
-        sparsity=train.sparsity, gammas=gammas, device=device, dtype=dtype, run_dir=run_dir,
+        sparsity=strength["sparsity"], gammas=gammas, device=device, dtype=dtype, run_dir=run_dir,
         save=save, resume_state=resume_state, progress=progress, log=log,
         is_main=world.is_main,
     )
     return {**info, "best_top1": result["best_top1"], "run_dir": str(run_dir), "best": str(run_dir / "best.pt")}
+
+
+def sparsity_strength(train: TrainConfig, *, steps_per_epoch: int) -> dict[str, float]:
+    """λ and the L1 budget λ·Σlr of this schedule; λ derived from `train.sparsity_budget` when set."""
+    total_lr = lr_sum(lr=train.lr, milestones=milestone_epochs(train.milestones, train.epochs), decay=train.lr_decay,
+                      epochs=train.epochs, steps_per_epoch=steps_per_epoch)
+    if train.sparsity_budget is not None:
+        sparsity = sparsity_for_budget(train.sparsity_budget, total_lr)
+    else:
+        sparsity = train.sparsity
+    return {"sparsity": sparsity, "l1_budget": l1_budget(sparsity, total_lr), "lr_sum": total_lr}
 
 
 # Keys a resumed run may change: extending the schedule is the usual reason to resume a finished run.
@@ -286,11 +306,23 @@ def _recorded_config(ckpt: dict[str, Any], source: str) -> Config | None:
         raise SlimctlError(f"{source}: its recorded config is invalid ({exc})") from None
 
 
+class TestSet:
+    """The test split a checkpoint's config names, loaded once and evaluated on any model."""
+
+    def __init__(self, cfg: Config, device: torch.device, data_root: str | None, subset: int | None = None) -> None:
+        data = cfg.data if data_root is None else dataclasses.replace(cfg.data, root=data_root)
+        self.loader = build_loader(dataclasses.replace(data, download=False), train=False, device=device,
+                                   subset=subset)
+        self.device = device
+        self.dtype = resolve_precision(cfg.train.precision, device)
+
+    def top1(self, model: nn.Module) -> tuple[float, float]:
+        """(mean cross-entropy, top-1 %)."""
+        return evaluate(model.to(self.device), self.loader, device=self.device, dtype=self.dtype)
+
+
 def _test_top1(model: nn.Module, cfg: Config, device: torch.device, data_root: str | None) -> tuple[float, float]:
-    data = cfg.data if data_root is None else dataclasses.replace(cfg.data, root=data_root)
-    test_loader = build_loader(dataclasses.replace(data, download=False), train=False, device=device)
-    dtype = resolve_precision(cfg.train.precision, device)
-    return evaluate(model.to(device), test_loader, device=device, dtype=dtype)
+    return TestSet(cfg, device, data_root).top1(model)
 
 
 def prune_checkpoint(
@@ -301,32 +333,48 @@ def prune_checkpoint(
     min_channels: int | None = None,
     round_to: int = 1,
     coupled: str = "keep",
+    compensate: str = "exact",
+    target: Target | None = None,
     evaluate_model: bool = True,
     data_root: str | None = None,
     force: bool = False,
     device: str = "cpu",
 ) -> dict[str, Any]:
-    """Global-threshold pruning of a checkpoint → a narrower checkpoint, a |γ| histogram, a summary."""
+    """Global-threshold pruning of a checkpoint → a narrower checkpoint, a |γ| histogram, a summary.
+
+    The ratio is `ratio`, or the smallest one that meets `target` (FLOPs or params), or the
+    checkpoint config's prune.ratio. `compensate` (exact | bias | none): see slimctl.compensate.
+    """
     ckpt = load_checkpoint(checkpoint)
     model = model_from_checkpoint(ckpt, source=str(checkpoint)).eval()
     cfg = _recorded_config(ckpt, str(checkpoint))
-    if ratio is None:
+    if compensate not in COMPENSATE_MODES:
+        raise SlimctlError(f"--compensate must be one of {', '.join(COMPENSATE_MODES)}, got {compensate!r}")
+    if ratio is not None and target is not None:
+        raise SlimctlError("give either --ratio or a --target-flops/--target-params, not both")
+    if ratio is None and target is None:
         ratio = cfg.prune.ratio if cfg else None
         if ratio is None:
             raise SlimctlError("--ratio is required (the checkpoint records no prune.ratio)")
-    validate_ratio(ratio)
-    if out is None:
-        out = checkpoint.with_name(f"pruned-r{ratio:g}.pt")
+    if ratio is not None:
+        validate_ratio(ratio)
     if min_channels is None:
         min_channels = cfg.prune.min_channels if cfg else 1
-    if out.exists() and not force:
-        raise SlimctlError(f"{out} already exists; pass --force to replace it or -o to write elsewhere")
-    if out.resolve() == checkpoint.resolve():
-        raise SlimctlError("-o must differ from the input checkpoint")
+    if out is not None:
+        _check_output(out, checkpoint, force)
 
     groups = channel_groups(model, coupled=coupled)
-    plan = make_plan(model, groups, ratio, min_channels=min_channels, round_to=round_to)
-    pruned = apply_plan(model, plan).eval()
+    if target is not None:
+        plan, _ = plan_for_target(model, groups, target, min_channels=min_channels, round_to=round_to,
+                                  compensate=compensate)
+        ratio = plan.ratio
+    else:
+        plan = make_plan(model, groups, ratio, min_channels=min_channels, round_to=round_to)
+    if out is None:
+        out = checkpoint.with_name(f"pruned-r{ratio:g}.pt")
+        _check_output(out, checkpoint, force)
+    pruned, notes = apply_plan_with_notes(model, plan, compensate=compensate)
+    pruned.eval()
 
     result: dict[str, Any] = {
         "ratio": ratio,
@@ -341,15 +389,23 @@ def prune_checkpoint(
         "flops": count_flops(pruned),
         "top1_before": (ckpt.get("metrics") or {}).get("top1"),
         "top1": None,
+        "compensate": compensate,
+        "not_compensated": notes,
+        "target": None if target is None else {"kind": target.kind, "value": target.text},
         "layers": plan.layers(),
     }
     if evaluate_model and cfg is not None:
         try:
-            result["loss"], result["top1"] = _test_top1(pruned, cfg, resolve_device(device), data_root)
+            test_set = TestSet(cfg, resolve_device(device), data_root)
         except SlimctlError as exc:
             result["eval_skipped"] = str(exc)
+        else:
+            result["loss"], result["top1"] = test_set.top1(pruned)
+            if compensate != "none":  # what the paper's literal removal would have scored
+                result["top1_none"] = test_set.top1(apply_plan(model, plan, compensate="none").eval())[1]
     result["coupled"] = coupled
-    prune_info = {k: result[k] for k in ("ratio", "threshold", "min_channels", "round_to", "coupled", "layers")}
+    prune_info = {k: result[k] for k in ("ratio", "threshold", "min_channels", "round_to", "coupled", "compensate",
+                                         "target", "layers")}
     metrics = {k: result[k] for k in ("params", "flops", "top1") if result[k] is not None}
     save_checkpoint(out, make_checkpoint(pruned.cpu(), stage="prune", config=ckpt.get("config"), parent=checkpoint,
                                          metrics=metrics, prune=prune_info))
@@ -360,6 +416,71 @@ def prune_checkpoint(
     return result
 
 
+def sweep_checkpoint(
+    checkpoint: Path,
+    *,
+    ratios: list[float],
+    compare: Path | None = None,
+    tolerance: float = 0.5,
+    subset: int | None = None,
+    compensate: str = "exact",
+    min_channels: int = 1,
+    round_to: int = 1,
+    coupled: str = "keep",
+    data_root: str | None = None,
+    device: str = "cpu",
+    png: Path | None = None,
+    progress: Callable[[float], None] | None = None,
+) -> dict[str, Any]:
+    """Top-1 right after pruning at each ratio (compensated and literal), for CHECKPOINT and, with
+    `compare`, another model (e.g. its λ = 0 baseline); the largest ratio within `tolerance` points."""
+    if compensate not in COMPENSATE_MODES:
+        raise SlimctlError(f"--compensate must be one of {', '.join(COMPENSATE_MODES)}, got {compensate!r}")
+    if subset is not None and subset < 1:
+        raise SlimctlError(f"--subset must be >= 1, got {subset}")
+    if png is not None and png.suffix.lower() != ".png":
+        raise SlimctlError(f"--png {png}: the figure is written as PNG; name it *.png")
+    modes = tuple(dict.fromkeys((compensate, "none")))
+    curves = {}
+    for path in [checkpoint] + ([compare] if compare is not None else []):
+        ckpt = load_checkpoint(path)
+        model = model_from_checkpoint(ckpt, source=str(path)).eval()
+        cfg = _recorded_config(ckpt, str(path))
+        if cfg is None:
+            raise SlimctlError(f"{path} records no config, so slimctl does not know its data set; sweep needs data")
+        try:
+            test_set = TestSet(cfg, resolve_device(device), data_root, subset)
+        except SlimctlError as exc:
+            raise SlimctlError(f"sweep needs the test set: {exc} (point at it with --data-root DIR)") from None
+        unpruned = test_set.top1(model)[1]
+        rows = sweep_model(model, channel_groups(model, coupled=coupled), ratios, lambda m: test_set.top1(m)[1],
+                           modes=modes, min_channels=min_channels, round_to=round_to, on_ratio=progress)
+        curves[str(path)] = {
+            "top1_unpruned": unpruned, "params": count_params(model), "flops": count_flops(model),
+            "rows": rows, "largest_safe_ratio": largest_safe_ratio(rows, unpruned, tolerance, compensate),
+        }
+    result = {"checkpoint": str(checkpoint), "compare": None if compare is None else str(compare),
+              "compensate": compensate, "tolerance": tolerance, "subset": subset,
+              "images": test_set.loader.dataset_size, "curves": curves}
+    if png is not None:
+        plot_sweep(curves, png, modes=modes, title=f"top-1 right after pruning ({result['images']} test images)")
+        result["png"] = str(png)
+    return result
+
+
+def _check_output(out: Path, checkpoint: Path, force: bool) -> None:
+    if out.exists() and not force:
+        raise SlimctlError(f"{out} already exists; pass --force to replace it or -o to write elsewhere")
+    if out.resolve() == checkpoint.resolve():
+        raise SlimctlError("-o must differ from the input checkpoint")
+
+
+def _constant_note(group) -> str | None:
+    """Which declared consumers removed channels do not reach as a constant (no β compensation there)."""
+    names = [c.module for c in group.consumers if not c.constant]
+    return f"not reached as a constant: {', '.join(names)} (no β compensation)" if names else None
+
+
 def explain_groups(model: nn.Module, *, coupled: str = "keep") -> list[dict[str, Any]]:
     """One row per channel space: kind, width, members, ranking BNs, and why a space keeps its width."""
     declare = getattr(model, "channel_groups", None)
@@ -367,7 +488,8 @@ def explain_groups(model: nn.Module, *, coupled: str = "keep") -> list[dict[str,
         return [
             {"kind": "selection" if g.selection else "free", "width": int(group_scores(model, g).numel()),
              "bns": list(g.bns), "members": [*g.producers, *(c.module for c in g.consumers)]
-             + ([g.selection] if g.selection else []), "pruned": True, "reason": None}
+             + ([g.selection] if g.selection else []), "pruned": True, "reason": None,
+             "constant_note": _constant_note(g)}
             for g in declare()
         ]
     return space_rows(trace_model(model, coupled=coupled))

@@ -3,8 +3,10 @@
 Works on any model whose groups name Conv2d / BatchNorm2d / Linear / ChannelSelection modules;
 nothing here knows a family. The input model is left untouched.
 
-Invariant (tested): in eval mode the pruned model computes what the original computes after
-zeroing γ and β of every removed channel.
+Invariants (tested), in eval mode: with `compensate="exact"` (the default) the pruned model computes
+what the original computes after zeroing γ of every removed channel (what sparse training drives
+them to); with `compensate="none"` (the paper's literal removal), what it computes after zeroing
+γ and β. See `slimctl.compensate`.
 """
 
 from __future__ import annotations
@@ -14,13 +16,21 @@ import copy
 import torch
 from torch import nn
 
-from slimctl.inserted import ChannelSelection
+from slimctl.compensate import apply_compensation, compensation
+from slimctl.inserted import COMPENSATE, ChannelSelection, attach_response
 from slimctl.models.layers import replace_module, resized
 from slimctl.plan import ChannelPlan, make_plan
 from slimctl.trace import channel_groups
 
 
-def apply_plan(model: nn.Module, plan: ChannelPlan) -> nn.Module:
+def apply_plan(model: nn.Module, plan: ChannelPlan, *, compensate: str = "exact") -> nn.Module:
+    """The narrower model; `compensate` (exact | bias | none) says what removed channels' constants become."""
+    return apply_plan_with_notes(model, plan, compensate=compensate)[0]
+
+
+def apply_plan_with_notes(model: nn.Module, plan: ChannelPlan, *, compensate: str = "exact") -> tuple[nn.Module, list[str]]:
+    """`apply_plan`, plus the consumers that could not be compensated and why."""
+    comp = compensation(model, plan, compensate)
     pruned = copy.deepcopy(model)
     modules = dict(pruned.named_modules())
     out_keep: dict[str, torch.Tensor] = {}
@@ -53,7 +63,8 @@ def apply_plan(model: nn.Module, plan: ChannelPlan) -> nn.Module:
         in_idx = in_mask[name].nonzero().flatten() if name in in_mask else None
         new = _sliced(modules[name], out_keep.get(name), in_idx)
         replace_module(pruned, name, new.train(modules[name].training))  # a fresh module is in train mode
-    return pruned
+    apply_compensation(pruned, comp, out_keep)
+    return pruned, comp.notes
 
 
 def _in_width(module: nn.Module) -> int:
@@ -65,8 +76,21 @@ def _in_width(module: nn.Module) -> int:
 
 
 def _sliced(module: nn.Module, out_idx: torch.Tensor | None, in_idx: torch.Tensor | None) -> nn.Module:
-    """A resized copy of `module` holding only the rows `out_idx` and the columns `in_idx`."""
+    """A resized copy of `module` holding only the rows `out_idx` and the columns `in_idx`; a
+    constant response it carries (an earlier prune's) keeps the rows of its surviving outputs."""
+    prefix = f"{COMPENSATE}."
     state = {k: v.detach() for k, v in module.state_dict().items()}
+    carried = {k[len(prefix):]: state.pop(k) for k in list(state) if k.startswith(prefix)}
+    new = _sliced_layer(module, state, out_idx, in_idx)
+    if carried:
+        rows = slice(None) if out_idx is None else out_idx.to(carried["bias"].device)
+        kernel = carried["kernel"][rows]
+        attach_response(new, bias=carried["bias"][rows], kernel=kernel if kernel.numel() else None)
+    return new
+
+
+def _sliced_layer(module: nn.Module, state: dict[str, torch.Tensor], out_idx: torch.Tensor | None,
+                  in_idx: torch.Tensor | None) -> nn.Module:
     if isinstance(module, nn.BatchNorm2d):
         # weight, bias, running_mean, running_var are per channel; num_batches_tracked is a scalar.
         state = {k: v if v.dim() == 0 else v[out_idx.to(v.device)] for k, v in state.items()}
@@ -117,8 +141,8 @@ def _loaded(new: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
 
 
 def prune_model(
-    model: nn.Module, ratio: float, *, min_channels: int = 1, round_to: int = 1
+    model: nn.Module, ratio: float, *, min_channels: int = 1, round_to: int = 1, compensate: str = "exact"
 ) -> tuple[nn.Module, ChannelPlan]:
     """Network slimming in one call: the model's channel groups → global-threshold plan → surgery."""
     plan = make_plan(model, channel_groups(model), ratio, min_channels=min_channels, round_to=round_to)
-    return apply_plan(model, plan), plan
+    return apply_plan(model, plan, compensate=compensate), plan

@@ -13,7 +13,7 @@ import signal
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -207,6 +207,208 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+@dataclass
+class RunState:
+    """What a run carries from epoch to epoch, and through last.pt across a resume."""
+
+    rows: list[dict[str, Any]] = field(default_factory=list)  # one metrics row per finished epoch
+    best_top1: float = -1.0
+    start_epoch: int = 0  # epochs fully done when this call began
+    partial: EpochState | None = None  # the epoch a stop left half done, to be finished first
+
+    def take_partial(self) -> EpochState | None:
+        """The half-done epoch, once: every later epoch starts from scratch."""
+        partial, self.partial = self.partial, None
+        return partial
+
+    def record(self, row: dict[str, Any]) -> bool:
+        """Append a finished epoch's metrics row; True when its test top-1 beats every earlier epoch."""
+        self.rows.append(row)
+        is_best = row["test_top1"] > self.best_top1
+        self.best_top1 = max(self.best_top1, row["test_top1"])
+        return is_best
+
+
+@dataclass
+class Sinks:
+    """Where a rank's output goes."""
+
+    save: Callable[[Path, nn.Module, dict[str, Any], dict[str, Any] | None], None]
+    write_rows: Callable[[Path, list[dict[str, Any]]], None]
+    log: Callable[[str], None]
+    progress: Any
+
+
+def rank_sinks(is_main: bool, *, save, log, progress) -> Sinks:
+    """The one place ranks differ in output: rank 0 writes and logs, every other rank stays silent."""
+    if is_main:
+        return Sinks(save=save, write_rows=write_metrics, log=log, progress=progress)
+    silent = lambda *args: None  # noqa: E731
+    return Sinks(save=silent, write_rows=silent, log=silent, progress=None)
+
+
+class EpochBar:
+    """The per-batch progress bar: one task, reset at each epoch; nothing without `progress`."""
+
+    def __init__(self, progress, epochs: int) -> None:
+        self.progress, self.epochs = progress, epochs
+        self.task = progress.add_task("train", total=None) if progress is not None else None
+
+    def start(self, epoch: int, loader, *, done: int) -> Callable[[int], None] | None:
+        """Reset the bar for 0-based `epoch` (`done` images already trained); the per-step callback."""
+        if self.progress is None:
+            return None
+        self.progress.reset(self.task, total=loader.num_samples, completed=done,
+                            description=f"epoch {epoch + 1}/{self.epochs}")
+        return lambda n: self.progress.advance(self.task, n)
+
+
+class StopSignal:
+    """When to stop: the signal this rank received (`flag` from `graceful_stop`), agreed across ranks.
+
+    Under torchrun only one rank may receive it, so every rank acts on the largest signal number
+    any rank holds (`signum`), and all of them stop at the same step.
+    """
+
+    def __init__(self, flag: dict[str, int | None], device: torch.device) -> None:
+        self.flag = flag
+        self.device = device
+        self.steps = 0  # training steps seen, over every epoch of this call
+        self.signum = 0  # the signal every rank acts on (0: none)
+
+    def signalled(self) -> int:
+        """Agree on the signal (a collective under torchrun): its number on every rank, or 0."""
+        self.signum = distributed.max_over_ranks(self.flag["signum"] or 0, self.device)
+        return self.signum
+
+    def should_stop(self) -> bool:
+        """Called after every step. Agreeing costs a collective, so under DDP only every 10 steps."""
+        self.steps += 1
+        if not distributed.active():
+            return self.signalled() > 0
+        return self.steps % 10 == 0 and self.signalled() > 0
+
+
+def make_optimizer(model: nn.Module, *, lr: float, momentum: float, weight_decay: float, device: torch.device,
+                   dtype: torch.dtype | None) -> tuple[torch.optim.Optimizer, torch.amp.GradScaler | None]:
+    """SGD over every parameter, and a GradScaler when training in fp16."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
+    return optimizer, scaler
+
+
+def restore(resume_state: dict[str, Any] | None, optimizer: torch.optim.Optimizer,
+            scaler: torch.amp.GradScaler | None, *, is_main: bool) -> RunState:
+    """Load a last.pt's `resume` into the optimizer, scaler and RNG; the run's state (a fresh one without)."""
+    if resume_state is None:
+        return RunState()
+    optimizer.load_state_dict(resume_state["optimizer"])
+    if scaler is not None and resume_state.get("scaler"):
+        scaler.load_state_dict(resume_state["scaler"])
+    partial = EpochState(**resume_state["partial"]) if resume_state.get("partial") else None
+    if partial is not None and not is_main:  # the saved sums are all ranks' (reduced): count them once
+        partial = dataclasses.replace(partial, loss_sum=0.0, correct=0, images=0)
+    run = RunState(rows=list(resume_state["metrics"]), best_top1=float(resume_state["best_top1"]),
+                   start_epoch=int(resume_state["epoch"]), partial=partial)
+    set_rng_state(resume_state["rng"])
+    return run
+
+
+def resume_info(run: RunState, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None,
+                epoch: int, state: EpochState | None) -> dict[str, Any]:
+    """What `restore` needs to continue exactly here: `epoch` epochs done, `state` the one in progress."""
+    return {
+        "epoch": epoch,  # epochs fully done
+        "partial": None if state is None else dataclasses.asdict(state),  # the epoch in progress
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "best_top1": run.best_top1,
+        "metrics": run.rows,
+        "rng": rng_state(),
+    }
+
+
+def run_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, *, epoch: int, lr: float,
+              partial: EpochState | None, stop: StopSignal, bar: EpochBar, gammas: list[nn.Parameter],
+              sparsity: float, device: torch.device, dtype: torch.dtype | None,
+              scaler: torch.amp.GradScaler | None) -> EpochState:
+    """Train 0-based `epoch` at `lr`, finishing `partial` if a stop left it half done; sums over ranks."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    loader.set_epoch(epoch, start_batch=partial.steps if partial else 0)
+    on_step = bar.start(epoch, loader, done=partial.images if partial else 0)
+    state = train_one_epoch(
+        model, loader, optimizer, gammas=gammas, sparsity=sparsity, device=device, dtype=dtype,
+        scaler=scaler, state=partial, should_stop=stop.should_stop, on_step=on_step,
+    )
+    # Train metrics over all ranks' samples (ranks finish or stop at the same step).
+    return _summed_over_ranks(state, device)
+
+
+def check_divergence(state: EpochState, *, epoch: int, lr: float, sparsity: float, run_dir: Path,
+                     device: torch.device) -> None:
+    """Raise on every rank when the loss became NaN/inf on any (every rank stops, not just one)."""
+    if distributed.any_rank(state.first_bad_step >= 0, device):
+        raise SlimctlError(
+            f"training diverged: the loss became NaN/inf at epoch {epoch + 1}, step {state.first_bad_step + 1} "
+            f"(lr {lr:g}, sparsity λ {sparsity:g}); {run_dir / 'last.pt'} holds the last good state. "
+            "Lower train.lr or λ and start again"
+        )
+
+
+def stopped_in_epoch(signum: int, *, epoch: int, steps: int, of: int, run_dir: Path) -> Interrupted:
+    return Interrupted(
+        signum,
+        f"stopped at epoch {epoch + 1}, step {steps}/{of}; "
+        f"{run_dir / 'last.pt'} holds the run: repeat the command with --resume to continue",
+    )
+
+
+def stopped_after_epoch(signum: int, *, epoch: int, run_dir: Path) -> Interrupted:
+    return Interrupted(
+        signum,
+        f"stopped after epoch {epoch + 1}; {run_dir / 'last.pt'} holds the run: "
+        "repeat the command with --resume to continue",
+    )
+
+
+def metrics_row(epoch: int, lr: float, state: EpochState, test_loss: float, test_top1: float,
+                gammas: list[nn.Parameter]) -> dict[str, Any]:
+    """metrics.jsonl's row for 0-based `epoch` (under torchrun also a collective: ddp_gamma_max_diff)."""
+    row = {
+        "epoch": epoch + 1,
+        "lr": lr,
+        "train_loss": state.loss,
+        "train_top1": state.top1,
+        "test_loss": test_loss,
+        "test_top1": test_top1,
+        "seconds": state.seconds,
+        "images_per_sec": state.images / state.seconds,  # all ranks together
+        **gamma_stats(gammas),
+    }
+    if distributed.active():  # 0.0 when DDP kept every rank's γ identical, as it must
+        row["ddp_gamma_max_diff"] = distributed.max_diff_from_rank0(gammas)
+    return row
+
+
+def save_epoch(save, run_dir: Path, model: nn.Module, metrics: dict[str, Any], *, is_best: bool,
+               resume: dict[str, Any]) -> None:
+    """best.pt when the epoch improved on every earlier one; last.pt, resumable, always."""
+    if is_best:
+        save(run_dir / "best.pt", model, metrics, None)
+    save(run_dir / "last.pt", model, metrics, resume)
+
+
+def epoch_line(row: dict[str, Any], epochs: int, is_best: bool) -> str:
+    """The log line of a finished epoch."""
+    return (
+        f"epoch {row['epoch']:>3}/{epochs}  lr {row['lr']:.4g}  loss {row['train_loss']:.4f}  "
+        f"train {row['train_top1']:5.2f}%  test {row['test_top1']:5.2f}%  "
+        f"{row['images_per_sec']:.0f} img/s  |γ| {row['gamma_mean_abs']:.4f}"
+        + ("  *best" if is_best else "")
+    )
+
+
 def fit(
     model: nn.Module,
     train_loader,
@@ -236,119 +438,32 @@ def fit(
     SIGINT/SIGTERM stop at the next step with a resumable last.pt (raises `Interrupted`).
     Under torchrun every rank calls this; only `is_main` (rank 0) writes and logs.
     """
-    if not is_main:
-        save = write_rows = log = lambda *args: None  # noqa: E731
-        progress = None
-    else:
-        write_rows = write_metrics
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
-    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
-    rows: list[dict[str, Any]] = []
-    best_top1 = -1.0
-    start_epoch = 0
-    partial = None
-    if resume_state is not None:
-        optimizer.load_state_dict(resume_state["optimizer"])
-        if scaler is not None and resume_state.get("scaler"):
-            scaler.load_state_dict(resume_state["scaler"])
-        rows = list(resume_state["metrics"])
-        best_top1 = float(resume_state["best_top1"])
-        start_epoch = int(resume_state["epoch"])
-        partial = EpochState(**resume_state["partial"]) if resume_state.get("partial") else None
-        if partial is not None and not is_main:  # the saved sums are all ranks' (reduced): count them once
-            partial = dataclasses.replace(partial, loss_sum=0.0, correct=0, images=0)
-        set_rng_state(resume_state["rng"])
-
-    def resume_info(epoch: int, state: EpochState | None) -> dict[str, Any]:
-        return {
-            "epoch": epoch,  # epochs fully done
-            "partial": None if state is None else dataclasses.asdict(state),  # the epoch in progress
-            "optimizer": optimizer.state_dict(),
-            "scaler": scaler.state_dict() if scaler is not None else None,
-            "best_top1": best_top1,
-            "metrics": rows,
-            "rng": rng_state(),
-        }
-
-    task = progress.add_task("train", total=None) if progress is not None else None
-    with graceful_stop() as stop:
-        steps_seen = 0
-        agreed = {"signum": 0}  # the signal every rank acts on (under torchrun only one may get it)
-
-        def signalled() -> int:
-            agreed["signum"] = distributed.max_over_ranks(stop["signum"] or 0, device)
-            return agreed["signum"]
-
-        def should_stop() -> bool:
-            # Ranks must stop at the same step; agreeing costs a collective, so only every 10 steps.
-            nonlocal steps_seen
-            steps_seen += 1
-            if not distributed.active():
-                return signalled() > 0
-            return steps_seen % 10 == 0 and signalled() > 0
-
-        for epoch in range(start_epoch, epochs):
+    sinks = rank_sinks(is_main, save=save, log=log, progress=progress)
+    optimizer, scaler = make_optimizer(model, lr=lr, momentum=momentum, weight_decay=weight_decay,
+                                       device=device, dtype=dtype)
+    run = restore(resume_state, optimizer, scaler, is_main=is_main)
+    bar = EpochBar(sinks.progress, epochs)
+    with graceful_stop() as flag:
+        stop = StopSignal(flag, device)
+        for epoch in range(run.start_epoch, epochs):
             epoch_lr = lr_at(epoch, lr=lr, milestones=milestones, decay=lr_decay)
-            for group in optimizer.param_groups:
-                group["lr"] = epoch_lr
-            train_loader.set_epoch(epoch, start_batch=partial.steps if partial else 0)
-            if progress is not None:
-                done = partial.images if partial else 0
-                progress.reset(task, total=train_loader.num_samples, completed=done,
-                               description=f"epoch {epoch + 1}/{epochs}")
-            step = (lambda n: progress.advance(task, n)) if progress is not None else None
-            state = train_one_epoch(
-                model, train_loader, optimizer, gammas=gammas, sparsity=sparsity, device=device, dtype=dtype,
-                scaler=scaler, state=partial, should_stop=should_stop, on_step=step,
-            )
-            partial = None
-            # Train metrics over all ranks' samples (ranks finish or stop at the same step).
-            state = _summed_over_ranks(state, device)
-            if distributed.any_rank(state.first_bad_step >= 0, device):  # every rank stops, not just one
-                raise SlimctlError(
-                    f"training diverged: the loss became NaN/inf at epoch {epoch + 1}, step {state.first_bad_step + 1} "
-                    f"(lr {epoch_lr:g}, sparsity λ {sparsity:g}); {run_dir / 'last.pt'} holds the last good state. "
-                    "Lower train.lr or λ and start again"
-                )
-            if not state.completed:
-                save(run_dir / "last.pt", model, {"epoch": epoch}, resume_info(epoch, state))
-                raise Interrupted(
-                    agreed["signum"],
-                    f"stopped at epoch {epoch + 1}, step {state.steps}/{len(train_loader)}; "
-                    f"{run_dir / 'last.pt'} holds the run: repeat the command with --resume to continue",
-                )
+            state = run_epoch(model, train_loader, optimizer, epoch=epoch, lr=epoch_lr, partial=run.take_partial(),
+                              stop=stop, bar=bar, gammas=gammas, sparsity=sparsity, device=device, dtype=dtype,
+                              scaler=scaler)
+            check_divergence(state, epoch=epoch, lr=epoch_lr, sparsity=sparsity, run_dir=run_dir, device=device)
+            if not state.completed:  # a signal stopped the epoch: keep it resumable from this step
+                sinks.save(run_dir / "last.pt", model, {"epoch": epoch},
+                           resume_info(run, optimizer, scaler, epoch, state))
+                raise stopped_in_epoch(stop.signum, epoch=epoch, steps=state.steps, of=len(train_loader),
+                                       run_dir=run_dir)
             test_loss, test_top1 = evaluate(model, test_loader, device=device, dtype=dtype)
-            row = {
-                "epoch": epoch + 1,
-                "lr": epoch_lr,
-                "train_loss": state.loss,
-                "train_top1": state.top1,
-                "test_loss": test_loss,
-                "test_top1": test_top1,
-                "seconds": state.seconds,
-                "images_per_sec": state.images / state.seconds,  # all ranks together
-                **gamma_stats(gammas),
-            }
-            if distributed.active():  # 0.0 when DDP kept every rank's γ identical, as it must
-                row["ddp_gamma_max_diff"] = distributed.max_diff_from_rank0(gammas)
-            rows.append(row)
-            is_best = test_top1 > best_top1
-            best_top1 = max(best_top1, test_top1)
-            metrics = {"top1": test_top1, "loss": test_loss, "epoch": epoch + 1, "best_top1": best_top1}
-            if is_best:
-                save(run_dir / "best.pt", model, metrics, None)
-            save(run_dir / "last.pt", model, metrics, resume_info(epoch + 1, None))
-            write_rows(run_dir / "metrics.jsonl", rows)
-            log(
-                f"epoch {epoch + 1:>3}/{epochs}  lr {epoch_lr:.4g}  loss {state.loss:.4f}  "
-                f"train {state.top1:5.2f}%  test {test_top1:5.2f}%  "
-                f"{row['images_per_sec']:.0f} img/s  |γ| {row['gamma_mean_abs']:.4f}"
-                + ("  *best" if is_best else "")
-            )
-            if epoch + 1 < epochs and signalled():
-                raise Interrupted(
-                    agreed["signum"],
-                    f"stopped after epoch {epoch + 1}; {run_dir / 'last.pt'} holds the run: "
-                    "repeat the command with --resume to continue",
-                )
-    return {"best_top1": best_top1, "epochs": rows}
+            row = metrics_row(epoch, epoch_lr, state, test_loss, test_top1, gammas)
+            is_best = run.record(row)
+            metrics = {"top1": test_top1, "loss": test_loss, "epoch": epoch + 1, "best_top1": run.best_top1}
+            save_epoch(sinks.save, run_dir, model, metrics, is_best=is_best,
+                       resume=resume_info(run, optimizer, scaler, epoch + 1, None))
+            sinks.write_rows(run_dir / "metrics.jsonl", run.rows)
+            sinks.log(epoch_line(row, epochs, is_best))
+            if epoch + 1 < epochs and stop.signalled():
+                raise stopped_after_epoch(stop.signum, epoch=epoch, run_dir=run_dir)
+    return {"best_top1": run.best_top1, "epochs": run.rows}

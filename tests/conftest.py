@@ -1,13 +1,29 @@
-"""Shared fixtures: tiny models and tiny runs, CPU only."""
+"""Shared fixtures and helpers: tiny models and tiny runs, CPU only.
+
+Helpers used by several test files live here, once:
+- `randomize_bn`: random γ, β and running statistics, so every channel matters and differs;
+- `masked_reference` (over `removed_channels` + `zero_channels`): the original model with γ (and by
+  default β) zeroed at every removed channel, which is what a pruned model must compute
+  (docs/design.md, "Channel groups");
+- `rel_err`: the relative error used to compare outputs;
+- `run` and `sets`: a CLI invocation through click's CliRunner with its exit code checked, and the
+  `--set key=value` arguments for a list of overrides.
+"""
 
 from __future__ import annotations
 
 import copy
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from click.testing import Result
+
+    from slimctl.plan import ChannelPlan
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_CONFIG = ROOT / "configs" / "demo.yaml"
@@ -23,32 +39,103 @@ TINY = (
 )
 
 
+# --- models ----------------------------------------------------------------------------------------
+
+
 def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
-    """γ ~ U(0,1), β ~ N(0,0.1), running stats random: every channel matters and differs."""
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            c = m.num_features
-            m.weight.data = torch.rand(c, generator=g)
-            m.bias.data = torch.randn(c, generator=g) * 0.1
-            m.running_mean = torch.randn(c, generator=g) * 0.1
-            m.running_var = torch.rand(c, generator=g) + 0.5
+    """Every BN's γ ~ U(0, 1), β ~ N(0, 0.1), running mean ~ N(0, 0.1), running var ~ U(0.5, 1.5).
+
+    In place (dtype and device kept); the model's train/eval mode is left as it is.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                n = m.num_features
+                m.weight.copy_(torch.rand(n, generator=gen))
+                m.bias.copy_(torch.randn(n, generator=gen) * 0.1)
+                m.running_mean.copy_(torch.randn(n, generator=gen) * 0.1)
+                m.running_var.copy_(torch.rand(n, generator=gen) + 0.5)
     return model
 
 
-def masked_reference(model: nn.Module, plan) -> nn.Module:
-    """The original with γ and β zeroed at every removed channel of every ranked BN."""
-    ref = copy.deepcopy(model)
+def removed_channels(
+    model: nn.Module, plan: ChannelPlan, *, only: dict[str, str] | None = None
+) -> dict[str, torch.Tensor]:
+    """BN name → the positions, in that BN's own channels in `model`, that `plan` removes.
+
+    Every ranked BN of a group is listed (a depthwise chain or a coupled set has several). A
+    selection group lists its ranking BN only, at the positions of the BN's full width named by the
+    selection's indices (the BN itself never shrinks). `only` maps a group's BN to the one BN of
+    that group to list instead (sensitivity tests: zeroing one member of a coupled set must differ).
+    """
+    removed: dict[str, torch.Tensor] = {}
     for gp in plan.groups:
-        bn = ref.get_submodule(gp.group.bn)
-        removed = torch.ones(gp.total, dtype=torch.bool)
-        removed[gp.keep] = False
-        positions = torch.arange(gp.total)[removed]
-        if gp.group.selection is not None:
-            positions = model.get_submodule(gp.group.selection).indices[positions]
-        bn.weight.data[positions] = 0
-        bn.bias.data[positions] = 0
+        gone = torch.ones(gp.total, dtype=torch.bool)
+        gone[gp.keep.cpu()] = False
+        positions = gone.nonzero().flatten()
+        bns = gp.group.bns
+        if gp.group.selection is not None:  # group positions → the BN's full width
+            positions = model.get_submodule(gp.group.selection).indices.cpu()[positions]
+            bns = (gp.group.bn,)
+        if only is not None and gp.group.bn in only:
+            bns = (only[gp.group.bn],)
+        for name in bns:
+            removed[name] = torch.cat([removed[name], positions]) if name in removed else positions
+    return removed
+
+
+def zero_channels(model: nn.Module, removed: dict[str, torch.Tensor], *, zero_beta: bool = True) -> nn.Module:
+    """A copy of `model`, in eval mode, with γ (and β unless `zero_beta=False`) zeroed at `removed`."""
+    ref = copy.deepcopy(model).eval()
+    with torch.no_grad():
+        for name, positions in removed.items():
+            bn = ref.get_submodule(name)
+            bn.weight[positions] = 0
+            if zero_beta:
+                bn.bias[positions] = 0
     return ref
+
+
+def masked_reference(
+    model: nn.Module, plan: ChannelPlan, *, zero_beta: bool = True, only: dict[str, str] | None = None
+) -> nn.Module:
+    """The original, in eval mode, with γ and β zeroed at every channel `plan` removes.
+
+    A model pruned by literal removal (`compensate="none"`) computes exactly this in eval mode
+    (docs/design.md, "Channel groups"). `zero_beta=False` zeroes γ only and keeps β: the reference
+    for a removal that carries the removed channels' constant β response into their consumers.
+    `only`: see `removed_channels`.
+    """
+    return zero_channels(model, removed_channels(model, plan, only=only), zero_beta=zero_beta)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a − b| relative to max |b|."""
+    return float((a - b).abs().max() / b.abs().max())
+
+
+# --- CLI -------------------------------------------------------------------------------------------
+
+
+def run(*args, code: int | None = 0) -> Result:
+    """`slimctl ARGS` through click's CliRunner (arguments str()-ed); asserts the exit code unless None."""
+    from click.testing import CliRunner
+
+    from slimctl.cli import cli
+
+    result = CliRunner().invoke(cli, [str(a) for a in args])
+    if code is not None:
+        assert result.exit_code == code, result.output + repr(result.exception)
+    return result
+
+
+def sets(*items: str) -> list[str]:
+    """`--set` arguments for config overrides: sets("a=1", "b=2") → ["--set", "a=1", "--set", "b=2"]."""
+    return [arg for item in items for arg in ("--set", item)]
+
+
+# --- fixtures --------------------------------------------------------------------------------------
 
 
 @pytest.fixture

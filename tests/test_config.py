@@ -1,13 +1,10 @@
-from pathlib import Path
-
 import pytest
 
+from conftest import ROOT
 from slimctl.config import Config, load_config
 from slimctl.errors import SlimctlError
 from slimctl.stages import check_names
 from slimctl.train import lr_at, milestone_epochs
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_defaults_are_the_paper_settings():

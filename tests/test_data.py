@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from conftest import ROOT
 from slimctl.config import DataConfig
 from slimctl.data import (
     CIFAR_MEAN,
@@ -27,8 +28,7 @@ from slimctl.data import (
 )
 from slimctl.errors import SlimctlError
 
-REPO = Path(__file__).resolve().parents[1]
-MAKE_CIFAR10 = REPO.parent / "shared" / "data" / "make_cifar10.py"
+MAKE_CIFAR10 = ROOT.parent / "shared" / "data" / "make_cifar10.py"
 
 PER_FILE = 20  # images per fake batch file: the reader must not assume 10,000
 

@@ -1,7 +1,6 @@
 """torchrun on 2 CPU processes (gloo): the same code path as a single process, with DDP."""
 
 import json
-import shutil
 import subprocess
 import sys
 import textwrap

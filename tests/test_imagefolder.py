@@ -6,11 +6,9 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 from PIL import Image
 
-from conftest import DEMO_CONFIG
-from slimctl.cli import cli
+from conftest import DEMO_CONFIG, run, sets
 from slimctl.config import load_config
 from slimctl.data import build_loaders
 
@@ -51,31 +49,24 @@ def test_folder_loaders(folder):
 
 
 def test_missing_folder_is_a_clear_error(tmp_path):
-    result = CliRunner().invoke(cli, ["sparse-train", "-c", str(DEMO_CONFIG), "-o", str(tmp_path / "r"),
-                                      "--set", "data.name=imagefolder", "--set", f"data.root={tmp_path}"])
-    assert result.exit_code == 2 and "must hold train/ and val/" in result.output
+    result = run("sparse-train", "-c", DEMO_CONFIG, "-o", tmp_path / "r",
+                 *sets("data.name=imagefolder", f"data.root={tmp_path}"), code=2)
+    assert "must hold train/ and val/" in result.output
 
 
 def test_torchvision_model_end_to_end(folder, tmp_path):
-    sets = ["--set", "data.name=imagefolder", "--set", f"data.root={folder}", "--set", "data.image_size=32",
-            "--set", "data.workers=0", "--set", "data.batch_size=6", "--set", "model.arch=torchvision.resnet18",
-            "--set", "model.width=1.0", "--set", "train.epochs=1", "--set", "finetune.epochs=1",
-            "--set", "train.precision=fp32"]
-    runner = CliRunner()
-    result = runner.invoke(cli, ["sparse-train", "-c", str(DEMO_CONFIG), "-o", str(tmp_path / "s"), *sets])
-    assert result.exit_code == 0, result.output
-    result = runner.invoke(cli, ["prune", str(tmp_path / "s" / "best.pt"), "--ratio", "0.5", "-o",
-                                 str(tmp_path / "p.pt"), "--json"])
-    assert result.exit_code == 0, result.output
-    pruned = json.loads(result.output)
+    overrides = sets("data.name=imagefolder", f"data.root={folder}", "data.image_size=32", "data.workers=0",
+                     "data.batch_size=6", "model.arch=torchvision.resnet18", "model.width=1.0", "train.epochs=1",
+                     "finetune.epochs=1", "train.precision=fp32")
+    run("sparse-train", "-c", DEMO_CONFIG, "-o", tmp_path / "s", *overrides)
+    pruned = json.loads(run("prune", tmp_path / "s" / "best.pt", "--ratio", "0.5", "-o", tmp_path / "p.pt",
+                            "--json").output)
     assert pruned["params"] < pruned["params_before"] and pruned["top1"] is not None
-    result = runner.invoke(cli, ["finetune", str(tmp_path / "p.pt"), "-c", str(DEMO_CONFIG), "-o", str(tmp_path / "f"),
-                                 *sets])
-    assert result.exit_code == 0, result.output
-    result = runner.invoke(cli, ["eval", str(tmp_path / "f" / "best.pt"), "--json"])
-    assert result.exit_code == 0 and json.loads(result.output)["params"] == pruned["params"]
+    run("finetune", tmp_path / "p.pt", "-c", DEMO_CONFIG, "-o", tmp_path / "f", *overrides)
+    evaluated = json.loads(run("eval", tmp_path / "f" / "best.pt", "--json").output)
+    assert evaluated["params"] == pruned["params"]
     # Evaluation reads only val/: a folder without train/ is enough (an ImageNet train/ listing takes minutes).
     val_only = tmp_path / "val_only"
     shutil.copytree(folder / "val", val_only / "val")
-    result = runner.invoke(cli, ["eval", str(tmp_path / "f" / "best.pt"), "--data-root", str(val_only), "--json"])
-    assert result.exit_code == 0, result.output
+    on_val = json.loads(run("eval", tmp_path / "f" / "best.pt", "--data-root", val_only, "--json").output)
+    assert on_val["top1"] == evaluated["top1"]  # the same val/ images, read from the other folder

@@ -1,24 +1,23 @@
 """The paper's ResNet-164 and DenseNet-40: exact sizes, FLOPs, and pruning through channel selection.
 
-The central property (DESIGN.md): in eval mode a pruned model computes what the original computes
-with γ and β zeroed at every removed channel. For a selection group the removed positions index
+The central property (docs/design.md, "Channel groups"): in eval mode a model pruned by literal
+removal (`compensate="none"`) computes what the original computes with γ and β zeroed at every
+removed channel. For a selection group the removed positions index
 the BN's full width through the selection's indices (the BN itself never shrinks).
 Smaller depths stand in for the full networks where the behaviour is the same, to stay fast.
 """
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 from torch import nn
 
+from conftest import masked_reference, randomize_bn, removed_channels, zero_channels
 from slimctl.checkpoint import model_from_checkpoint
 from slimctl.errors import SlimctlError
 from slimctl.flops import count_flops, count_params
 from slimctl.models import ChannelSelection, create_model, module_widths
-from slimctl.plan import ChannelPlan
 from slimctl.trace import channel_groups
 from slimctl.surgery import prune_model
 
@@ -28,44 +27,6 @@ SMALL = {
     "preresnet": ("preresnet", {"depth": 29}),
     "densenet": ("densenet", {"depth": 22}),
 }
-
-
-def randomised(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Every BN's γ ~ U(0, 1), β ~ N(0, 0.1), running mean ~ N(0, 0.1), running var ~ U(0.5, 1.5)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                n = m.num_features
-                m.weight.copy_(torch.rand(n, generator=gen))
-                m.bias.copy_(torch.randn(n, generator=gen) * 0.1)
-                m.running_mean.copy_(torch.randn(n, generator=gen) * 0.1)
-                m.running_var.copy_(torch.rand(n, generator=gen) + 0.5)
-    return model.eval()
-
-
-def removed_positions(model: nn.Module, plan: ChannelPlan) -> dict[str, torch.Tensor]:
-    """Ranked BN name → positions (in that BN's own channels, in `model`) that the plan removes."""
-    removed = {}
-    for gp in plan.groups:
-        gone = torch.ones(gp.total, dtype=torch.bool)
-        gone[gp.keep] = False
-        positions = gone.nonzero().flatten()
-        if gp.group.selection is not None:  # group positions → the BN's full width
-            positions = model.get_submodule(gp.group.selection).indices.cpu()[positions]
-        removed[gp.group.bn] = positions
-    return removed
-
-
-def masked(model: nn.Module, removed: dict[str, torch.Tensor]) -> nn.Module:
-    """A copy of `model` with γ and β zeroed at the removed positions of each BN."""
-    ref = copy.deepcopy(model)
-    with torch.no_grad():
-        for name, positions in removed.items():
-            bn = ref.get_submodule(name)
-            bn.weight[positions] = 0
-            bn.bias[positions] = 0
-    return ref.eval()
 
 
 def inputs(batch: int = 2, seed: int = 1) -> torch.Tensor:
@@ -156,11 +117,18 @@ def test_width_scales_every_stream() -> None:
 
 
 def test_training_step_leaves_selection_indices_alone() -> None:
-    model = create_model("preresnet", 10, depth=11)
+    model, plan = prune_model(randomize_bn(create_model("preresnet", 10, depth=11)).eval(), 0.5)
+    assert any(gp.group.selection and gp.kept < gp.total for gp in plan.groups)  # indices are a true subset
+    selections = {n: m for n, m in model.named_modules() if isinstance(m, ChannelSelection)}
+    before = {n: m.indices.clone() for n, m in selections.items()}
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
     loss = nn.functional.cross_entropy(model(torch.randn(2, 3, 32, 32)), torch.tensor([0, 1]))
     loss.backward()
+    opt.step()
     assert all(p.grad is not None for p in model.parameters())
-    assert not any(isinstance(m, ChannelSelection) for m in model.modules() if list(m.parameters(recurse=False)))
+    assert not any(list(m.parameters(recurse=False)) for m in selections.values())
+    assert all(torch.equal(m.indices, before[n]) for n, m in selections.items())
 
 
 # --- channel groups --------------------------------------------------------------------------------
@@ -197,12 +165,12 @@ def _in_width(module: nn.Module) -> int:
 @pytest.mark.parametrize("ratio", [0.4, 0.6, 0.9])
 def test_pruned_equals_masked_original(family: str, ratio: float) -> None:
     arch, args = SMALL[family]
-    model = randomised(create_model(arch, 10, **args))
-    pruned, plan = prune_model(model, ratio)
+    model = randomize_bn(create_model(arch, 10, **args)).eval()
+    pruned, plan = prune_model(model, ratio, compensate="none")  # literal removal
     assert plan.kept < plan.total
     assert all(g.kept >= 1 for g in plan.groups)
     assert count_params(pruned) < count_params(model)
-    assert_same_function(pruned, masked(model, removed_positions(model, plan)), model)
+    assert_same_function(pruned, masked_reference(model, plan), model)
     # The stream keeps its width: selection BNs and every conv writing the stream stay whole;
     # only the consumers read fewer channels.
     before, after = module_widths(model), module_widths(pruned)
@@ -217,13 +185,13 @@ def test_pruned_equals_masked_original(family: str, ratio: float) -> None:
 
 
 def test_resnet164_at_90_percent_keeps_every_block_alive() -> None:
-    model = randomised(create_model("resnet164", 10))
+    model = randomize_bn(create_model("resnet164", 10)).eval()
     # One whole bottleneck far below the threshold: min_channels must keep one channel of each space.
     block = model.layer2[3]
     with torch.no_grad():
         for bn in (block.bn1, block.bn2, block.bn3):
             bn.weight.mul_(1e-3)
-    pruned, plan = prune_model(model, 0.9)
+    pruned, plan = prune_model(model, 0.9, compensate="none")
     kept = {g.group.bn: g.kept for g in plan.groups}
     assert kept["layer2.3.bn1"] == kept["layer2.3.bn2"] == kept["layer2.3.bn3"] == 1
     for m in pruned.modules():
@@ -231,31 +199,30 @@ def test_resnet164_at_90_percent_keeps_every_block_alive() -> None:
             assert m.in_channels >= 1 and m.out_channels >= 1
     assert pruned.layer2[3].conv2.weight.shape == (1, 1, 3, 3)
     assert count_flops(pruned) < count_flops(model) / 2
-    assert_same_function(pruned, masked(model, removed_positions(model, plan)), model)
+    assert_same_function(pruned, masked_reference(model, plan), model)
 
 
 @pytest.mark.parametrize("family", sorted(SMALL))
 def test_two_passes_equal_the_masked_original(family: str) -> None:
     arch, args = SMALL[family]
-    model = randomised(create_model(arch, 10, **args))
-    once, plan1 = prune_model(model, 0.5)
-    twice, plan2 = prune_model(once, 0.5)
-    removed = removed_positions(model, plan1)
+    model = randomize_bn(create_model(arch, 10, **args)).eval()
+    once, plan1 = prune_model(model, 0.5, compensate="none")
+    twice, plan2 = prune_model(once, 0.5, compensate="none")
+    removed, removed2 = removed_channels(model, plan1), removed_channels(once, plan2)
     # Map pass-2 positions back to the original's channels: a free BN was sliced to plan1's keep;
     # a selection BN kept its width, and its selection indices already name original channels.
     for gp in plan1.groups:
         bn = gp.group.bn
         origin = gp.keep if gp.group.selection is None else torch.arange(model.get_submodule(bn).num_features)
-        again = origin[removed_positions(once, plan2)[bn]]
-        removed[bn] = torch.cat([removed[bn], again])
+        removed[bn] = torch.cat([removed[bn], origin[removed2[bn]]])
     assert plan2.kept < plan2.total
-    assert_same_function(twice, masked(model, removed), model)
+    assert_same_function(twice, zero_channels(model, removed), model)
 
 
 @pytest.mark.parametrize("family", sorted(SMALL))
 def test_pruned_model_rebuilds_from_widths(family: str) -> None:
     arch, args = SMALL[family]
-    model = randomised(create_model(arch, 10, **args))
+    model = randomize_bn(create_model(arch, 10, **args)).eval()
     pruned, _ = prune_model(model, 0.6)
     rebuilt = create_model(arch, 10, widths=module_widths(pruned), **args)
     rebuilt.load_state_dict(pruned.state_dict())  # strict: every shape, incl. selection indices, matches

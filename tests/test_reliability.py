@@ -9,21 +9,13 @@ import time
 
 import pytest
 import torch
-from click.testing import CliRunner
 
-from conftest import DEMO_CONFIG, ROOT, TINY
+from conftest import DEMO_CONFIG, ROOT, TINY, run, sets
 from slimctl.checkpoint import load_checkpoint
-from slimctl.cli import cli
 from slimctl.train import graceful_stop
 
 # Full digits (1437 images) in fp32 on the CPU: about a second per epoch, long enough to interrupt.
-BASE = [a for item in (*TINY, "data.subset=1437", "train.epochs=3") for a in ("--set", item)]
-
-
-def run(*args, code=0):
-    result = CliRunner().invoke(cli, [str(a) for a in args])
-    assert result.exit_code == code, result.output + repr(result.exception)
-    return result
+BASE = sets(*TINY, "data.subset=1437", "train.epochs=3")
 
 
 def same_tensors(a, b):
@@ -50,7 +42,7 @@ def test_resume_after_a_crash_is_bit_identical(tmp_path, monkeypatch, uninterrup
         return real_evaluate(*args, **kwargs)
 
     monkeypatch.setattr(train, "evaluate", crash_in_epoch_two)
-    CliRunner().invoke(cli, ["sparse-train", "-c", str(DEMO_CONFIG), "-o", str(out), *BASE])
+    run("sparse-train", "-c", DEMO_CONFIG, "-o", out, *BASE, code=137)
     monkeypatch.setattr(train, "evaluate", real_evaluate)
     assert load_checkpoint(out / "last.pt")["resume"]["epoch"] == 1
     run("sparse-train", "-c", DEMO_CONFIG, "-o", out, *BASE, "--resume")
@@ -81,7 +73,7 @@ def _wait_for(path, proc, timeout=60):
 
 
 # Long enough that the signal, sent after epoch 1, lands before the run ends even on a loaded machine.
-LONG = ["--set", "train.epochs=8"]
+LONG = sets("train.epochs=8")
 
 
 @pytest.fixture(scope="module")
@@ -179,9 +171,8 @@ def test_a_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch, unin
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr("os.replace", full_disk)
-    result = CliRunner().invoke(cli, ["sparse-train", "-c", str(DEMO_CONFIG), "-o", str(out), *BASE,
-                                      "--set", "train.epochs=4", "--resume"])
-    assert result.exit_code == 1 and "No space left on device" in result.output
+    result = run("sparse-train", "-c", DEMO_CONFIG, "-o", out, *BASE, "--set", "train.epochs=4", "--resume", code=1)
+    assert "No space left on device" in result.output
     assert "Traceback" not in result.output
     assert (out / "last.pt").read_bytes() == before
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT
+from conftest import DEMO_CONFIG, ROOT, TINY, run, sets
 from slimctl import make_checkpoint, save_checkpoint
 from slimctl.errors import SlimctlError
 from slimctl.models import create_model
@@ -59,16 +59,9 @@ def test_script_and_errors(runs, tmp_path):
 
 
 def test_plots_from_a_tiny_recipe(tmp_path):
-    from click.testing import CliRunner
-
-    from conftest import DEMO_CONFIG, TINY
-    from slimctl.cli import cli
-
-    sets = [a for item in TINY for a in ("--set", item)]
     folder = tmp_path / "cifar10-tiny"
-    for stage, extra in (("baseline", ["--set", "train.sparsity=0"]), ("sparse", [])):
-        result = CliRunner().invoke(cli, ["sparse-train", "-c", str(DEMO_CONFIG), "-o", str(folder / stage), *sets, *extra])
-        assert result.exit_code == 0, result.output
+    for stage, extra in (("baseline", ["train.sparsity=0"]), ("sparse", [])):
+        run("sparse-train", "-c", DEMO_CONFIG, "-o", folder / stage, *sets(*TINY, *extra))
     done = subprocess.run([sys.executable, ROOT / "scripts" / "plot_runs.py", folder], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     for name in ("gamma_hist.png", "error_curves.png"):

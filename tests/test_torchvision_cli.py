@@ -5,26 +5,17 @@ import os
 import subprocess
 import sys
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
 
-from conftest import randomize_bn
+from conftest import ROOT, randomize_bn, run
 from slimctl import load_model, make_checkpoint, save_checkpoint
-from slimctl.cli import cli
 from slimctl.errors import SlimctlError
 from slimctl.models import create_model
 from slimctl.stages import load_pretrained
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def run(*args, code=0):
-    result = CliRunner().invoke(cli, [str(a) for a in args])
-    assert result.exit_code == code, result.output + repr(result.exception)
-    return result
 
 
 def _checkpoint(tmp_path, arch):
@@ -87,7 +78,7 @@ def test_pretrained_weights_from_a_state_dict_file(tmp_path):
 
 def test_bench_torchvision_script(tmp_path):
     """The script behind the README's per-model table: counts by space kind, the prune shrinks the model."""
-    script = Path(__file__).resolve().parents[1] / "scripts" / "bench_torchvision.py"
+    script = ROOT / "scripts" / "bench_torchvision.py"
     rows_file = tmp_path / "rows.json"
     done = subprocess.run([sys.executable, script, "--models", "resnet18", "--size", "32", "--repeats", "1",
                            "--batch-sizes", "1,2", "--markdown", "--json-out", rows_file],

@@ -1,9 +1,10 @@
-"""Channel groups derived from a torch.fx trace (slimctl.trace, GENERIC.md).
+"""Channel groups derived from a torch.fx trace (slimctl.trace; docs/design.md, "Traced groups").
 
-The property pinned for every model: in eval mode the pruned model computes what the original
-computes with γ and β zeroed at every removed channel of every ranked BN of its group (selection
-groups: the ranking BN only, through the selection's indices), while that reference differs from the
-original. Inputs are tiny (64×64, batch 2) and torch runs on one thread: these tests share 2 cores.
+The property pinned for every model: in eval mode the pruned model (literal removal,
+`compensate="none"`) computes what the original computes with γ and β zeroed at every removed
+channel of every ranked BN of its group (selection groups: the ranking BN only, through the
+selection's indices), while that reference differs from the original. Inputs are tiny (64×64,
+batch 2) and torch runs on one thread: these tests share 2 cores.
 """
 
 from __future__ import annotations
@@ -15,15 +16,14 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import randomize_bn
+from conftest import masked_reference, randomize_bn, rel_err
 from slimctl.errors import SlimctlError
 from slimctl.models import create_model
 from slimctl.models.layers import module_widths
 from slimctl.groups import ChannelGroup, Consumer
-from slimctl.plan import ChannelPlan, make_plan
-from slimctl.trace import channel_groups
+from slimctl.plan import make_plan
 from slimctl.surgery import apply_plan
-from slimctl.trace import TraceResult, derive_groups
+from slimctl.trace import TraceResult, channel_groups, derive_groups
 
 torchvision = pytest.importorskip("torchvision")
 
@@ -35,35 +35,10 @@ def image(size: int = 64, seed: int = 1) -> torch.Tensor:
     return torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(seed))
 
 
-def reference(model: nn.Module, plan: ChannelPlan, only: dict[str, str] | None = None) -> nn.Module:
-    """γ and β zeroed at the removed channels of every ranked BN (or, with `only`, of one BN per group)."""
-    ref = copy.deepcopy(model).eval()
-    with torch.no_grad():
-        for gp in plan.groups:
-            removed = torch.ones(gp.total, dtype=torch.bool)
-            removed[gp.keep] = False
-            positions = removed.nonzero().flatten()
-            bns = gp.group.bns
-            if gp.group.selection is not None:
-                positions = model.get_submodule(gp.group.selection).indices.cpu()[positions]
-                bns = (gp.group.bn,)
-            if only is not None and gp.group.bn in only:
-                bns = (only[gp.group.bn],)
-            for name in bns:
-                bn = ref.get_submodule(name)
-                bn.weight[positions] = 0
-                bn.bias[positions] = 0
-    return ref
-
-
 def outputs(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         out = model.eval()(x)
     return out
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).abs().max() / b.abs().max())
 
 
 def key(groups: list[ChannelGroup]) -> set:
@@ -81,7 +56,7 @@ def prune_traced(model: nn.Module, x: torch.Tensor, ratio: float = 0.5, coupled:
     randomize_bn(model)
     model.eval()
     plan = make_plan(model, result.groups, ratio)
-    return result, plan, apply_plan(model, plan)
+    return result, plan, apply_plan(model, plan, compensate="none")  # literal removal
 
 
 # --- slimctl's own families: the derived groups are the hand-declared ones ------------------------
@@ -132,7 +107,7 @@ def test_torchvision_pruned_equals_masked_original(name: str) -> None:
         assert kinds[kind] >= count, (kind, kinds)
     assert all(s.reason for s in result.spaces if s.kind == "frozen")
     assert plan.kept < plan.total
-    ref = reference(model, plan)
+    ref = masked_reference(model, plan)
     out_pruned, out_ref, out_orig = outputs(pruned, x), outputs(ref, x), outputs(model, x)
     assert rel_err(out_pruned, out_ref) < 1e-5
     assert rel_err(out_ref, out_orig) > 1e-3  # otherwise the comparison above could not fail
@@ -170,8 +145,8 @@ def test_pruned_torchvision_model_rebuilds_and_prunes_again() -> None:
     again = derive_groups(pruned, x)
     assert again.selections == ()
     plan = make_plan(pruned, again.groups, 0.3)
-    twice = apply_plan(pruned, plan)
-    assert rel_err(outputs(twice, x), outputs(reference(pruned, plan), x)) < 1e-5
+    twice = apply_plan(pruned, plan, compensate="none")
+    assert rel_err(outputs(twice, x), outputs(masked_reference(pruned, plan), x)) < 1e-5
 
 
 def test_sync_batchnorm_conversion_keeps_the_selections() -> None:
@@ -196,11 +171,11 @@ def test_coupled_sets_prune_together(name: str, coupled: str) -> None:
     assert not [s for s in result.spaces if s.kind == "coupled" and not s.pruned]
     coupled_groups = [gp for gp in plan.groups if gp.group.coupled]
     assert coupled_groups and all(g.group.reduce == coupled and g.group.extra_bns for g in coupled_groups)
-    assert rel_err(outputs(pruned, x), outputs(reference(model, plan), x)) < 1e-5
+    assert rel_err(outputs(pruned, x), outputs(masked_reference(model, plan), x)) < 1e-5
     # Sensitivity: zeroing only one member of each pruned coupled set is not the same function.
     only = {gp.group.bn: gp.group.bn for gp in coupled_groups if gp.kept < gp.total}
     assert only
-    assert rel_err(outputs(pruned, x), outputs(reference(model, plan, only=only), x)) > 1e-3
+    assert rel_err(outputs(pruned, x), outputs(masked_reference(model, plan, only=only), x)) > 1e-3
 
 
 def test_coupled_keep_is_the_default_and_keeps_the_stream() -> None:
@@ -241,7 +216,7 @@ def test_grouped_conv_keeps_equal_counts_per_group_and_flatten_maps_columns() ->
         counts = torch.bincount(by_bn[name].keep // per, minlength=4)
         assert bool((counts == counts[0]).all())
     assert pruned.conv2.groups == 4 and pruned.conv2.in_channels % 4 == 0
-    assert rel_err(outputs(pruned, x), outputs(reference(model, plan), x)) < 1e-5
+    assert rel_err(outputs(pruned, x), outputs(masked_reference(model, plan), x)) < 1e-5
 
 
 class Gated(nn.Module):

@@ -51,7 +51,16 @@ def test_precision_choices():
     cpu = torch.device("cpu")
     assert resolve_precision("fp32", cpu) is None
     assert resolve_precision("bf16", cpu) is torch.bfloat16
-    assert resolve_precision("auto", cpu) in (None, torch.bfloat16)
+    assert resolve_precision("fp16", cpu) is torch.float16
+
+
+@pytest.mark.parametrize("native, expected", [(True, torch.bfloat16), (False, None)])
+def test_auto_precision_is_bf16_only_where_it_is_native(monkeypatch, native, expected):
+    monkeypatch.setattr("slimctl.device.cpu_has_native_bf16", lambda: native)
+    assert resolve_precision("auto", torch.device("cpu")) is expected
+    monkeypatch.setattr("torch.cuda.is_bf16_supported", lambda *args, **kwargs: native)
+    assert resolve_precision("auto", torch.device("cuda")) is expected
+    assert resolve_precision("fp32", torch.device("cuda")) is None  # an explicit choice is never overridden
 
 
 def _one_step_gammas(precision, sparsity, scaler):

@@ -15,7 +15,7 @@ from torch import nn
 # Importing the families registers them.
 from slimctl.models import densenet, preresnet, vgg  # noqa: F401
 from slimctl.errors import SlimctlError
-from slimctl.inserted import ChannelSelection, insert_recorded
+from slimctl.inserted import ChannelSelection, insert_recorded, is_inserted
 from slimctl.models.layers import apply_widths, module_widths
 from slimctl.registry import (
     TORCHVISION,
@@ -49,8 +49,11 @@ def create_model(
     else:
         model = _family_model(arch, num_classes, width, arch_args)
     if widths is not None:
-        insert_recorded(model, widths)
-        apply_widths(model, widths)
+        # Layers first, then what slimctl inserted into them (resizing a layer makes a fresh module).
+        inserted = {n: s for n, s in widths.items() if is_inserted(model, n)}
+        apply_widths(model, {n: s for n, s in widths.items() if n not in inserted})
+        insert_recorded(model, inserted)
+        apply_widths(model, inserted)
     # What a checkpoint records to rebuild this model (see slimctl.checkpoint).
     model.arch_spec = {
         "arch": arch,

@@ -14,7 +14,7 @@ from torch import nn
 
 from slimctl.errors import SlimctlError
 from slimctl.groups import ChannelGroup, Consumer
-from slimctl.inserted import ChannelSelection
+from slimctl.inserted import ChannelSelection, ConstantResponse
 
 
 def scale_width(channels: int, width: float) -> int:
@@ -72,11 +72,13 @@ def module_shape(module: nn.Module) -> list[int] | None:
         return [module.in_features, module.out_features]
     if isinstance(module, ChannelSelection):
         return [module.indices.numel()]
+    if isinstance(module, ConstantResponse):
+        return module.shape
     return None
 
 
 def module_widths(model: nn.Module) -> dict[str, list[int]]:
-    """Module name → resizable shape, for every Conv2d/BatchNorm2d/Linear/ChannelSelection."""
+    """Module name → resizable shape, for every Conv2d/BatchNorm2d/Linear/ChannelSelection/ConstantResponse."""
     widths = {}
     for name, module in model.named_modules():
         shape = module_shape(module)
@@ -104,6 +106,8 @@ def resized(module: nn.Module, shape: list[int]) -> nn.Module:
         new = nn.Linear(shape[0], shape[1], bias=module.bias is not None)
     elif isinstance(module, ChannelSelection):
         new = ChannelSelection(shape[0])
+    elif isinstance(module, ConstantResponse):
+        new = ConstantResponse(*shape)
     else:
         raise TypeError(f"cannot resize {type(module).__name__}")
     # Same device and float dtype as the original (`.to(dtype)` leaves integer buffers alone).
@@ -128,7 +132,8 @@ def apply_widths(model: nn.Module, widths: dict[str, list[int]]) -> None:
                 f"checkpoint widths name module {name!r}, which this model does not have "
                 "(or cannot resize); the checkpoint does not match its arch"
             )
-        if len(shape) != len(current) or not all(isinstance(s, int) and s >= 1 for s in shape):
+        smallest = 0 if isinstance(module, ConstantResponse) else 1  # its kernel may be empty (0×0)
+        if len(shape) != len(current) or not all(isinstance(s, int) and s >= smallest for s in shape):
             raise SlimctlError(f"checkpoint widths for {name!r} are malformed: {shape!r}")
         if list(shape) != current:
             replace_module(model, name, resized(module, list(shape)))

@@ -1,0 +1,243 @@
+"""The op table: what one fx node does to the channels flowing through it.
+
+`classify(node, modules, calls)` answers for any node of a shape-propagated fx graph with an
+`OpRule`: the kind of op (`Op`) and, for ops that pass channels on, two flags about a *removed*
+channel (one whose BN's γ is zeroed or ≈ 0):
+
+- `zero`: f(0) = 0, so a channel that is exactly zero (γ and β zeroed) stays zero — what makes
+  pruning exact (the consumer may drop the channel);
+- `constant`: a channel that is constant over batch and space (γ ≈ 0: the BN emits β) stays constant
+  — what lets pruning add that constant's response to the consumer (β compensation).
+
+Both the walk over the whole graph (`walk.py`) and selection detection (`grouping.py`, which follows
+one BN's output forward) dispatch on this one table, so they cannot disagree about an op. What the
+table cannot decide alone — how many segments reach an op, whether an operand is tracked — is left
+to its callers.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+import torch
+from torch import fx, nn
+from torch.nn import functional as F
+
+from slimctl.inserted import ChannelSelection
+
+
+class Op(Enum):
+    CONSUMER = "consumer"  # Conv2d with groups=1, Linear on a 2-d input: reads spaces, makes a new one
+    GROUPED = "grouped"  # grouped Conv2d: reads its space in equal chunks, makes a new one
+    DEPTHWISE = "depthwise"  # depthwise Conv2d: the space passes through, filtered per channel
+    BN = "bn"  # BatchNorm2d: ranks the space; after it a removed channel is zero / the constant β
+    SELECTION = "selection"  # ChannelSelection: passes on the kept channels only (a new space)
+    REUSED = "reused"  # a Conv2d / BatchNorm2d / Linear called twice: one set of channels for two spaces
+    PER_CHANNEL = "per_channel"  # keeps each channel in place: activations, dropout, pools, identity, …
+    FLATTEN = "flatten"  # flatten / view / reshape: (N, C, H, W) → (N, C·H·W), H·W columns per channel
+    REDUCE = "reduce"  # mean / amax / sum over spatial dims only (dims ≥ 2)
+    ADD = "add"  # add / sub: a residual joins the spaces of its operands
+    MUL = "mul"  # mul: an SE gate joins the gate's space with the gated one
+    DIV = "div"  # div: by a scalar the channels pass on; by a tracked tensor it is opaque
+    CAT = "cat"  # cat: on dim 1 the segments follow each other; else opaque
+    NEUTRAL = "neutral"  # size / dim / getattr, …: no channels flow on
+    NORM = "norm"  # a norm other than BatchNorm2d: nothing ranks its channels, it freezes them
+    UNKNOWN = "unknown"  # anything else: opaque, freezes every space it touches
+
+
+@dataclass(frozen=True)
+class OpRule:
+    op: Op
+    zero: bool = True  # PER_CHANNEL / DEPTHWISE: f(0) = 0 per channel
+    constant: bool = True  # PER_CHANNEL / DEPTHWISE: a channel constant over batch and space stays constant
+    # PER_CHANNEL / DEPTHWISE with constant=False: the op, as `--explain` names it ("AvgPool2d 'pool'
+    # with zero padding"); REUSED / NORM / UNKNOWN: the op, as a frozen space's reason names it.
+    note: str = ""
+    dims: tuple[int, int] = (1, -1)  # FLATTEN: its start and end dims
+
+
+# Per-channel modules that map 0 to 0 (a zeroed channel stays zero) ...
+ZERO_MODULES = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Hardswish, nn.Mish, nn.Tanh, nn.Hardtanh,
+    nn.Dropout, nn.Dropout2d, nn.AlphaDropout, nn.Identity, nn.MaxPool2d, nn.AvgPool2d,
+    nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d,
+)
+# ... and those that do not (they pass channels on, but a zeroed channel is not zero after them).
+NONZERO_MODULES = (nn.Sigmoid, nn.Hardsigmoid, nn.Softplus)
+ZERO_FUNCS = {
+    "relu", "relu_", "relu6", "hardtanh", "hardtanh_", "leaky_relu", "leaky_relu_", "elu", "gelu", "silu",
+    "hardswish", "mish", "tanh", "dropout", "dropout2d", "max_pool2d", "avg_pool2d", "adaptive_avg_pool2d",
+    "adaptive_max_pool2d", "contiguous", "clone", "stochastic_depth", "detach",
+}
+NONZERO_FUNCS = {"sigmoid", "sigmoid_", "hardsigmoid", "softplus", "exp"}
+# Every per-channel op above maps a constant channel to a constant one (elementwise functions do
+# trivially; max-pool pads with -inf, adaptive pools average real pixels only), except an average
+# pool that counts zero padding in its divisor: see `_avg_pool_rule`.
+NEUTRAL_FUNCS = {"size", "dim", "getattr", "numel", "_assert", "is_scripting"}
+NORMS = (nn.LayerNorm, nn.GroupNorm, nn.InstanceNorm2d, nn.BatchNorm1d, nn.BatchNorm3d, nn.LocalResponseNorm)
+ADD = {operator.add, operator.iadd, operator.sub, operator.isub, torch.add, torch.sub, "add", "add_", "sub", "sub_"}
+MUL = {operator.mul, operator.imul, torch.mul, "mul", "mul_"}
+DIV = {operator.truediv, operator.itruediv, torch.div, "div", "div_"}
+CAT = {"cat", "concat", "concatenate"}
+REDUCTIONS = {"mean", "amax", "sum"}
+RESHAPES = {"view", "reshape"}
+
+
+# --- what the table reads from a node ------------------------------------------------------------
+
+
+def shape(node: Any) -> tuple[int, ...] | None:
+    """The shape ShapeProp recorded for a tensor-valued node (None for anything else)."""
+    meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
+    return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+
+
+def fname(node: fx.Node) -> Any:
+    """A function's or method's name (the module path for call_module)."""
+    return node.target if node.op == "call_method" else getattr(node.target, "__name__", node.target)
+
+
+def label(node: fx.Node, modules: Mapping[str, nn.Module]) -> str:
+    """How reasons name an op: "Conv2d 'features.3'" or "relu (relu_2)"."""
+    if node.op == "call_module":
+        return f"{type(modules[node.target]).__name__} {node.target!r}"
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
+    return f"{name} ({node.name})"
+
+
+def call_counts(graph: fx.Graph) -> dict[str, int]:
+    """How many times the graph calls each module."""
+    calls: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    return calls
+
+
+def columns_per_channel(in_shape: tuple[int, ...], out_shape: tuple[int, ...], start: int = 1,
+                        end: int = -1) -> int | None:
+    """A flatten/view that keeps channels: input columns per channel after it (H·W after
+    (N, C, H, W) → (N, C·H·W); 1 when it changes nothing); None when it reshapes the channels."""
+    if out_shape == in_shape:
+        return 1
+    if start == 1 and end in (-1, len(in_shape) - 1) and len(out_shape) == 2 and out_shape[0] == in_shape[0]:
+        return math.prod(in_shape[2:])
+    return None
+
+
+def _arg(node: fx.Node, index: int, name: str, default: Any) -> Any:
+    return node.args[index] if len(node.args) > index else node.kwargs.get(name, default)
+
+
+def _keeps_channels(node: fx.Node) -> bool:
+    in_shape, out_shape = shape(node.args[0] if node.args else None), shape(node)
+    return in_shape is not None and out_shape is not None and len(out_shape) >= 2 and out_shape[1] == in_shape[1]
+
+
+def _spatial(node: fx.Node) -> bool:
+    """A reduction over spatial dims only (dims ≥ 2, given explicitly)."""
+    dims = _arg(node, 1, "dim", None)
+    dims = [dims] if isinstance(dims, int) else list(dims or [])
+    in_shape = shape(node.args[0] if node.args else None)
+    return bool(dims) and bool(in_shape) and all(d % len(in_shape) >= 2 for d in dims)
+
+
+def _padded(padding: Any, kernel_size: Any) -> bool:
+    if isinstance(padding, str):  # "valid" pads nothing; "same" pads unless the kernel is 1×1
+        return padding == "same" and any(k != 1 for k in (kernel_size if isinstance(kernel_size, tuple)
+                                                          else (kernel_size,)))
+    return any(p != 0 for p in (padding if isinstance(padding, (tuple, list)) else (padding,)))
+
+
+def _avg_pool_rule(what: str, padding: Any, ceil_mode: bool, count_include_pad: bool,
+                   divisor_override: Any) -> OpRule:
+    """An average pool maps a constant to a constant unless a window's divisor counts padding zeros
+    (border windows then average fewer real pixels), or a fixed divisor meets partial windows."""
+    padded = _padded(padding, 1)
+    if divisor_override is not None:
+        if padded or ceil_mode:
+            return OpRule(Op.PER_CHANNEL, constant=False, note=f"{what} with divisor_override over partial windows")
+        return OpRule(Op.PER_CHANNEL)
+    if padded and count_include_pad:
+        return OpRule(Op.PER_CHANNEL, constant=False, note=f"{what} with zero padding")
+    return OpRule(Op.PER_CHANNEL)
+
+
+# --- the table -----------------------------------------------------------------------------------
+
+
+def classify(node: fx.Node, modules: Mapping[str, nn.Module], calls: Mapping[str, int]) -> OpRule:
+    """The rule for one call node (call_module / call_function / call_method) of a graph whose
+    shapes ShapeProp recorded; `calls` counts module calls (`call_counts`)."""
+    if node.op == "call_module":
+        return _module_rule(node, modules[node.target], modules, calls[node.target])
+    return _function_rule(node, modules)
+
+
+def _module_rule(node: fx.Node, m: nn.Module, modules: Mapping[str, nn.Module], calls: int) -> OpRule:
+    name = node.target
+    if isinstance(m, (nn.Conv2d, nn.BatchNorm2d, nn.Linear)) and calls > 1:
+        return OpRule(Op.REUSED, note=f"{type(m).__name__} {name!r}, called {calls} times")
+    if isinstance(m, nn.Conv2d):
+        if m.groups == 1:
+            return OpRule(Op.CONSUMER)
+        if m.groups == m.in_channels == m.out_channels:
+            # Zero padding makes a constant map uneven at the borders (other padding modes do not).
+            const = not (m.padding_mode == "zeros" and _padded(m.padding, m.kernel_size))
+            return OpRule(Op.DEPTHWISE, zero=m.bias is None, constant=const,
+                          note="" if const else f"depthwise Conv2d {name!r} with zero padding")
+        return OpRule(Op.GROUPED)
+    if isinstance(m, nn.Linear):
+        in_shape = shape(node.args[0])
+        if in_shape is None or len(in_shape) != 2:
+            return OpRule(Op.UNKNOWN, note=f"Linear {name!r} on a {len(in_shape or ())}-d input")
+        return OpRule(Op.CONSUMER)
+    if isinstance(m, nn.BatchNorm2d):
+        return OpRule(Op.BN)
+    if isinstance(m, ChannelSelection):
+        return OpRule(Op.SELECTION)
+    if isinstance(m, (*ZERO_MODULES, *NONZERO_MODULES)):
+        if not _keeps_channels(node):
+            return OpRule(Op.UNKNOWN, note=label(node, modules))
+        if isinstance(m, nn.AvgPool2d):
+            return _avg_pool_rule(label(node, modules), m.padding, m.ceil_mode, m.count_include_pad,
+                                  m.divisor_override)
+        return OpRule(Op.PER_CHANNEL, zero=isinstance(m, ZERO_MODULES))
+    if isinstance(m, nn.Flatten):
+        return OpRule(Op.FLATTEN, dims=(m.start_dim, m.end_dim))
+    if isinstance(m, NORMS):
+        return OpRule(Op.NORM, note=f"{type(m).__name__} {name!r} (only BatchNorm2d ranks channels)")
+    return OpRule(Op.UNKNOWN, note=f"unsupported module {type(m).__name__} {name!r}")
+
+
+def _function_rule(node: fx.Node, modules: Mapping[str, nn.Module]) -> OpRule:
+    target, name = node.target, fname(node)
+    if name in NEUTRAL_FUNCS or target is getattr:
+        return OpRule(Op.NEUTRAL)
+    if target in ADD or name in ADD:
+        return OpRule(Op.ADD)
+    if target in MUL or name in MUL:
+        return OpRule(Op.MUL)
+    if target in DIV or name in DIV:
+        return OpRule(Op.DIV)
+    if name in CAT:
+        return OpRule(Op.CAT)
+    if name in ZERO_FUNCS or name in NONZERO_FUNCS or target is F.max_pool2d:
+        if not _keeps_channels(node):
+            return OpRule(Op.UNKNOWN, note=label(node, modules))
+        if name == "avg_pool2d":  # (input, kernel, stride, padding, ceil_mode, count_include_pad, divisor_override)
+            return _avg_pool_rule(label(node, modules), _arg(node, 3, "padding", 0), _arg(node, 4, "ceil_mode", False),
+                                  _arg(node, 5, "count_include_pad", True), _arg(node, 6, "divisor_override", None))
+        return OpRule(Op.PER_CHANNEL, zero=name not in NONZERO_FUNCS)
+    if name == "flatten":
+        return OpRule(Op.FLATTEN, dims=(_arg(node, 1, "start_dim", 0), _arg(node, 2, "end_dim", -1)))
+    if name in RESHAPES:
+        return OpRule(Op.FLATTEN)
+    if name in REDUCTIONS and _spatial(node):
+        return OpRule(Op.REDUCE)
+    return OpRule(Op.UNKNOWN, note=label(node, modules))

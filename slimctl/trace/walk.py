@@ -1,0 +1,411 @@
+"""Trace a model with torch.fx and follow every channel space through its graph.
+
+`trace_graph` traces the model (its leaves: torch.nn modules and ChannelSelection) and records every
+node's shape. `Walker` then visits the nodes in order and gives each tensor a *layout*: its channels
+as a list of segments (`Seg`: a space, its width, the flags of a removed channel there, columns per
+channel). One segment after a conv; several after `cat(dim=1)`. What each op does to a layout comes
+from the op table (`rules.classify`); the walker adds what needs the graph's state: which operands
+are tracked, how many segments reach an op, unions of spaces (union-find) at residual adds and
+gates. Anything it cannot follow *freezes* the spaces it touches, with the reason recorded.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+from torch import fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from slimctl.errors import SlimctlError
+from slimctl.groups import Consumer
+from slimctl.inserted import ChannelSelection, selection_of
+from slimctl.trace.rules import Op, OpRule, call_counts, classify, columns_per_channel, label, shape
+
+# --- tracing -------------------------------------------------------------------------------------
+
+
+class _Tracer(fx.Tracer):
+    """Leaves: torch.nn modules and ChannelSelection; remembers which module it is inside."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stack: list[str] = []
+        self.failed_in: str | None = None
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, ChannelSelection) or super().is_leaf_module(m, qualname)
+
+    def call_module(self, m, forward, args, kwargs):  # noqa: ANN001
+        self.stack.append(self.path_of_module(m))
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_in is None:  # the innermost module: the one whose Python broke
+                self.failed_in = self.stack[-1]
+            raise
+        finally:
+            self.stack.pop()
+
+
+def trace_graph(model: nn.Module, example_input: torch.Tensor) -> fx.GraphModule:
+    """The model's fx graph with every node's shape on `example_input` (refusals name the culprit)."""
+    tracer = _Tracer()
+    try:
+        graph = tracer.trace(model)
+    except Exception as exc:  # fx raises TraceError, TypeError, … on data-dependent Python
+        where = tracer.failed_in or type(model).__name__
+        raise SlimctlError(
+            f"cannot trace {type(model).__name__}: module {where!r} ({type(exc).__name__}: {exc}). "
+            "Mark that module a leaf (it then keeps its channels) or declare channel_groups() by hand."
+        ) from exc
+    gm = fx.GraphModule(tracer.root, graph)
+    try:
+        with torch.no_grad():
+            ShapeProp(gm).propagate(example_input)
+    except Exception as exc:
+        cause = exc.__cause__ or exc
+        raise SlimctlError(
+            f"{type(model).__name__} does not run on an example input of shape {tuple(example_input.shape)}: "
+            f"{str(cause).splitlines()[0] if str(cause) else type(cause).__name__} (try a larger input size)"
+        ) from exc
+    return gm
+
+
+# --- spaces and segments -------------------------------------------------------------------------
+
+
+@dataclass
+class Space:
+    width: int
+    producers: list[str] = field(default_factory=list)
+    bns: list[str] = field(default_factory=list)
+    consumers: list[Consumer] = field(default_factory=list)
+    readers: list[str] = field(default_factory=list)  # other members (for --explain)
+    reasons: list[str] = field(default_factory=list)  # why it is frozen
+    not_constant: list[str] = field(default_factory=list)  # consumers reached non-constantly, and why
+    residual: bool = False
+    depthwise: bool = False
+    divisions: set[int] = field(default_factory=set)
+
+
+@dataclass(frozen=True)
+class Seg:
+    """Some channels of a tensor: `width` channels of one space, and what a removed one is here."""
+
+    space: int
+    width: int
+    zero: bool  # exactly zero in the γ/β-zeroed reference: pruning is exact
+    repeat: int = 1  # columns per channel (after flatten)
+    const: bool = False  # constant over batch and space once γ ≈ 0 (its BN emits β): β compensation works
+    why: str = "its producer, with no BatchNorm2d after it"  # when not const: the op that made it vary
+
+
+def not_constant_note(consumer: str, why: str) -> str:
+    """`--explain`'s line for a consumer that reads a removed channel as a non-constant."""
+    return f"{consumer!r} reads it through {why}: no β compensation"
+
+
+def _through(seg: Seg, rule: OpRule) -> Seg:
+    """`seg` after a per-channel op: zero and constant only if the op preserves them."""
+    const = seg.const and rule.constant
+    return replace(seg, zero=seg.zero and rule.zero, const=const, why=seg.why if not seg.const else rule.note)
+
+
+# --- the walk ------------------------------------------------------------------------------------
+
+
+class Walker:
+    def __init__(self, gm: fx.GraphModule) -> None:
+        self.gm = gm
+        self.modules = dict(gm.named_modules())
+        self.calls = call_counts(gm.graph)
+        self.spaces: list[Space] = []
+        self.parent: list[int] = []
+        self.layout: dict[fx.Node, list[Seg] | None] = {}
+        self.bn_nodes: list[fx.Node] = []
+
+    def rule(self, node: fx.Node) -> OpRule:
+        return classify(node, self.modules, self.calls)
+
+    def label(self, node: fx.Node) -> str:
+        return label(node, self.modules)
+
+    # union-find
+    def find(self, i: int) -> int:
+        while self.parent[i] != i:
+            self.parent[i] = self.parent[self.parent[i]]
+            i = self.parent[i]
+        return i
+
+    def space(self, i: int) -> Space:
+        return self.spaces[self.find(i)]
+
+    def new(self, width: int, producer: str | None = None, reason: str | None = None) -> int:
+        self.spaces.append(Space(width, producers=[producer] if producer else []))
+        self.parent.append(len(self.parent))
+        if reason:
+            self.spaces[-1].reasons.append(reason)
+        return len(self.spaces) - 1
+
+    def union(self, a: int, b: int, residual: bool) -> None:
+        a, b = self.find(a), self.find(b)
+        if a == b:
+            self.spaces[a].residual |= residual
+            return
+        sa, sb = self.spaces[a], self.spaces[b]
+        for attr in ("producers", "bns", "consumers", "readers", "reasons", "not_constant"):
+            getattr(sa, attr).extend(x for x in getattr(sb, attr) if x not in getattr(sa, attr))
+        sa.residual |= sb.residual | residual
+        sa.depthwise |= sb.depthwise
+        sa.divisions |= sb.divisions
+        self.parent[b] = a
+
+    def freeze(self, segs: list[Seg] | None, reason: str) -> None:
+        for seg in segs or []:
+            sp = self.space(seg.space)
+            if reason not in sp.reasons:
+                sp.reasons.append(reason)
+
+    # helpers
+    def frozen_output(self, node: fx.Node, reason: str) -> list[Seg] | None:
+        out = shape(node)
+        if out is None or len(out) < 2:
+            return None
+        return [Seg(self.new(out[1], reason=reason), out[1], False)]
+
+    def tracked(self, value: Any) -> bool:
+        return isinstance(value, fx.Node) and self.layout.get(value) is not None
+
+    def input_nodes(self, node: fx.Node) -> list[fx.Node]:
+        return [n for n in node.all_input_nodes if self.layout.get(n) is not None]
+
+    def opaque(self, node: fx.Node, desc: str) -> list[Seg] | None:
+        for n in self.input_nodes(node):
+            self.freeze(self.layout[n], f"read by {desc}")
+        return self.frozen_output(node, f"produced by {desc}")
+
+    def single_input(self, node: fx.Node) -> list[Seg] | None:
+        first = node.args[0] if node.args else None
+        return self.layout.get(first) if isinstance(first, fx.Node) else None
+
+    def inplace_on_shared(self, node: fx.Node) -> bool:
+        if node.op == "call_module":
+            inplace = getattr(self.modules[node.target], "inplace", False)
+        elif node.op == "call_method":
+            inplace = node.target.endswith("_") and not node.target.endswith("__")
+        else:
+            inplace = node.kwargs.get("inplace", False) is True or node.target in (
+                operator.iadd, operator.imul, operator.isub, operator.itruediv)
+        first = node.args[0] if node.args else None
+        return bool(inplace) and isinstance(first, fx.Node) and len(first.users) > 1 and self.tracked(first)
+
+    # the walk
+    def run(self) -> None:
+        for node in self.gm.graph.nodes:
+            self.layout[node] = self.visit(node)
+
+    def visit(self, node: fx.Node) -> list[Seg] | None:
+        if node.op == "placeholder":
+            return self.frozen_output(node, "the model's input")
+        if node.op == "output":
+            for n in node.all_input_nodes:
+                self.freeze(self.layout.get(n), "reaches the model's output")
+            return None
+        if node.op == "get_attr":
+            return None
+        if self.inplace_on_shared(node):
+            return self.opaque(node, f"in-place {self.label(node)} on a value other ops also read")
+        rule = self.rule(node)
+        if node.op == "call_module":
+            return self.visit_module(node, rule)
+        return self.visit_function(node, rule)
+
+    def visit_module(self, node: fx.Node, rule: OpRule) -> list[Seg] | None:
+        name, m = node.target, self.modules[node.target]
+        if rule.op is Op.REUSED:
+            if isinstance(m, nn.BatchNorm2d):
+                self.bn_nodes.append(node)
+            return self.opaque(node, rule.note)
+        segs = self.single_input(node)
+        if segs is None:
+            return self.frozen_output(node, f"produced by {self.label(node)}")
+        if rule.op is Op.CONSUMER:
+            self.consume(name, segs)
+            width = m.out_channels if isinstance(m, nn.Conv2d) else m.out_features
+            return [Seg(self.new(width, name), width, False)]
+        if rule.op is Op.DEPTHWISE:  # the space passes through
+            if len(segs) != 1:
+                return self.opaque(node, f"depthwise conv {name!r} over a concatenation")
+            sp = self.space(segs[0].space)
+            sp.producers.append(name)
+            sp.depthwise = True
+            return [replace(_through(segs[0], rule), repeat=1)]
+        if rule.op is Op.GROUPED:  # equal keep counts per group on both sides
+            if len(segs) != 1 or m.out_channels % m.groups:
+                return self.opaque(node, f"grouped conv {name!r} over a concatenation")
+            self.consume(name, segs)
+            self.space(segs[0].space).divisions.add(m.groups)
+            out = self.new(m.out_channels, name)
+            self.spaces[out].divisions.add(m.groups)
+            return [Seg(out, m.out_channels, False)]
+        if rule.op is Op.BN:
+            return self.visit_bn(node, m, segs)
+        if rule.op is Op.SELECTION:
+            self.freeze(segs, f"read by ChannelSelection {name!r} (its BN keeps its width)")
+            k = m.indices.numel()
+            return [Seg(self.new(k, reason=f"selected channels ({name!r})"), k, all(s.zero for s in segs),
+                        const=all(s.const for s in segs),
+                        why=next((s.why for s in segs if not s.const), ""))]
+        if rule.op is Op.PER_CHANNEL:
+            return [_through(s, rule) for s in segs]
+        if rule.op is Op.FLATTEN:
+            return self.flattened(node, segs, *rule.dims)
+        return self.opaque(node, rule.note)  # NORM, UNKNOWN
+
+    def visit_bn(self, node: fx.Node, m: nn.BatchNorm2d, segs: list[Seg]) -> list[Seg]:
+        name = node.target
+        self.bn_nodes.append(node)
+        if len(segs) == 1 and segs[0].width == m.num_features:
+            sp = self.space(segs[0].space)
+            sp.bns.append(name)
+            sp.producers.append(name)
+        else:
+            for seg in segs:
+                self.space(seg.space).readers.append(name)
+            self.freeze(segs, f"read by BatchNorm2d {name!r} inside a concatenation")
+        # After a BN a removed channel is zero (γ, β zeroed) or the constant β (γ ≈ 0).
+        if selection_of(m) is not None:  # an inserted selection
+            self.freeze(segs, f"BatchNorm2d {name!r} keeps its width (channel selection)")
+            k = selection_of(m).indices.numel()
+            return [Seg(self.new(k, reason=f"selected channels of {name!r}"), k, True, const=True, why="")]
+        return [replace(s, zero=True, const=True, why="") for s in segs]
+
+    def consume(self, name: str, segs: list[Seg]) -> None:
+        offset = 0
+        for seg in segs:
+            sp = self.space(seg.space)
+            sp.consumers.append(Consumer(name, offset, seg.repeat, constant=seg.const))
+            if not seg.zero:
+                sp.reasons.append(f"reaches {name!r} without a zeroing BatchNorm2d (no BN after its producer, "
+                                  "or a Sigmoid-like op on the way)")
+            if not seg.const:
+                sp.not_constant.append(not_constant_note(name, seg.why))
+            offset += seg.width * seg.repeat
+
+    def flattened(self, node: fx.Node, segs: list[Seg], start: int = 1, end: int = -1) -> list[Seg] | None:
+        in_shape, out_shape = shape(node.args[0]), shape(node)
+        if in_shape is None or out_shape is None:
+            return None
+        columns = columns_per_channel(in_shape, out_shape, start, end)
+        if columns is None:
+            return self.opaque(node, f"{self.label(node)} reshaping the channel dimension")
+        return segs if columns == 1 else [replace(s, repeat=s.repeat * columns) for s in segs]
+
+    def visit_function(self, node: fx.Node, rule: OpRule) -> list[Seg] | None:
+        if rule.op is Op.NEUTRAL:
+            return None
+        if rule.op is Op.ADD:
+            return self.combine(node, residual=True)
+        if rule.op is Op.MUL:
+            return self.combine(node, residual=False)
+        if rule.op is Op.CAT:
+            return self.concat(node)
+        segs = self.single_input(node)
+        if rule.op is Op.DIV:
+            if segs is not None and not any(self.tracked(a) for a in node.args[1:]):
+                varying = [a for a in node.args[1:] if self.varies(a, len(shape(node) or ()))]
+                if varying:  # a divisor that varies over space: the quotient of a constant is not constant
+                    return [replace(s, const=False, why=s.why if not s.const else
+                                    f"{self.label(node)} by a tensor that varies over space") for s in segs]
+                return segs
+            return self.opaque(node, self.label(node))
+        if not self.input_nodes(node):
+            return self.frozen_output(node, f"produced by {self.label(node)}") if segs is None else None
+        if segs is None:
+            return self.opaque(node, self.label(node))
+        if rule.op is Op.PER_CHANNEL:
+            return [_through(s, rule) for s in segs]
+        if rule.op is Op.FLATTEN:
+            return self.flattened(node, segs, *rule.dims)
+        if rule.op is Op.REDUCE:  # a removed channel's zeros / constant average to the same
+            return list(segs)
+        return self.opaque(node, rule.note)
+
+    @staticmethod
+    def varies(value: Any, ndim: int) -> bool:
+        """An untracked tensor operand that is not constant over batch and space (per channel it
+        may differ): a constant channel combined with it is no longer constant."""
+        s = shape(value)
+        if s is None or ndim < 2:
+            return False
+        s = (1,) * (ndim - len(s)) + s  # broadcast from the right
+        return any(d != 1 for i, d in enumerate(s[-ndim:]) if i != 1)
+
+    def concat(self, node: fx.Node) -> list[Seg] | None:
+        tensors = node.args[0]
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+        out = shape(node)
+        if out is None or dim % len(out) != 1:
+            return self.opaque(node, f"cat on dim {dim} ({node.name})")
+        segs: list[Seg] = []
+        for t in tensors:
+            if not self.tracked(t):
+                return self.opaque(node, f"cat of an untracked value ({node.name})")
+            segs += self.layout[t]
+        return segs
+
+    def combine(self, node: fx.Node, residual: bool) -> list[Seg] | None:
+        """add/sub (residual coupling) and mul (an SE gate: the gate's space is x's)."""
+        out_shape = shape(node)
+        if out_shape is None or len(out_shape) < 2:
+            return self.opaque(node, self.label(node)) if self.input_nodes(node) else None
+        c = out_shape[1]
+        full, others, scalar_nonzero, varying = [], [], False, False
+        for a in list(node.args) + list(node.kwargs.values()):
+            a_shape = shape(a)
+            if self.tracked(a) and a_shape and len(a_shape) >= 2 and a_shape[1] == c:
+                full.append(self.layout[a])
+            elif self.tracked(a):  # broadcast over channels
+                others.append(self.layout[a])
+            elif isinstance(a, (int, float)) and a != 0:
+                scalar_nonzero = True
+            elif isinstance(a, fx.Node) and a_shape is not None:  # a constant tensor (a buffer, …)
+                scalar_nonzero = True
+                varying |= self.varies(a, len(out_shape))
+        if not full:
+            return self.opaque(node, self.label(node))
+        widths = [s.width for s in full[0]]
+        if any([s.width for s in segs] != widths for segs in full[1:]):
+            for segs in full:
+                self.freeze(segs, f"{self.label(node)} joins differently concatenated tensors")
+            return self.frozen_output(node, f"produced by {self.label(node)}")
+        for segs in full[1:]:
+            for a, b in zip(full[0], segs):
+                self.union(a.space, b.space, residual)
+        other_zero = [all(s.zero for s in segs) for segs in others]
+        other_const = all(s.const for segs in others for s in segs) and not varying
+        out = []
+        for i, s in enumerate(full[0]):
+            zeros = [segs[i].zero for segs in full]
+            if residual:  # a + b: zero only if every operand is
+                zero = all(zeros) and all(other_zero) and not scalar_nonzero
+            else:  # a * b: zero if any operand is
+                zero = any(zeros) or any(other_zero)
+            # a + b, a * b: constant only if every operand is (an SE gate depends on the input); when
+            # some operand is constant and another is not, this op is where the constant is lost.
+            consts = [segs[i].const for segs in full]
+            const = all(consts) and other_const
+            if const:
+                why = ""
+            elif not any(consts):
+                why = s.why
+            elif all(consts) and varying and all(x.const for segs in others for x in segs):
+                why = f"{self.label(node)} with a tensor that varies over space"
+            else:
+                why = f"{self.label(node)} " + ("with a non-constant operand" if residual else
+                                                "by an input-dependent factor")
+            out.append(Seg(s.space, s.width, zero, s.repeat, const, why))
+        return out

@@ -1,0 +1,159 @@
+"""β-compensated removal (slimctl.compensate): the pruned model equals the original with only the
+removed channels' γ zeroed (`exact`), a per-channel bias where that is exact (`bias`), or the
+original with γ and β zeroed (`none`)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import masked_reference, randomize_bn
+from slimctl import load_model, make_checkpoint, save_checkpoint
+from slimctl.flops import count_flops
+from slimctl.groups import ChannelGroup, Consumer
+from slimctl.inserted import response_of
+from slimctl.models import create_model
+from slimctl.plan import make_plan
+from slimctl.surgery import apply_plan, apply_plan_with_notes, prune_model
+
+FAMILIES = [("vgg11", {"width": 0.25}), ("preresnet", {"depth": 11}), ("densenet", {"depth": 10, "growth": 4})]
+TRACED = ["torchvision.resnet18", "torchvision.mobilenet_v2"]
+
+
+def strongly_sparse(model: nn.Module, fraction: float = 0.5, seed: int = 0) -> nn.Module:
+    """Random BN state, then γ ≈ 0 on `fraction` of each BN's channels (what sparse training does)
+    while β stays: the removed channels emit a constant that matters."""
+    randomize_bn(model, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            small = torch.rand(m.num_features, generator=g) < fraction
+            m.weight.data[small] = 1e-4 * torch.rand(int(small.sum()), generator=g)
+            m.bias.data += 0.5  # biases that survive a ReLU
+    return model.eval()
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def outputs(model: nn.Module, size: int, seed: int = 3) -> torch.Tensor:
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        return model.eval()(x)
+
+
+@pytest.mark.parametrize("arch, args", FAMILIES, ids=[a for a, _ in FAMILIES])
+def test_exact_equals_gamma_zeroed_original_on_every_family(arch, args):
+    model = strongly_sparse(create_model(arch, 10, **args))
+    pruned, plan = prune_model(model, 0.5, compensate="exact")
+    ref = masked_reference(model, plan, zero_beta=False)
+    for size in (32, 40):  # the per-position terms follow the input size
+        assert rel_err(outputs(pruned, size), outputs(ref, size)) < 1e-5
+    # … and the literal removal does not: the removed channels' constants mattered
+    literal, _ = prune_model(model, 0.5, compensate="none")
+    assert rel_err(outputs(literal, 32), outputs(ref, 32)) > 1e-3
+
+
+@pytest.mark.parametrize("arch", TRACED)
+def test_exact_on_traced_torchvision_models(arch, one_thread):
+    model = strongly_sparse(create_model(arch, 10, input_size=(3, 64, 64)))
+    pruned, plan = prune_model(model, 0.5, compensate="exact")
+    ref = masked_reference(model, plan, zero_beta=False)
+    for size in (64, 72):
+        assert rel_err(outputs(pruned, size), outputs(ref, size)) < 1e-5
+
+
+def test_none_equals_gamma_and_beta_zeroed():
+    model = strongly_sparse(create_model("vgg11", 10, width=0.25))
+    pruned, plan = prune_model(model, 0.5, compensate="none")
+    assert rel_err(outputs(pruned, 32), outputs(masked_reference(model, plan), 32)) < 1e-5
+    assert not any(response_of(m) is not None for m in pruned.modules())
+
+
+def pointwise_net() -> nn.Module:
+    """Every consumer is a 1×1 conv or a Linear: there a per-channel bias is exact."""
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 8, 1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4),
+    )
+
+
+def test_bias_is_exact_for_linear_and_pointwise_consumers_and_lossy_for_padded_ones():
+    model = strongly_sparse(pointwise_net())
+    pruned, plan = prune_model(model, 0.5, compensate="bias")
+    ref = masked_reference(model, plan, zero_beta=False)
+    assert rel_err(outputs(pruned, 16), outputs(ref, 16)) < 1e-5
+    assert not any(response_of(m) is not None and response_of(m).kernel.numel() for m in pruned.modules())
+
+    vgg = strongly_sparse(create_model("vgg11", 10, width=0.25))
+    biased, plan = prune_model(vgg, 0.5, compensate="bias")
+    ref = masked_reference(vgg, plan, zero_beta=False)
+    literal, _ = prune_model(vgg, 0.5, compensate="none")
+    error = rel_err(outputs(biased, 32), outputs(ref, 32))
+    assert 1e-5 < error < rel_err(outputs(literal, 32), outputs(ref, 32))  # lossy, but better than none
+
+
+def test_a_linear_with_a_bias_absorbs_its_term():
+    model = strongly_sparse(create_model("vgg11", 10, width=0.25))
+    pruned, _ = prune_model(model, 0.5)
+    assert response_of(pruned.classifier) is None  # folded into classifier.bias: a plain Linear
+    assert not torch.equal(pruned.classifier.bias, model.classifier.bias)
+    assert response_of(pruned.features.conv1) is not None  # a padded 3×3 consumer: per position
+
+
+def test_multipass_and_checkpoint_round_trip_keep_the_responses(tmp_path):
+    model = strongly_sparse(create_model("preresnet", 10, depth=11))
+    once, plan1 = prune_model(model, 0.4)
+    twice, plan2 = prune_model(once, 0.3)
+    ref = masked_reference(once, plan2, zero_beta=False)
+    assert rel_err(outputs(twice, 32), outputs(ref, 32)) < 1e-5
+    save_checkpoint(tmp_path / "p.pt", make_checkpoint(twice, stage="prune"))
+    loaded = load_model(tmp_path / "p.pt")
+    assert torch.equal(outputs(loaded, 36), outputs(twice, 36))
+    assert count_flops(loaded) == count_flops(twice)
+
+
+def test_compensation_adds_one_flop_per_output_element():
+    model = strongly_sparse(create_model("vgg11", 10, width=0.25))
+    _, plan = prune_model(model, 0.5)
+    exact, none = apply_plan(model, plan, compensate="exact"), apply_plan(model, plan, compensate="none")
+    responses = [m for m in exact.modules() if response_of(m) is not None]
+    assert responses
+    # the classifier's term is folded into its bias; every other term adds one FLOP per output element
+    extra = count_flops(exact) - count_flops(none)
+    assert 0 < extra < count_flops(none) * 0.05
+
+
+class DeclaredNonConstant(nn.Module):
+    """A family-style model whose declared consumer is marked as not reached by a constant."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.pool = nn.AvgPool2d(3, stride=1, padding=1)  # zero padding, counted: borders are not constant
+        self.conv2 = nn.Conv2d(8, 4, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn2(self.conv2(self.pool(torch.relu(self.bn1(self.conv1(x)))))).mean((2, 3))
+
+    def channel_groups(self) -> list[ChannelGroup]:
+        return [ChannelGroup("bn1", ("conv1", "bn1"), (Consumer("conv2", constant=False),))]
+
+
+def test_a_consumer_not_reached_by_a_constant_is_left_alone_and_named():
+    model = strongly_sparse(DeclaredNonConstant())
+    model.arch_spec = {"input_size": [3, 16, 16]}
+    plan = make_plan(model, model.channel_groups(), 0.5)
+    pruned, notes = apply_plan_with_notes(model, plan, compensate="exact")
+    assert response_of(pruned.conv2) is None
+    assert any("'conv2'" in n for n in notes)
+    # and the safety net: declared constant although it is not → measured, refused, named
+    model.channel_groups = lambda: [ChannelGroup("bn1", ("conv1", "bn1"), (Consumer("conv2"),))]
+    plan = make_plan(model, model.channel_groups(), 0.5)
+    pruned, notes = apply_plan_with_notes(model, plan, compensate="exact")
+    assert response_of(pruned.conv2) is None and any("not constant" in n for n in notes)
