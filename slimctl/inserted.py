@@ -69,22 +69,25 @@ class ConstantResponse(nn.Module):
         return list(self.kernel.shape)
 
     def forward(self, output: torch.Tensor, layer: nn.Module, input_hw: tuple[int, int] | None = None) -> torch.Tensor:
-        """`output` of `layer` plus the response; `input_hw`: the layer's input H, W (per-position term)."""
-        shape = (1, -1) + (1,) * (output.dim() - 2)
-        output = output + self.bias.view(shape).to(output.dtype)
-        if self.kernel.numel():
-            output = output + self.position_map(layer, tuple(input_hw)).to(output.dtype)
-        return output
+        """`output` of `layer` plus the response; `input_hw`: the layer's input H, W (per-position term).
 
-    def position_map(self, conv: nn.Module, input_hw: tuple[int, int]) -> torch.Tensor:
-        """[out, H_out, W_out]: the kernel term at each output position for an input of `input_hw`."""
-        key = (input_hw, self.kernel.device, self.kernel.dtype, self.kernel._version)
+        Added in place: the output keeps its memory format (channels_last stays channels_last) and
+        no second feature map is allocated; the conv's backward does not need its output."""
+        if self.kernel.numel():
+            return output.add_(self.position_map(layer, tuple(input_hw), output.dtype))
+        return output.add_(self.bias.view((1, -1) + (1,) * (output.dim() - 2)).to(output.dtype))
+
+    def position_map(self, conv: nn.Module, input_hw: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
+        """[out, H_out, W_out] in `dtype`: bias plus the kernel term at each output position, for an
+        input of `input_hw` (computed once per size and dtype, then cached)."""
+        key = (input_hw, self.kernel.device, dtype, self.kernel._version, self.bias._version)
         compiling = torch.compiler.is_compiling()
         if not compiling and key in self._cache:
             return self._cache[key]
         ones = torch.ones(1, 1, *input_hw, device=self.kernel.device, dtype=self.kernel.dtype)
         result = nn.functional.conv2d(ones, self.kernel.unsqueeze(1), stride=conv.stride, padding=conv.padding,
                                       dilation=conv.dilation)[0]
+        result = (result + self.bias[:, None, None]).to(dtype)
         if not compiling:
             self._cache = {key: result}
         return result

@@ -162,21 +162,10 @@ def _train(
             f"data.name {cfg.data.name!r} has {num_classes} classes but the model was built for "
             f"{model.arch_spec['num_classes']}; use the data set the model was trained on"
         )
-    resume_state = None
     parent_sha256 = None if parent is None else file_sha256(parent)  # once, not at every save
+    resume_state = None
     if resume:
-        last = load_checkpoint(run_dir / "last.pt")
-        if not last.get("resume"):
-            raise SlimctlError(f"{run_dir / 'last.pt'} holds no resume state (the run finished or was not resumable)")
-        _check_same_recipe(last.get("config"), cfg.to_dict(), run_dir)
-        recorded = (last.get("parent") or {}).get("sha256")
-        if parent is not None and recorded and recorded != parent_sha256:
-            raise SlimctlError(
-                f"--resume: {run_dir} fine-tunes another checkpoint than {parent} (it changed since); "
-                "start over with --force"
-            )
-        model = model_from_checkpoint(last, source=str(run_dir / "last.pt"))
-        resume_state = last["resume"]
+        model, resume_state = _resumed(cfg, run_dir, parent, parent_sha256)
     model = model.to(device, memory_format=torch.channels_last if train.channels_last else torch.preserve_format)
     gammas = bn_scales(model, sparsity_targets(model, train.sparsity_on))
     if not gammas:
@@ -241,6 +230,21 @@ def sparsity_strength(train: TrainConfig, *, steps_per_epoch: int) -> dict[str, 
     else:
         sparsity = train.sparsity
     return {"sparsity": sparsity, "l1_budget": l1_budget(sparsity, total_lr), "lr_sum": total_lr}
+
+
+def _resumed(cfg: Config, run_dir: Path, parent: Path | None, parent_sha256: str | None) -> tuple[nn.Module, dict]:
+    """The model and resume state in `run_dir/last.pt`, after checking it continues this recipe and parent."""
+    last = load_checkpoint(run_dir / "last.pt")
+    if not last.get("resume"):
+        raise SlimctlError(f"{run_dir / 'last.pt'} holds no resume state (the run finished or was not resumable)")
+    _check_same_recipe(last.get("config"), cfg.to_dict(), run_dir)
+    recorded = (last.get("parent") or {}).get("sha256")
+    if parent is not None and recorded and recorded != parent_sha256:
+        raise SlimctlError(
+            f"--resume: {run_dir} fine-tunes another checkpoint than {parent} (it changed since); "
+            "start over with --force"
+        )
+    return model_from_checkpoint(last, source=str(run_dir / "last.pt")), last["resume"]
 
 
 # Keys a resumed run may change: extending the schedule is the usual reason to resume a finished run.
@@ -350,26 +354,14 @@ def prune_checkpoint(
     cfg = _recorded_config(ckpt, str(checkpoint))
     if compensate not in COMPENSATE_MODES:
         raise SlimctlError(f"--compensate must be one of {', '.join(COMPENSATE_MODES)}, got {compensate!r}")
-    if ratio is not None and target is not None:
-        raise SlimctlError("give either --ratio or a --target-flops/--target-params, not both")
-    if ratio is None and target is None:
-        ratio = cfg.prune.ratio if cfg else None
-        if ratio is None:
-            raise SlimctlError("--ratio is required (the checkpoint records no prune.ratio)")
-    if ratio is not None:
-        validate_ratio(ratio)
     if min_channels is None:
         min_channels = cfg.prune.min_channels if cfg else 1
     if out is not None:
         _check_output(out, checkpoint, force)
-
     groups = channel_groups(model, coupled=coupled)
-    if target is not None:
-        plan, _ = plan_for_target(model, groups, target, min_channels=min_channels, round_to=round_to,
-                                  compensate=compensate)
-        ratio = plan.ratio
-    else:
-        plan = make_plan(model, groups, ratio, min_channels=min_channels, round_to=round_to)
+    plan = _plan_for(model, groups, cfg, ratio=ratio, target=target, min_channels=min_channels, round_to=round_to,
+                     compensate=compensate)
+    ratio = plan.ratio
     if out is None:
         out = checkpoint.with_name(f"pruned-r{ratio:g}.pt")
         _check_output(out, checkpoint, force)
@@ -395,14 +387,7 @@ def prune_checkpoint(
         "layers": plan.layers(),
     }
     if evaluate_model and cfg is not None:
-        try:
-            test_set = TestSet(cfg, resolve_device(device), data_root)
-        except SlimctlError as exc:
-            result["eval_skipped"] = str(exc)
-        else:
-            result["loss"], result["top1"] = test_set.top1(pruned)
-            if compensate != "none":  # what the paper's literal removal would have scored
-                result["top1_none"] = test_set.top1(apply_plan(model, plan, compensate="none").eval())[1]
+        result.update(_pruned_top1(model, plan, pruned, cfg, compensate, resolve_device(device), data_root))
     result["coupled"] = coupled
     prune_info = {k: result[k] for k in ("ratio", "threshold", "min_channels", "round_to", "coupled", "compensate",
                                          "target", "layers")}
@@ -466,6 +451,37 @@ def sweep_checkpoint(
         plot_sweep(curves, png, modes=modes, title=f"top-1 right after pruning ({result['images']} test images)")
         result["png"] = str(png)
     return result
+
+
+def _plan_for(model: nn.Module, groups, cfg: Config | None, *, ratio: float | None, target: Target | None,
+              min_channels: int, round_to: int, compensate: str):
+    """The plan of `ratio`, of the smallest ratio meeting `target`, or of the config's prune.ratio."""
+    if ratio is not None and target is not None:
+        raise SlimctlError("give either --ratio or a --target-flops/--target-params, not both")
+    if target is not None:
+        return plan_for_target(model, groups, target, min_channels=min_channels, round_to=round_to,
+                               compensate=compensate)[0]
+    if ratio is None:
+        ratio = cfg.prune.ratio if cfg else None
+        if ratio is None:
+            raise SlimctlError("--ratio is required (the checkpoint records no prune.ratio)")
+    validate_ratio(ratio)
+    return make_plan(model, groups, ratio, min_channels=min_channels, round_to=round_to)
+
+
+def _pruned_top1(model: nn.Module, plan, pruned: nn.Module, cfg: Config, compensate: str, device: torch.device,
+                 data_root: str | None) -> dict[str, Any]:
+    """{loss, top1} of the pruned model, and `top1_none`: what the paper's literal removal would
+    have scored; or {eval_skipped: why} when the test set is not on disk."""
+    try:
+        test_set = TestSet(cfg, device, data_root)
+    except SlimctlError as exc:
+        return {"eval_skipped": str(exc)}
+    loss, top1 = test_set.top1(pruned)
+    scores = {"loss": loss, "top1": top1}
+    if compensate != "none":
+        scores["top1_none"] = test_set.top1(apply_plan(model, plan, compensate="none").eval())[1]
+    return scores
 
 
 def _check_output(out: Path, checkpoint: Path, force: bool) -> None:
