@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from conftest import randomize_bn
 from slimctl.groups import ChannelGroup, Consumer
 from slimctl.trace import derive_groups, space_rows
 from slimctl.trace.rules import Op, call_counts, classify
@@ -35,16 +36,12 @@ def image(size: int = 8, seed: int = 1) -> torch.Tensor:
 
 
 def randomized(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Every BN: γ ~ U(0, 1), β ~ N(0, 0.1) (nonzero), random running stats; eval mode."""
-    g = torch.Generator().manual_seed(seed)
+    """`randomize_bn`, with β shifted to be clearly nonzero; eval mode."""
+    randomize_bn(model, seed)
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, nn.BatchNorm2d):
-                c = m.num_features
-                m.weight.copy_(torch.rand(c, generator=g))
-                m.bias.copy_(torch.randn(c, generator=g) * 0.1 + 0.2)
-                m.running_mean.copy_(torch.randn(c, generator=g) * 0.1)
-                m.running_var.copy_(torch.rand(c, generator=g) + 0.5)
+                m.bias += 0.2
     return model.eval()
 
 
