@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from slimctl.inserted import ConstantResponse
+from slimctl.inserted import response_of
 from slimctl.registry import input_size as recorded_input_size
 
 
@@ -37,9 +37,13 @@ def _module_flops(module: nn.Module, output: torch.Tensor) -> int:
         return 0  # counted by the caller from input/output sizes; see below
     if isinstance(module, nn.Linear):
         return 2 * module.in_features * module.out_features + (module.out_features if module.bias is not None else 0)
-    if isinstance(module, ConstantResponse):
-        return output.numel()  # one add per output element (its per-size map is cached)
     return 0
+
+
+def _response_flops(module: nn.Module, output: torch.Tensor) -> int:
+    """A pruning compensation term on a conv or Linear: one add per output element (the per-size
+    map is cached, so computing it does not count)."""
+    return output.numel() if response_of(module) is not None else 0
 
 
 def count_flops(model: nn.Module, input_size: tuple[int, int, int] | None = None) -> int:
@@ -57,7 +61,7 @@ def count_flops(model: nn.Module, input_size: tuple[int, int, int] | None = None
             h_out, w_out = output.shape[-2:]
             total += (h_in // h_out) * (w_in // w_out) * output.numel()
         else:
-            total += _module_flops(module, output)
+            total += _module_flops(module, output) + _response_flops(module, output)
 
     # A BN may carry an inserted channel selection as a child, a conv or Linear a constant response:
     # they are still counted as leaves.

@@ -157,3 +157,16 @@ def test_a_consumer_not_reached_by_a_constant_is_left_alone_and_named():
     plan = make_plan(model, model.channel_groups(), 0.5)
     pruned, notes = apply_plan_with_notes(model, plan, compensate="exact")
     assert response_of(pruned.conv2) is None and any("not constant" in n for n in notes)
+
+
+def test_the_response_keeps_channels_last_and_matches_contiguous():
+    model = strongly_sparse(create_model("vgg11", 10, width=0.25))
+    pruned, _ = prune_model(model, 0.5)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    seen = []
+    pruned.features.conv1.register_forward_hook(lambda m, i, o: seen.append(o.is_contiguous(memory_format=torch.channels_last)))
+    with torch.no_grad():
+        plain = pruned.eval()(x)
+        fast = pruned.to(memory_format=torch.channels_last)(x.contiguous(memory_format=torch.channels_last))
+    assert seen == [False, True]  # the in-place add kept each output's layout
+    assert rel_err(fast, plain) < 1e-5
