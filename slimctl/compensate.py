@@ -141,7 +141,7 @@ def _consumer_inputs(ref: nn.Module, names: list[str]) -> dict[str, torch.Tensor
 
     def hook_for(name: str):
         def hook(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-            captured[name] = args[0].detach().float()
+            captured[name] = args[0].detach()  # in the model's own dtype: float64 stays exact
         return hook
 
     handles = [ref.get_submodule(n).register_forward_pre_hook(hook_for(n)) for n in names]
@@ -162,7 +162,7 @@ def _term(layer: nn.Module, x: torch.Tensor, columns: torch.Tensor, mode: str) -
         const = values[0]
         if not _constant(values, const.unsqueeze(0)):
             return None, "the removed columns it reads differ between inputs"
-        weight = layer.weight.detach().float()[:, columns.to(layer.weight.device)]
+        weight = layer.weight.detach()[:, columns.to(layer.weight.device)]
         return Term(bias=(weight @ const.to(weight)).cpu()), None
     if not isinstance(layer, nn.Conv2d) or values.dim() != 4:
         return None, f"a {type(layer).__name__} consumer"
@@ -173,14 +173,14 @@ def _term(layer: nn.Module, x: torch.Tensor, columns: torch.Tensor, mode: str) -
     const = values[0, :, 0, 0]
     if not _constant(values, const[None, :, None, None]):
         return None, "the removed channels it reads are not constant over the batch and the map"
-    weight = layer.weight.detach().float()[:, columns.to(layer.weight.device)]
+    weight = layer.weight.detach()[:, columns.to(layer.weight.device)]
     kernel = (weight * const.to(weight)[None, :, None, None]).sum(1).cpu()  # [out, kh, kw]
     if all(p == 0 for p in layer.padding):  # every output position sees every tap: uniform
         return Term(bias=kernel.sum((1, 2))), None
     if mode == "exact":
-        return Term(bias=torch.zeros(kernel.shape[0]), kernel=kernel), None
+        return Term(bias=torch.zeros(kernel.shape[0], dtype=kernel.dtype), kernel=kernel), None
     # bias: the spatial mean of the exact map at the size this layer reads
-    ones = torch.ones(1, 1, *x.shape[-2:])
+    ones = torch.ones(1, 1, *x.shape[-2:], dtype=kernel.dtype)
     response = nn.functional.conv2d(ones, kernel.unsqueeze(1), stride=layer.stride, padding=layer.padding,
                                     dilation=layer.dilation)[0]
     return Term(bias=response.mean((1, 2))), None

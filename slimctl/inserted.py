@@ -143,7 +143,7 @@ def attach_response(layer: nn.Module, *, bias: torch.Tensor | None = None, kerne
     existing = response_of(layer)
     kh, kw = kernel.shape[-2:] if kernel is not None else (existing.shape[1:] if existing is not None else (0, 0))
     if existing is None or (kernel is not None and existing.shape != [out, kh, kw]):
-        new = ConstantResponse(out, kh, kw).to(layer.weight.device)
+        new = ConstantResponse(out, kh, kw).to(layer.weight)  # the layer's device and dtype
         if existing is not None:  # it had only a per-channel term: keep it
             new.bias.copy_(existing.bias)
         layer.add_module(COMPENSATE, new)
@@ -178,7 +178,7 @@ def insert_recorded(model: nn.Module, widths: dict[str, list[int]]) -> None:
         if child == SELECT:
             insert_selections(model, [parent_name])
         elif response_of(parent) is None:
-            parent.add_module(COMPENSATE, ConstantResponse(*shape).to(parent.weight.device))
+            parent.add_module(COMPENSATE, ConstantResponse(*shape).to(parent.weight))
             parent.register_forward_hook(_response_hook)
 
 

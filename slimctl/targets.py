@@ -6,6 +6,7 @@ pruned model must not exceed (`400M`, `1.2G`, `300k`, `250000`).
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
@@ -45,6 +46,8 @@ def parse_target(kind: str, text: str) -> Target:
     if not unit and 0 < value < 1:
         return Target(kind, text, fraction=value)
     count = value * UNITS[unit]
+    if not math.isfinite(count):
+        raise SlimctlError(f"{option} {text!r}: too large a number")
     if count < 1:
         raise SlimctlError(f"{option} {text!r}: a fraction must be in (0, 1), a count at least 1")
     return Target(kind, text, count=int(count))

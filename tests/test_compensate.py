@@ -170,3 +170,13 @@ def test_the_response_keeps_channels_last_and_matches_contiguous():
         fast = pruned.to(memory_format=torch.channels_last)(x.contiguous(memory_format=torch.channels_last))
     assert seen == [False, True]  # the in-place add kept each output's layout
     assert rel_err(fast, plain) < 1e-5
+
+
+def test_a_float64_model_stays_exact_to_float64_precision():
+    model = strongly_sparse(create_model("vgg11", 10, width=0.25)).double()
+    pruned, plan = prune_model(model, 0.5)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        error = rel_err(pruned.eval()(x), masked_reference(model, plan, zero_beta=False)(x))
+    assert error < 1e-12
+    assert response_of(pruned.features.conv1).kernel.dtype == torch.float64

@@ -116,7 +116,7 @@ def test_parse_target():
     assert parse_target("flops", "0.5").fraction == 0.5
     assert parse_target("flops", "400M").count == 400_000_000
     assert parse_target("params", "2.5k").count == 2500 and parse_target("params", "1200").count == 1200
-    for bad in ("400X", "lots", "-3", "0"):
+    for bad in ("400X", "lots", "-3", "0", "1e400", "1e300G"):
         with pytest.raises(SlimctlError):
             parse_target("flops", bad)
 
