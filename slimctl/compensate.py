@@ -54,9 +54,7 @@ def removed_positions(model: nn.Module, plan: ChannelPlan) -> dict[str, torch.Te
     """BN name → the channel indices (of the BN's full width) whose γ the plan removes."""
     removed: dict[str, list[torch.Tensor]] = {}
     for gp in plan.groups:
-        mask = torch.ones(gp.total, dtype=torch.bool)
-        mask[gp.keep] = False
-        positions = torch.arange(gp.total)[mask]
+        positions = gp.removed
         if gp.group.selection is not None:  # positions within the selected channels
             positions = model.get_submodule(gp.group.selection).indices.cpu()[positions]
             removed.setdefault(gp.group.bn, []).append(positions)
@@ -123,9 +121,7 @@ def _removed_reads(plan: ChannelPlan) -> dict[str, torch.Tensor]:
     for gp in plan.groups:
         if gp.kept == gp.total:
             continue
-        mask = torch.ones(gp.total, dtype=torch.bool)
-        mask[gp.keep] = False
-        removed = torch.arange(gp.total)[mask]
+        removed = gp.removed
         for consumer in gp.group.consumers:
             if not consumer.constant:
                 continue

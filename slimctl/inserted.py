@@ -143,17 +143,23 @@ def attach_response(layer: nn.Module, *, bias: torch.Tensor | None = None, kerne
     existing = response_of(layer)
     kh, kw = kernel.shape[-2:] if kernel is not None else (existing.shape[1:] if existing is not None else (0, 0))
     if existing is None or (kernel is not None and existing.shape != [out, kh, kw]):
-        new = ConstantResponse(out, kh, kw).to(layer.weight)  # the layer's device and dtype
+        new = _attached(layer, ConstantResponse(out, kh, kw))
         if existing is not None:  # it had only a per-channel term: keep it
             new.bias.copy_(existing.bias)
-        layer.add_module(COMPENSATE, new)
         existing = new
     if bias is not None:
         existing.bias.add_(bias.to(existing.bias))
     if kernel is not None:
         existing.kernel.add_(kernel.to(existing.kernel))
+
+
+def _attached(layer: nn.Module, response: ConstantResponse) -> ConstantResponse:
+    """`response` as the layer's child `compensate` (on its device, in its dtype), hooked once."""
+    response = response.to(layer.weight)
+    layer.add_module(COMPENSATE, response)
     if _response_hook not in layer._forward_hooks.values():
         layer.register_forward_hook(_response_hook)
+    return response
 
 
 def is_inserted(model: nn.Module, name: str) -> bool:
@@ -178,8 +184,7 @@ def insert_recorded(model: nn.Module, widths: dict[str, list[int]]) -> None:
         if child == SELECT:
             insert_selections(model, [parent_name])
         elif response_of(parent) is None:
-            parent.add_module(COMPENSATE, ConstantResponse(*shape).to(parent.weight))
-            parent.register_forward_hook(_response_hook)
+            _attached(parent, ConstantResponse(*shape))
 
 
 def reattach_selections(model: nn.Module) -> nn.Module:

@@ -26,6 +26,13 @@ class GroupPlan:
     def kept(self) -> int:
         return int(self.keep.numel())
 
+    @property
+    def removed(self) -> torch.Tensor:
+        """Sorted int64 positions (within the group's current space) that go."""
+        mask = torch.ones(self.total, dtype=torch.bool)
+        mask[self.keep] = False
+        return torch.arange(self.total)[mask]
+
 
 @dataclass(frozen=True)
 class ChannelPlan:

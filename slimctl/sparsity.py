@@ -38,11 +38,6 @@ def gamma_stats(gammas: list[nn.Parameter]) -> dict[str, float]:
 # γ's initial 0.5; the same λ over a 30-epoch schedule has a fifth of that.
 
 
-def lr_sum(*, lr: float, milestones: list[int], decay: float, epochs: int, steps_per_epoch: int) -> float:
-    """Σ_t lr_t over every optimizer step of the schedule (lr constant within an epoch)."""
-    return steps_per_epoch * sum(lr * decay ** sum(e >= m for m in milestones) for e in range(epochs))
-
-
 def l1_budget(sparsity: float, schedule_lr_sum: float) -> float:
     """How far (in units of |γ|) the L1 term alone can move a γ over the run: λ·Σ lr."""
     return sparsity * schedule_lr_sum

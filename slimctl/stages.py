@@ -27,13 +27,13 @@ from slimctl.inserted import reattach_selections
 from slimctl.models import create_model, is_known_arch, list_models, module_widths
 from slimctl.plan import group_scores, make_plan, validate_ratio
 from slimctl.report import plot_gamma_histogram, plot_sweep
-from slimctl.sparsity import bn_scales, budget_warning, gamma_stats, l1_budget, lr_sum, sparsity_for_budget
+from slimctl.sparsity import bn_scales, budget_warning, gamma_stats, l1_budget, sparsity_for_budget
 from slimctl.compensate import COMPENSATE_MODES
 from slimctl.surgery import apply_plan, apply_plan_with_notes
 from slimctl.sweep import largest_safe_ratio, sweep_model
 from slimctl.targets import Target, plan_for_target
 from slimctl.trace import channel_groups, space_rows, trace_model
-from slimctl.train import evaluate, fit, milestone_epochs
+from slimctl.train import evaluate, fit, lr_sum, milestone_epochs
 
 CHECKPOINT_NAMES = ("last.pt", "best.pt")
 
@@ -325,10 +325,6 @@ class TestSet:
         return evaluate(model.to(self.device), self.loader, device=self.device, dtype=self.dtype)
 
 
-def _test_top1(model: nn.Module, cfg: Config, device: torch.device, data_root: str | None) -> tuple[float, float]:
-    return TestSet(cfg, device, data_root).top1(model)
-
-
 def prune_checkpoint(
     checkpoint: Path,
     out: Path | None,
@@ -517,7 +513,7 @@ def evaluate_checkpoint(checkpoint: Path, *, device: str = "cpu", data_root: str
     cfg = _recorded_config(ckpt, str(checkpoint))
     if cfg is None:
         raise SlimctlError(f"{checkpoint} records no config, so slimctl does not know its data set")
-    loss, top1 = _test_top1(model, cfg, resolve_device(device), data_root)
+    loss, top1 = TestSet(cfg, resolve_device(device), data_root).top1(model)
     return {"top1": top1, "loss": loss, "params": count_params(model), "flops": count_flops(model), "data": cfg.data.name}
 
 

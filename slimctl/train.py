@@ -45,6 +45,12 @@ def lr_at(epoch: int, *, lr: float, milestones: list[int], decay: float) -> floa
     return lr * decay ** sum(epoch >= m for m in milestones)
 
 
+def lr_sum(*, lr: float, milestones: list[int], decay: float, epochs: int, steps_per_epoch: int) -> float:
+    """Σ_t lr_t over every optimizer step of the schedule (lr constant within an epoch): what the
+    L1 budget multiplies λ by (`slimctl.sparsity.l1_budget`)."""
+    return steps_per_epoch * sum(lr_at(e, lr=lr, milestones=milestones, decay=decay) for e in range(epochs))
+
+
 # --------------------------------------------------------------------------- interruption
 
 

@@ -12,7 +12,8 @@ from conftest import DEMO_CONFIG, TINY, run, sets
 from slimctl.checkpoint import load_checkpoint, save_checkpoint
 from slimctl.config import load_config
 from slimctl.errors import SlimctlError
-from slimctl.sparsity import budget_warning, lr_sum
+from slimctl.sparsity import budget_warning
+from slimctl.train import lr_sum
 from slimctl.stages import sparsity_strength
 from slimctl.sweep import largest_safe_ratio, parse_ratios
 from slimctl.targets import parse_target
