@@ -19,8 +19,8 @@ from slimctl._version import __version__
 from slimctl.checkpoint import load_checkpoint, make_checkpoint, model_from_checkpoint, save_checkpoint
 from slimctl.config import Config, TrainConfig, config_from_dict, save_config
 from slimctl.data import DATASETS, build_loader, build_loaders, input_size_of, num_classes_of
-from slimctl.device import resolve_device, resolve_precision
-from slimctl.errors import SlimctlError
+from slimctl.device import compile_mode, resolve_device, resolve_precision
+from slimctl.errors import SlimctlError, out_of_memory_as_error
 from slimctl.files import file_sha256
 from slimctl.flops import count_flops, count_params
 from slimctl.inserted import reattach_selections
@@ -118,7 +118,7 @@ def provenance() -> dict[str, Any]:
 
 
 def prepare_run_dir(run_dir: Path, *, resume: bool, force: bool) -> None:
-    """Refuse to mix a new run into a folder that holds another run's checkpoints."""
+    """Refuse to mix a new run into a folder that holds another run's checkpoints (nothing is created here)."""
     existing = [n for n in CHECKPOINT_NAMES if (run_dir / n).exists()]
     if resume:
         if not (run_dir / "last.pt").exists():
@@ -128,7 +128,6 @@ def prepare_run_dir(run_dir: Path, *, resume: bool, force: bool) -> None:
             f"{run_dir} already holds {', '.join(existing)}; pass --resume to continue that run "
             "or --force to start over (its checkpoints will be replaced)"
         )
-    run_dir.mkdir(parents=True, exist_ok=True)
 
 
 def _train(
@@ -187,6 +186,8 @@ def _train(
         save_checkpoint(path, ckpt)
 
     if world.is_main:
+        # Created only now: a run refused earlier (bad data, a model too large) leaves no empty folder.
+        run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml",
                     extra={"provenance": provenance(), "stage": stage, "sparsity_resolved": strength})
     else:
@@ -208,17 +209,27 @@ def _train(
             trained = reattach_selections(nn.SyncBatchNorm.convert_sync_batchnorm(trained))
         # λ·sign(γ) is added after backward(), i.e. after DDP's all-reduce: once per rank, not scaled.
         trained = nn.parallel.DistributedDataParallel(trained, device_ids=[device.index] if device.type == "cuda" else None)
-    if train.compile:
-        trained = torch.compile(trained)
-    result = fit(
-        trained, train_loader, test_loader,
-        epochs=train.epochs, lr=train.lr, momentum=train.momentum, weight_decay=train.weight_decay,
-        milestones=milestone_epochs(train.milestones, train.epochs), lr_decay=train.lr_decay,
-        sparsity=strength["sparsity"], gammas=gammas, device=device, dtype=dtype, run_dir=run_dir,
-        save=save, resume_state=resume_state, progress=progress, log=log,
-        is_main=world.is_main,
-    )
+    with out_of_memory_in_training(cfg, model, stage):
+        result = fit(
+            trained, train_loader, test_loader,
+            epochs=train.epochs, lr=train.lr, momentum=train.momentum, weight_decay=train.weight_decay,
+            milestones=milestone_epochs(train.milestones, train.epochs), lr_decay=train.lr_decay,
+            sparsity=strength["sparsity"], gammas=gammas, device=device, dtype=dtype, run_dir=run_dir,
+            save=save, resume_state=resume_state, progress=progress, log=log,
+            is_main=world.is_main, compile_mode=compile_mode(train.compile),
+        )
     return {**info, "best_top1": result["best_top1"], "run_dir": str(run_dir), "best": str(run_dir / "best.pt")}
+
+
+def out_of_memory_in_training(cfg: Config, model: nn.Module, stage: str):
+    """Out of memory in a training step becomes one line: the batch (and image) size, what to lower."""
+    size = input_size_of(cfg.data)[-1] if cfg.data.name == "imagefolder" else None  # pixels; fixed 32 otherwise
+    what = f"training {model.arch_spec['arch']} (batch size {cfg.data.batch_size}"
+    what += f", image size {size})" if size else ")"
+    # A fine-tuned model's widths come from its checkpoint: model.width does not apply there.
+    lower = ["data.batch_size", *(["model.width"] if stage == "sparse-train" else []),
+             *(["data.image_size"] if size else [])]
+    return out_of_memory_as_error(what, " or ".join(lower))
 
 
 def sparsity_strength(train: TrainConfig, *, steps_per_epoch: int) -> dict[str, float]:

@@ -23,7 +23,7 @@ from torch.nn import functional as F
 
 from slimctl import distributed
 from slimctl.device import autocast
-from slimctl.errors import SlimctlError
+from slimctl.errors import SlimctlError, is_out_of_memory
 from slimctl.files import atomic_write_text
 from slimctl.sparsity import add_sparsity_grad, gamma_stats
 
@@ -111,6 +111,79 @@ class EpochState:
         return 100.0 * self.correct / max(1, self.images)
 
 
+class TrainStep:
+    """One optimizer step: forward under autocast, backward, grad(γ) += λ·sign(γ), SGD; eager or compiled.
+
+    Compiled (`mode`, a torch.compile mode): two graphs, the model's forward+backward (AOTAutograd)
+    and the update (the λ·sign(γ) foreach op and the SGD step, fused by inductor). Shapes are
+    static: a batch of another size than the first (an epoch's last partial batch) runs eager
+    rather than recompiling. Compiling is lazy, so a failure shows at a step: then one warning,
+    that step is redone eagerly (grads are zeroed first, nothing is lost) and the run continues
+    eager. Out of memory is never taken for a compile failure. With fp16's GradScaler the update
+    stays eager (its inf check reads a device flag on the host).
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, gammas: list[nn.Parameter],
+                 sparsity: float, device: torch.device, dtype: torch.dtype | None,
+                 scaler: torch.amp.GradScaler | None = None, mode: str | None = None,
+                 warn: Callable[[str], None] = print) -> None:
+        self.model, self.optimizer, self.scaler = model, optimizer, scaler
+        self.gammas, self.sparsity = gammas, sparsity
+        self.device, self.dtype = device, dtype
+        self.mode, self.warn = mode, warn
+        self.batch_size: int | None = None  # the compiled graphs' batch size: the first batch's
+        self.compiled_forward = self.compiled_update = None
+        if mode is not None:
+            self.compiled_forward = torch.compile(model, mode=mode, dynamic=False)
+            # The optimizer's own graph needs no CUDA graph: it is a handful of fused foreach kernels.
+            self.compiled_update = torch.compile(self.update, dynamic=False) if scaler is None else self.update
+        # CUDA graphs replay into the same output memory: each step must be marked as a new one.
+        self.cudagraphs = mode in ("reduce-overhead", "max-autotune") and device.type == "cuda"
+
+    def update(self) -> None:
+        """grad(γ) += λ·sign(γ), then the optimizer step (no GradScaler)."""
+        add_sparsity_grad(self.gammas, self.sparsity)
+        self.optimizer.step()
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Train on one batch; (loss as a 0-d float32 tensor, logits), both detached, still on the device."""
+        if self.batch_size is None:
+            self.batch_size = x.shape[0]
+        if self.compiled_forward is not None and x.shape[0] == self.batch_size:
+            try:
+                return self._step(x, y, self.compiled_forward, self.compiled_update, new_graph_step=self.cudagraphs)
+            except Exception as exc:  # noqa: BLE001 - any compile failure; the eager step re-raises real errors
+                if is_out_of_memory(exc):
+                    raise
+                self._give_up(exc)
+        return self._step(x, y, self.model, self.update, new_graph_step=False)
+
+    def _give_up(self, exc: Exception) -> None:
+        first_line = (str(exc).strip().splitlines() or [""])[0][:200]
+        self.warn(f"warning: train.compile {self.mode!r} failed ({type(exc).__name__}: {first_line}); "
+                  "training continues eager")
+        self.compiled_forward = self.compiled_update = None
+
+    def _step(self, x: torch.Tensor, y: torch.Tensor, forward: Callable, update: Callable, *,
+              new_graph_step: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        if new_graph_step:
+            torch.compiler.cudagraph_mark_step_begin()
+        with autocast(self.device, self.dtype):
+            logits = forward(x)
+            loss = F.cross_entropy(logits, y)
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)  # λ·sign(γ) must meet unscaled gradients
+            add_sparsity_grad(self.gammas, self.sparsity)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            update()
+        return loss.detach().float(), logits.detach()
+
+
 def train_one_epoch(
     model: nn.Module,
     loader,
@@ -124,11 +197,18 @@ def train_one_epoch(
     state: EpochState | None = None,
     should_stop: Callable[[], bool] = lambda: False,
     on_step: Callable[[int], None] | None = None,
+    step: TrainStep | None = None,
 ) -> EpochState:
-    """One pass over `loader` (which already skips the `state.steps` batches done before a resume)."""
+    """One pass over `loader` (which already skips the `state.steps` batches done before a resume).
+
+    `step` (a TrainStep over the same model and optimizer) carries compiled graphs across epochs;
+    without it each batch runs one eager step. Nothing in the loop reads the device: the running
+    sums stay there and are read once, at the end of the epoch.
+    """
     state = state or EpochState()
+    step = step or TrainStep(model, optimizer, gammas=gammas, sparsity=sparsity, device=device, dtype=dtype,
+                             scaler=scaler)
     model.train()
-    # Running sums stay on the device: no host sync per step.
     loss_sum = torch.tensor(state.loss_sum, device=device)
     correct = torch.tensor(state.correct, device=device)
     first_bad = torch.tensor(state.first_bad_step, device=device)
@@ -136,24 +216,10 @@ def train_one_epoch(
     start = time.perf_counter()
     completed = True
     for x, y in loader:
-        with autocast(device, dtype):
-            logits = model(x)
-            loss = F.cross_entropy(logits, y)
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)  # λ·sign(γ) must meet unscaled gradients
-            add_sparsity_grad(gammas, sparsity)
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            add_sparsity_grad(gammas, sparsity)
-            optimizer.step()
-        loss = loss.detach().float()
+        loss, logits = step(x, y)
         first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), steps, first_bad)
         loss_sum += loss * y.numel()
-        correct += (logits.detach().argmax(1) == y).sum()
+        correct += (logits.argmax(1) == y).sum()
         images += y.numel()
         steps += 1
         if on_step is not None:
@@ -161,9 +227,10 @@ def train_one_epoch(
         if should_stop():
             completed = steps == len(loader)
             break
+    sums = (float(loss_sum), int(correct), int(first_bad))  # the epoch's one read of the device (waits for it)
     return EpochState(
-        loss_sum=float(loss_sum), correct=int(correct), images=images, steps=steps,
-        seconds=state.seconds + time.perf_counter() - start, first_bad_step=int(first_bad), completed=completed,
+        loss_sum=sums[0], correct=sums[1], images=images, steps=steps,
+        seconds=state.seconds + time.perf_counter() - start, first_bad_step=sums[2], completed=completed,
     )
 
 
@@ -334,21 +401,20 @@ def resume_info(run: RunState, optimizer: torch.optim.Optimizer, scaler: torch.a
     }
 
 
-def run_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, *, epoch: int, lr: float,
-              partial: EpochState | None, stop: StopSignal, bar: EpochBar, gammas: list[nn.Parameter],
-              sparsity: float, device: torch.device, dtype: torch.dtype | None,
-              scaler: torch.amp.GradScaler | None) -> EpochState:
+def run_epoch(step: TrainStep, loader, *, epoch: int, lr: float, partial: EpochState | None, stop: StopSignal,
+              bar: EpochBar) -> EpochState:
     """Train 0-based `epoch` at `lr`, finishing `partial` if a stop left it half done; sums over ranks."""
-    for group in optimizer.param_groups:
+    for group in step.optimizer.param_groups:
         group["lr"] = lr
     loader.set_epoch(epoch, start_batch=partial.steps if partial else 0)
     on_step = bar.start(epoch, loader, done=partial.images if partial else 0)
     state = train_one_epoch(
-        model, loader, optimizer, gammas=gammas, sparsity=sparsity, device=device, dtype=dtype,
-        scaler=scaler, state=partial, should_stop=stop.should_stop, on_step=on_step,
+        step.model, loader, step.optimizer, gammas=step.gammas, sparsity=step.sparsity, device=step.device,
+        dtype=step.dtype, scaler=step.scaler, state=partial, should_stop=stop.should_stop, on_step=on_step,
+        step=step,
     )
     # Train metrics over all ranks' samples (ranks finish or stop at the same step).
-    return _summed_over_ranks(state, device)
+    return _summed_over_ranks(state, step.device)
 
 
 def check_divergence(state: EpochState, *, epoch: int, lr: float, sparsity: float, run_dir: Path,
@@ -436,6 +502,7 @@ def fit(
     progress=None,
     log: Callable[[str], None] = print,
     is_main: bool = True,
+    compile_mode: str | None = None,
 ) -> dict[str, Any]:
     """Train for `epochs`, evaluating after each; writes metrics.jsonl, last.pt and best.pt.
 
@@ -443,19 +510,21 @@ def fit(
     `resume_state` (from a last.pt) continues a run exactly where it stopped, mid-epoch included.
     SIGINT/SIGTERM stop at the next step with a resumable last.pt (raises `Interrupted`).
     Under torchrun every rank calls this; only `is_main` (rank 0) writes and logs.
+    `compile_mode` (a torch.compile mode, or None for eager) compiles the training step (`TrainStep`).
     """
     sinks = rank_sinks(is_main, save=save, log=log, progress=progress)
     optimizer, scaler = make_optimizer(model, lr=lr, momentum=momentum, weight_decay=weight_decay,
                                        device=device, dtype=dtype)
     run = restore(resume_state, optimizer, scaler, is_main=is_main)
     bar = EpochBar(sinks.progress, epochs)
+    step = TrainStep(model, optimizer, gammas=gammas, sparsity=sparsity, device=device, dtype=dtype, scaler=scaler,
+                     mode=compile_mode, warn=sinks.log)
     with graceful_stop() as flag:
         stop = StopSignal(flag, device)
         for epoch in range(run.start_epoch, epochs):
             epoch_lr = lr_at(epoch, lr=lr, milestones=milestones, decay=lr_decay)
-            state = run_epoch(model, train_loader, optimizer, epoch=epoch, lr=epoch_lr, partial=run.take_partial(),
-                              stop=stop, bar=bar, gammas=gammas, sparsity=sparsity, device=device, dtype=dtype,
-                              scaler=scaler)
+            state = run_epoch(step, train_loader, epoch=epoch, lr=epoch_lr, partial=run.take_partial(), stop=stop,
+                              bar=bar)
             check_divergence(state, epoch=epoch, lr=epoch_lr, sparsity=sparsity, run_dir=run_dir, device=device)
             if not state.completed:  # a signal stopped the epoch: keep it resumable from this step
                 sinks.save(run_dir / "last.pt", model, {"epoch": epoch},

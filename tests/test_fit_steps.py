@@ -25,6 +25,7 @@ from slimctl.train import (
     save_epoch,
     stopped_after_epoch,
     stopped_in_epoch,
+    TrainStep,
     write_metrics,
 )
 
@@ -134,8 +135,8 @@ def _epoch(stop, *, partial=None, bar=None, lr=0.5):
     model = nn.Linear(4, 3)
     optimizer, scaler = make_optimizer(model, lr=0.1, momentum=0.9, weight_decay=0.0, device=CPU, dtype=None)
     loader = FakeLoader()
-    state = run_epoch(model, loader, optimizer, epoch=2, lr=lr, partial=partial, stop=stop,
-                      bar=bar or EpochBar(None, 4), gammas=[], sparsity=0.0, device=CPU, dtype=None, scaler=scaler)
+    step = TrainStep(model, optimizer, gammas=[], sparsity=0.0, device=CPU, dtype=None, scaler=scaler)
+    state = run_epoch(step, loader, epoch=2, lr=lr, partial=partial, stop=stop, bar=bar or EpochBar(None, 4))
     return state, optimizer, loader
 
 

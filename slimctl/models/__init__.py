@@ -7,14 +7,17 @@ so a checkpoint rebuilds its model from (arch, num_classes, arch_args, widths) a
 
 from __future__ import annotations
 
+import functools
 import inspect
-from typing import Any
+import os
+from typing import Any, Callable
 
+import torch
 from torch import nn
 
 # Importing the families registers them.
 from slimctl.models import densenet, preresnet, vgg  # noqa: F401
-from slimctl.errors import SlimctlError
+from slimctl.errors import SlimctlError, format_bytes, out_of_memory, out_of_memory_as_error
 from slimctl.inserted import ChannelSelection, insert_recorded, is_inserted
 from slimctl.models.layers import apply_widths, module_widths
 from slimctl.registry import (
@@ -42,18 +45,27 @@ def create_model(
     Further keywords (`arch_args`, e.g. `depth=56` for `preresnet`) go to the family's builder and
     are recorded in `model.arch_spec`, so a checkpoint rebuilds the same network. `input_size`
     (C, H, W) is what FLOPs are counted at and graphs are traced with (`registry.default_input_size`
-    unless given).
+    unless given). A model too large for this machine is a SlimctlError ("out of memory while
+    building …"), refused before allocating when its parameters alone exceed the physical memory.
     """
     if arch.startswith(TORCHVISION):
-        model = _torchvision_model(arch[len(TORCHVISION):], num_classes, width, arch_args)
+        build = _torchvision_builder(arch[len(TORCHVISION):], num_classes, width, arch_args)
+        what, advice = f"building {arch}", "the model size: pick a smaller torchvision model"
     else:
-        model = _family_model(arch, num_classes, width, arch_args)
-    if widths is not None:
-        # Layers first, then what slimctl inserted into them (resizing a layer makes a fresh module).
-        inserted = {n: s for n, s in widths.items() if is_inserted(model, n)}
-        apply_widths(model, {n: s for n, s in widths.items() if n not in inserted})
-        insert_recorded(model, inserted)
-        apply_widths(model, inserted)
+        build = _family_builder(arch, num_classes, width, arch_args)
+        what, advice = f"building {arch} at width {width:g}", "model.width / --width"
+        # At width <= 1 with the default depth every family has at most vgg19's 20M parameters
+        # (80 MB): the count (10-150 ms on "meta") is only worth it above that.
+        if width > 1 or arch_args:
+            what = check_fits_in_memory(build, what, advice)
+    with out_of_memory_as_error(what, advice):
+        model = build()
+        if widths is not None:
+            # Layers first, then what slimctl inserted into them (resizing a layer makes a fresh module).
+            inserted = {n: s for n, s in widths.items() if is_inserted(model, n)}
+            apply_widths(model, {n: s for n, s in widths.items() if n not in inserted})
+            insert_recorded(model, inserted)
+            apply_widths(model, inserted)
     # What a checkpoint records to rebuild this model (see slimctl.checkpoint).
     model.arch_spec = {
         "arch": arch,
@@ -64,7 +76,44 @@ def create_model(
     return model
 
 
-def _family_model(arch: str, num_classes: int, width: float, arch_args: dict[str, Any]) -> nn.Module:
+def physical_memory() -> int | None:
+    """Bytes of RAM in this machine (None where the OS does not say, e.g. Windows)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def check_fits_in_memory(build: Callable[[], nn.Module], what: str, advice: str) -> str:
+    """`what` with the model's parameter count, counted on the meta device (nothing allocated);
+    raises the out-of-memory SlimctlError when its parameters and buffers exceed the physical memory.
+
+    Linux hands out memory lazily: a model larger than RAM can be allocated without error, and the
+    kernel then kills the process (no message) as initialisation touches it. slimctl's families
+    build on "meta" without drawing random numbers, so the real build that follows is unchanged
+    (tests/test_oom.py checks both for every family). Not for torchvision models: some (RegNet)
+    compute widths from tensor values at construction, which the meta device cannot.
+    """
+    try:
+        with torch.device("meta"):
+            model = build()
+    except (RuntimeError, TypeError, OverflowError) as exc:
+        if not (isinstance(exc, OverflowError) or "overflow" in str(exc).lower()):
+            raise
+        # A tensor's byte count past int64 (or an infinite width): no machine has that much.
+        detail = "one weight tensor alone would need more than 8 EiB (its size overflows 64 bits)"
+        raise out_of_memory(what, detail, advice) from None
+    what = f"{what} (≈ {sum(p.numel() for p in model.parameters()):.3g} parameters)"
+    needed = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])  # bytes
+    memory = physical_memory()
+    if memory is not None and needed > memory:
+        detail = f"its parameters alone need {format_bytes(needed)} but this machine has {format_bytes(memory)}"
+        raise out_of_memory(what, detail, advice)
+    return what
+
+
+def _family_builder(arch: str, num_classes: int, width: float, arch_args: dict[str, Any]) -> Callable[[], nn.Module]:
+    """The family's builder with these arguments, checked: unknown arch or arguments are a SlimctlError."""
     build = builder(arch)
     if build is None:
         raise SlimctlError(f"unknown arch {arch!r}; known: {', '.join(list_models())}, or torchvision.<name>")
@@ -76,10 +125,12 @@ def _family_model(arch: str, num_classes: int, width: float, arch_args: dict[str
             f"arch {arch!r} takes no argument {', '.join(map(repr, unknown))}"
             f" (it takes: {', '.join(options) if options else 'only width'})"
         )
-    return build(num_classes=num_classes, width=width, **arch_args)
+    return functools.partial(build, num_classes=num_classes, width=width, **arch_args)
 
 
-def _torchvision_model(name: str, num_classes: int, width: float, arch_args: dict[str, Any]) -> nn.Module:
+def _torchvision_builder(
+    name: str, num_classes: int, width: float, arch_args: dict[str, Any]
+) -> Callable[[], nn.Module]:
     """A randomly initialised torchvision model (pretrained weights: `model.weights`, loaded later)."""
     import torchvision  # heavy: only for torchvision archs
 
@@ -90,10 +141,14 @@ def _torchvision_model(name: str, num_classes: int, width: float, arch_args: dic
     # GoogLeNet and Inception-v3 warn (FutureWarning) unless init_weights is given; True is what
     # torchvision uses when it is not, so the models are the same, without the warning.
     quiet = {"init_weights": True} if name in ("googlenet", "inception_v3") else {}
-    try:
-        return torchvision.models.get_model(name, weights=None, num_classes=num_classes, **{**quiet, **arch_args})
-    except (TypeError, ValueError) as exc:
-        raise SlimctlError(f"torchvision.{name}: {exc}") from None
+
+    def build() -> nn.Module:
+        try:
+            return torchvision.models.get_model(name, weights=None, num_classes=num_classes, **{**quiet, **arch_args})
+        except (TypeError, ValueError) as exc:
+            raise SlimctlError(f"torchvision.{name}: {exc}") from None
+
+    return build
 
 
 __all__ = [

@@ -1,0 +1,44 @@
+"""scripts/gpu_check.sh --dry-run: the GPU lease's script runs end to end on the CPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.slow
+def test_the_gpu_script_runs_every_phase_on_the_cpu_and_leaves_its_results_in_out(tmp_path):
+    out, runs = tmp_path / "out", tmp_path / "runs"
+    env = {**os.environ, "OUT": str(out), "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), "--dry-run", "--runs", str(runs)],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    # What the device tool brings back: at most 8 plain files, no subfolders.
+    files = sorted(p.name for p in out.iterdir())
+    assert all((out / f).is_file() for f in files) and len(files) <= 8
+    assert {"env.txt", "log.txt", "bench.md", "summary.md", "runs.tar.gz"} <= set(files)
+    bench = json.loads((out / "bench_vgg19.json").read_text())["rows"]
+    assert {r["variant"] for r in bench} == {"reference", "slimctl", "slimctl-cl"}
+    assert all(r["images_per_sec"] > 0 for r in bench)
+    with tarfile.open(out / "runs.tar.gz") as tar:
+        names = set(tar.getnames())
+    assert {"runs/sparse/metrics.jsonl", "runs/finetune/metrics.jsonl", "runs/sweep.json", "runs/prune.json",
+            "runs/report.json"} <= names
+    assert not any(n.endswith(".pt") for n in names)
+    report = json.loads(tar_member(out / "runs.tar.gz", "runs/report.json"))
+    assert [s["stage"] for s in report][-3:] == ["sparse-train", "prune", "finetune"]
+    summary = (out / "summary.md").read_text()
+    assert "- sparse: 1 epochs" in summary and "- finetune: 1 epochs" in summary
+
+
+def tar_member(path: Path, name: str) -> str:
+    with tarfile.open(path) as tar:
+        return tar.extractfile(name).read().decode()
