@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -19,7 +18,8 @@ from slimctl.checkpoint import load_checkpoint, model_from_checkpoint
 from slimctl.errors import SlimctlError
 from slimctl.plan import group_scores
 from slimctl.trace import channel_groups
-from slimctl.report import plot_error_curves, plot_gamma_comparison
+from slimctl.report import plot_gamma_comparison, plot_runs
+from slimctl.results import read_run
 
 STAGES = ("baseline", "sparse")
 
@@ -39,11 +39,7 @@ def write_plots(folder: Path) -> list[Path]:
         if (folder / stage / "best.pt").exists()
     }
     runs = [folder / s for s in STAGES] + sorted(folder.glob("finetune-*"))
-    curves = {
-        run.name: [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-        for run in runs
-        if (run / "metrics.jsonl").exists()
-    }
+    curves = [read_run(run) for run in runs if (run / "metrics.jsonl").exists()]
     if not scores and not curves:
         raise SlimctlError(f"{folder} holds no finished stages to plot")
     written = []
@@ -51,7 +47,7 @@ def write_plots(folder: Path) -> list[Path]:
         plot_gamma_comparison(scores, folder / "gamma_hist.png", title=f"|γ| distribution, {folder.name}")
         written.append(folder / "gamma_hist.png")
     if curves:
-        plot_error_curves(curves, folder / "error_curves.png", title=f"test error, {folder.name}")
+        plot_runs(curves, folder / "error_curves.png", title=folder.name)  # what `slimctl compare --png` draws
         written.append(folder / "error_curves.png")
     return written
 

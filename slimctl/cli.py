@@ -6,20 +6,19 @@ Exit codes: 0 ok; 2 bad input (one message on stderr, no traceback); 1 anything 
 from __future__ import annotations
 
 import json
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import click
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from slimctl._version import __version__
 from slimctl.device import PRECISIONS
 from slimctl.errors import SlimctlError
 from slimctl.compensate import COMPENSATE_MODES
 from slimctl.groups import COUPLED_MODES
+from slimctl.progress import reporter
 from slimctl.sweep import DEFAULT_RATIOS
 
 
@@ -62,17 +61,6 @@ err_console = Console(stderr=True, soft_wrap=True)
 
 def print_json(data: dict[str, Any]) -> None:
     click.echo(json.dumps(data, indent=2))
-
-
-@contextmanager
-def progress_bar():
-    """Per-batch progress on stderr; it vanishes when the epoch line is printed."""
-    progress = Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-        console=err_console, transient=True,
-    )
-    with progress:
-        yield progress
 
 
 SET_HELP = "Override a config key, YAML-typed, e.g. --set train.epochs=10 --set data.subset=512. Repeatable."
@@ -123,6 +111,12 @@ def run_options(config_help: str, out_help: str):
             click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP),
             click.option("--resume", is_flag=True, help=RESUME_HELP),
             click.option("--force", is_flag=True, help=FORCE_HELP),
+            click.option("--log-every", default=None, metavar="N|Ns",
+                         help="A plain progress line every N steps or N seconds (e.g. 50, 30s). Default: rich's "
+                              "bar on a terminal; else a line every 30 s or 10% of an epoch."),
+            click.option("--tensorboard", is_flag=True,
+                         help="Write TensorBoard events to RUN_DIR/tb (same as log.tensorboard: true; "
+                              "needs pip install 'slimctl[tb]')."),
         )):
             command = option(command)
         return command
@@ -133,7 +127,8 @@ def run_options(config_help: str, out_help: str):
 @cli.command("sparse-train")
 @run_options("YAML config (see configs/). Its `train` section is used.",
              "Run folder for config.yaml, metrics.jsonl, last.pt, best.pt [default: runs/<config name>/sparse].")
-def sparse_train_cmd(config: Path, out: Path | None, overrides: tuple[str, ...], resume: bool, force: bool) -> None:
+def sparse_train_cmd(config: Path, out: Path | None, overrides: tuple[str, ...], resume: bool, force: bool,
+                     log_every: str | None, tensorboard: bool) -> None:
     """Train from scratch with the L1 sparsity penalty λ·Σ|γ| on BN scales (λ = train.sparsity).
 
     With train.sparsity: 0 this is plain training (the baseline the paper compares against).
@@ -142,9 +137,9 @@ def sparse_train_cmd(config: Path, out: Path | None, overrides: tuple[str, ...],
     """
     from slimctl.stages import sparse_train
 
-    cfg = _load_config(config, overrides)
+    cfg = _load_config(config, overrides + (("log.tensorboard=true",) if tensorboard else ()))
     run_dir = out or Path("runs") / config.stem / "sparse"
-    with progress_bar() as progress:
+    with reporter(err_console, log_every) as progress:
         result = sparse_train(cfg, run_dir, resume=resume, force=force, progress=progress, log=err_console.print)
     _print_best(result)
 
@@ -175,10 +170,14 @@ def sparse_train_cmd(config: Path, out: Path | None, overrides: tuple[str, ...],
 @click.option("--no-eval", is_flag=True, help="Skip the test-set evaluation of the pruned model.")
 @click.option("--device", default="cpu", show_default=True, help="Device for that evaluation (cpu, cuda, auto).")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--tensorboard", is_flag=True,
+              help="Write the threshold and kept-per-layer to TensorBoard: the parent run's tb/ (done anyway "
+                   "when it exists), else OUT stem + _tb/.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables.")
 def prune_cmd(checkpoint: Path, ratio: float | None, out: Path | None, min_channels: int | None, round_to: int,
               coupled: str, compensate: str, target_flops: str | None, target_params: str | None,
-              data_root: str | None, no_eval: bool, device: str, force: bool, as_json: bool) -> None:
+              data_root: str | None, no_eval: bool, device: str, force: bool, tensorboard: bool,
+              as_json: bool) -> None:
     """Remove the channels whose BN |γ| falls under one global threshold; write a narrower model.
 
     Also writes a |γ| histogram (OUT stem + _gamma.png) with the threshold marked, and evaluates
@@ -186,7 +185,7 @@ def prune_cmd(checkpoint: Path, ratio: float | None, out: Path | None, min_chann
     compensation and, for comparison, with none.
     """
     from slimctl.report import before_after_table, prune_table
-    from slimctl.stages import prune_checkpoint
+    from slimctl.stages import prune_checkpoint, prune_events
     from slimctl.targets import parse_target
 
     if target_flops is not None and target_params is not None:
@@ -199,6 +198,9 @@ def prune_cmd(checkpoint: Path, ratio: float | None, out: Path | None, min_chann
     result = prune_checkpoint(checkpoint, out, ratio=ratio, min_channels=min_channels, round_to=round_to,
                               coupled=coupled, compensate=compensate, target=target, evaluate_model=not no_eval,
                               data_root=data_root, force=force, device=device)
+    events = prune_events(checkpoint, result, own=tensorboard)
+    if events is not None:
+        result["tensorboard"] = str(events)
     if as_json:
         print_json(result)
         return
@@ -265,16 +267,40 @@ def sweep_cmd(checkpoint: Path, ratios: str, compare: Path | None, tolerance: fl
 @run_options("YAML config; its `finetune` section (unset keys inherit `train`) and `data` are used.",
              "Run folder [default: <CHECKPOINT stem>-finetune beside CHECKPOINT].")
 def finetune_cmd(checkpoint: Path, config: Path, out: Path | None, overrides: tuple[str, ...], resume: bool,
-                 force: bool) -> None:
+                 force: bool, log_every: str | None, tensorboard: bool) -> None:
     """Train a pruned checkpoint's narrower model back to accuracy (no sparsity term)."""
     from slimctl.stages import finetune
 
-    cfg = _load_config(config, overrides)
+    cfg = _load_config(config, overrides + (("log.tensorboard=true",) if tensorboard else ()))
     run_dir = out or checkpoint.with_name(f"{checkpoint.stem}-finetune")
-    with progress_bar() as progress:
+    with reporter(err_console, log_every) as progress:
         result = finetune(checkpoint, cfg, run_dir, resume=resume, force=force, progress=progress,
                           log=err_console.print)
     _print_best(result)
+
+
+@cli.command("compare")
+@click.argument("runs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--png", type=click.Path(path_type=Path), default=None,
+              help="Also draw test error, |γ| < 1e-2 and images/s per epoch of every run into this PNG.")
+@click.option("--json", "as_json", is_flag=True, help="Print the runs' rows as JSON instead of a table.")
+def compare_cmd(runs: tuple[Path, ...], png: Path | None, as_json: bool) -> None:
+    """Several run folders side by side (e.g. baseline, sparse and fine-tunes): one table, one figure.
+
+    Reads each folder's metrics.jsonl and config.yaml (stage, and the machine it trained on).
+    """
+    from slimctl.report import compare_table, plot_runs
+    from slimctl.results import read_run
+
+    compared = [read_run(folder) for folder in runs]
+    if png is not None:
+        plot_runs(compared, png, title=" vs ".join(run["label"] for run in compared))
+    if as_json:
+        print_json({"runs": compared, "png": None if png is None else str(png)})
+        return
+    out_console.print(compare_table(compared))
+    if png is not None:
+        out_console.print(f"→ {png}")
 
 
 @cli.command("eval")

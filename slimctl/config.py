@@ -113,12 +113,20 @@ class PruneConfig:
 
 
 @dataclass(frozen=True)
+class LogConfig:
+    # TensorBoard events in RUN_DIR/tb: losses, top-1, lr, images/s, λ, |γ| statistics and per-epoch
+    # |γ| histograms (needs pip install 'slimctl[tb]').
+    tensorboard: bool = False
+
+
+@dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
+    log: LogConfig = field(default_factory=LogConfig)
 
     def finetune_train(self) -> TrainConfig:
         """The `train` settings with the `finetune` overrides applied; sparsity is always 0."""

@@ -10,6 +10,7 @@ from slimctl.errors import SlimctlError
 
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+PRECISION_NAMES = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}  # autocast dtype → name
 # torch.compile's modes; `reduce-overhead` and `max-autotune` capture CUDA graphs on a GPU, which
 # is what removes the per-kernel launch cost that bounds small-batch training (batch 64 on CIFAR).
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -58,3 +59,43 @@ def compile_mode(setting: bool | str) -> str | None:
     if setting not in COMPILE_MODES:
         raise SlimctlError(f"unknown compile mode {setting!r}; use true, false or one of {', '.join(COMPILE_MODES)}")
     return setting
+
+
+def cpu_description() -> tuple[str, list[str]]:
+    """(CPU model name, the flags that decide training speed here) from /proc/cpuinfo; ("unknown", [])
+    where the OS has no such file."""
+    try:
+        text = open("/proc/cpuinfo").read()
+    except OSError:
+        return "unknown", []
+    model = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")),
+                 "unknown")
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    return model, [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_tile") if f in flags]
+
+
+def environment(device: torch.device, dtype: torch.dtype | None) -> dict[str, object]:
+    """What a run's figures were measured on: recorded in its config.yaml and checkpoints, shown by
+    `report`, so throughput or accuracy from different machines cannot be mixed up unnoticed."""
+    cpu, flags = cpu_description()
+    return {
+        "device": device.type,
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "cpu": cpu,
+        "cpu_flags": flags,
+        "threads": torch.get_num_threads(),
+        "precision": PRECISION_NAMES.get(dtype, str(dtype)),
+        "torch": str(torch.__version__),
+        "cuda": torch.version.cuda,
+    }
+
+
+def machine_label(env: dict[str, object] | None) -> str:
+    """One short line for tables: 'NVIDIA H200, bf16' or 'Intel Xeon (avx512_bf16), 2 threads, fp32'."""
+    if not env:
+        return "-"
+    if env.get("gpu"):
+        return f"{env['gpu']}, {env.get('precision')}"
+    flags = [f for f in env.get("cpu_flags") or [] if f in ("avx512_bf16", "amx_tile")] or \
+        [f for f in env.get("cpu_flags") or [] if f == "avx2"]
+    return f"{env.get('cpu')}{f' ({flags[0]})' if flags else ''}, {env.get('threads')} threads, {env.get('precision')}"

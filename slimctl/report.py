@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from rich.table import Table
 
+from slimctl.device import machine_label
 from slimctl.files import atomic_write_bytes
 
 
@@ -72,10 +73,11 @@ def before_after_table(result: dict[str, Any]) -> Table:
 def lineage_table(rows: list[dict[str, Any]]) -> Table:
     """One row per stage of a checkpoint's history (sparse-train → prune → finetune …)."""
     table = Table(title="slimming summary")
-    for column in ("stage", "checkpoint", "params", "FLOPs", "test top-1"):
-        table.add_column(column, justify="left" if column in ("stage", "checkpoint") else "right")
+    for column in ("stage", "checkpoint", "params", "FLOPs", "test top-1", "trained on"):
+        table.add_column(column, justify="right" if column in ("params", "FLOPs", "test top-1") else "left")
     for row in rows:
-        table.add_row(row["stage"], os.path.relpath(row["path"]), human(row["params"]), human(row["flops"]), percent(row.get("top1")))
+        table.add_row(row["stage"], os.path.relpath(row["path"]), human(row["params"]), human(row["flops"]),
+                      percent(row.get("top1")), machine_label(row.get("environment")))
     return table
 
 
@@ -189,16 +191,40 @@ def sweep_table(result: dict[str, Any]) -> Table:
     return table
 
 
-def plot_error_curves(curves: dict[str, list[dict[str, Any]]], path: Path, title: str) -> None:
-    """Test error (%) per epoch of each stage, from the runs' metrics.jsonl rows."""
+def plot_runs(runs: list[dict[str, Any]], path: Path, title: str) -> None:
+    """Several runs overlaid, from their metrics.jsonl rows: test error %, the fraction of |γ|
+    below 1e-2 (how far sparsity has polarised γ), and training images/s, per epoch."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    for name, rows in curves.items():
-        ax.plot([r["epoch"] for r in rows], [100 - r["test_top1"] for r in rows], label=name)
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("test error %")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    panels = (("test error %", lambda r: 100 - r["test_top1"]),
+              ("|γ| < 1e-2 (fraction)", lambda r: r.get("gamma_frac_below_1e-2")),
+              ("train images/s", lambda r: r.get("images_per_sec")))
+    for ax, (label, value) in zip(axes, panels):
+        for run in runs:
+            points = [(r["epoch"], value(r)) for r in run["rows"] if value(r) is not None]
+            ax.plot([e for e, _ in points], [v for _, v in points], label=run["label"])
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title)
     fig.tight_layout()
     _save_png(fig, path)
+
+
+def compare_table(runs: list[dict[str, Any]]) -> Table:
+    """One row per run: its stage, epochs, best and last top-1, |γ| at the end, speed, machine."""
+    table = Table(title="runs compared")
+    for column in ("run", "stage", "epochs", "best top-1", "last top-1", "mean |γ|", "|γ|<1e-2", "images/s",
+                   "trained on"):
+        # The run's name whole, whatever the terminal's width; the machine may wrap.
+        table.add_column(column, justify="left" if column in ("run", "stage", "trained on") else "right",
+                         no_wrap=column == "run", overflow="fold")
+    for run in runs:
+        rows, last = run["rows"], run["rows"][-1]
+        speeds = sorted(r["images_per_sec"] for r in rows)
+        table.add_row(run["label"], run["stage"], str(last["epoch"]), percent(max(r["test_top1"] for r in rows)),
+                      percent(last["test_top1"]), f"{last['gamma_mean_abs']:.4f}",
+                      f"{100 * last['gamma_frac_below_1e-2']:.0f}%", f"{speeds[len(speeds) // 2]:.0f}",
+                      machine_label(run.get("environment")))
+    return table

@@ -7,6 +7,7 @@ metrics; a stage that has not run shows "not yet run", never a number.
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -124,3 +125,24 @@ def markdown_table(runs_dir: Path) -> str:
                 )
         lines.append("")
     return "\n".join(lines)
+
+
+def read_run(folder: Path) -> dict[str, Any]:
+    """A run folder's metrics.jsonl rows, stage and recorded environment (for `slimctl compare`)."""
+    import yaml
+
+    metrics = folder / "metrics.jsonl"
+    if not metrics.is_file():
+        raise SlimctlError(f"{folder} is not a run folder (no metrics.jsonl): give sparse-train or finetune -o folders")
+    try:
+        rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    except json.JSONDecodeError as exc:
+        raise SlimctlError(f"{metrics} is not valid JSON lines ({exc.msg}, line {exc.lineno})") from None
+    if not rows:
+        raise SlimctlError(f"{metrics} holds no finished epoch yet")
+    config = {}
+    if (folder / "config.yaml").is_file():
+        loaded = yaml.safe_load((folder / "config.yaml").read_text())
+        config = loaded if isinstance(loaded, dict) else {}
+    return {"label": folder.name, "path": str(folder), "stage": config.get("stage", "?"), "rows": rows,
+            "environment": config.get("environment")}

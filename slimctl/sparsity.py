@@ -26,7 +26,8 @@ def add_sparsity_grad(gammas: list[nn.Parameter], sparsity: float) -> None:
 
 def gamma_stats(gammas: list[nn.Parameter]) -> dict[str, float]:
     flat = torch.cat([g.detach().abs().float().flatten() for g in gammas])
-    return {"gamma_mean_abs": float(flat.mean()), "gamma_frac_below_1e-2": float((flat < 1e-2).float().mean())}
+    return {"gamma_mean_abs": float(flat.mean()), "gamma_frac_below_1e-2": float((flat < 1e-2).float().mean()),
+            "gamma_frac_below_1e-3": float((flat < 1e-3).float().mean())}
 
 
 # --------------------------------------------------------------------------- the L1 budget

@@ -19,9 +19,10 @@ from slimctl._version import __version__
 from slimctl.checkpoint import load_checkpoint, make_checkpoint, model_from_checkpoint, save_checkpoint
 from slimctl.config import Config, TrainConfig, config_from_dict, save_config
 from slimctl.data import DATASETS, build_loader, build_loaders, input_size_of, num_classes_of
-from slimctl.device import compile_mode, resolve_device, resolve_precision
+from slimctl.device import compile_mode, environment, resolve_device, resolve_precision
 from slimctl.errors import SlimctlError, out_of_memory_as_error
 from slimctl.files import file_sha256
+from slimctl.tblog import EpochBoard, tensorboard_available, write_prune
 from slimctl.flops import count_flops, count_params
 from slimctl.inserted import reattach_selections
 from slimctl.models import create_model, is_known_arch, list_models, module_widths
@@ -166,14 +167,16 @@ def _train(
     if resume:
         model, resume_state = _resumed(cfg, run_dir, parent, parent_sha256)
     model = model.to(device, memory_format=torch.channels_last if train.channels_last else torch.preserve_format)
-    gammas = bn_scales(model, sparsity_targets(model, train.sparsity_on))
+    gamma_names = sparsity_targets(model, train.sparsity_on)
+    gammas = bn_scales(model, gamma_names)
     if not gammas:
         raise SlimctlError(
             f"{model.arch_spec['arch']}: no BatchNorm is ranked by any channel group, so there is nothing "
             "to sparsify or prune; try train.sparsity_on: all, or `slimctl groups --explain` to see why"
         )
     strength = sparsity_strength(train, steps_per_epoch=len(train_loader))
-    info = {"params": count_params(model), "flops": count_flops(model), **strength}
+    info = {"params": count_params(model), "flops": count_flops(model), **strength,
+            "environment": environment(device, dtype)}
     config = cfg.to_dict()
 
     def save(path: Path, trained: nn.Module, metrics: dict[str, Any], resume_info: dict[str, Any] | None) -> None:
@@ -185,11 +188,17 @@ def _train(
         )
         save_checkpoint(path, ckpt)
 
+    board = None
     if world.is_main:
+        if cfg.log.tensorboard:
+            tensorboard_available()  # before the folder exists: a missing extra leaves nothing behind
         # Created only now: a run refused earlier (bad data, a model too large) leaves no empty folder.
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml",
-                    extra={"provenance": provenance(), "stage": stage, "sparsity_resolved": strength})
+                    extra={"provenance": provenance(), "stage": stage, "sparsity_resolved": strength,
+                           "environment": info["environment"]})
+        if cfg.log.tensorboard:
+            board = EpochBoard(run_dir / "tb", dict(zip(gamma_names, gammas)), sparsity=strength["sparsity"])
     else:
         log = lambda *args: None  # noqa: E731
     log(
@@ -216,8 +225,10 @@ def _train(
             milestones=milestone_epochs(train.milestones, train.epochs), lr_decay=train.lr_decay,
             sparsity=strength["sparsity"], gammas=gammas, device=device, dtype=dtype, run_dir=run_dir,
             save=save, resume_state=resume_state, progress=progress, log=log,
-            is_main=world.is_main, compile_mode=compile_mode(train.compile),
+            is_main=world.is_main, compile_mode=compile_mode(train.compile), on_epoch=board,
         )
+    if board is not None:
+        board.close()
     return {**info, "best_top1": result["best_top1"], "run_dir": str(run_dir), "best": str(run_dir / "best.pt")}
 
 
@@ -259,7 +270,7 @@ def _resumed(cfg: Config, run_dir: Path, parent: Path | None, parent_sha256: str
 
 
 # Keys a resumed run may change: extending the schedule is the usual reason to resume a finished run.
-RESUMABLE_CHANGES = {"train.epochs", "finetune.epochs"}
+RESUMABLE_CHANGES = {"train.epochs", "finetune.epochs", "log.tensorboard"}
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -310,6 +321,21 @@ def finetune(checkpoint: Path, cfg: Config, run_dir: Path, *, resume: bool = Fal
     torch.manual_seed(cfg.finetune_train().seed)
     return _train(model, cfg=cfg, train=cfg.finetune_train(), stage="finetune", run_dir=run_dir,
                   parent=checkpoint, resume=resume, progress=progress, log=log)
+
+
+def prune_events(checkpoint: Path, result: dict[str, Any], *, own: bool) -> Path | None:
+    """Write a prune's TensorBoard events: into the parent run's tb/ when it has one, else (with
+    `own`) beside the pruned checkpoint; the folder written, or None."""
+    parent_board = checkpoint.parent / "tb"
+    if parent_board.is_dir():
+        folder = parent_board
+    elif own:
+        out = Path(result["out"])
+        folder = out.with_name(f"{out.stem}_tb")
+    else:
+        return None
+    write_prune(folder, result)
+    return folder
 
 
 def _recorded_config(ckpt: dict[str, Any], source: str) -> Config | None:
@@ -540,8 +566,10 @@ def lineage(checkpoint: Path) -> list[dict[str, Any]]:
         if not all(isinstance(metrics.get(k), int) for k in ("params", "flops")):  # recorded by every stage
             model = model_from_checkpoint(ckpt, source=str(path))
             metrics = {**metrics, "params": count_params(model), "flops": count_flops(model)}
+        env = metrics.get("environment")
         rows.append({"stage": ckpt["stage"], "path": str(path), "params": metrics["params"],
-                     "flops": metrics["flops"], "top1": metrics.get("top1")})
+                     "flops": metrics["flops"], "top1": metrics.get("top1"),
+                     "environment": env if isinstance(env, dict) else None})
         parent = ckpt.get("parent")
         path = Path(parent["path"]) if isinstance(parent, dict) and parent.get("path") else None
     return rows[::-1]

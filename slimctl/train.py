@@ -196,7 +196,7 @@ def train_one_epoch(
     scaler: torch.amp.GradScaler | None = None,
     state: EpochState | None = None,
     should_stop: Callable[[], bool] = lambda: False,
-    on_step: Callable[[int], None] | None = None,
+    on_step: Callable[[int, Callable[[], float]], None] | None = None,
     step: TrainStep | None = None,
 ) -> EpochState:
     """One pass over `loader` (which already skips the `state.steps` batches done before a resume).
@@ -222,8 +222,8 @@ def train_one_epoch(
         correct += (logits.argmax(1) == y).sum()
         images += y.numel()
         steps += 1
-        if on_step is not None:
-            on_step(y.numel())
+        if on_step is not None:  # the running loss is read from the device only if the callback asks
+            on_step(y.numel(), lambda: float(loss_sum) / max(1, images))
         if should_stop():
             completed = steps == len(loader)
             break
@@ -310,30 +310,31 @@ class Sinks:
     write_rows: Callable[[Path, list[dict[str, Any]]], None]
     log: Callable[[str], None]
     progress: Any
+    on_epoch: Callable[[dict[str, Any]], None]  # each finished epoch's metrics row (TensorBoard)
 
 
-def rank_sinks(is_main: bool, *, save, log, progress) -> Sinks:
+def rank_sinks(is_main: bool, *, save, log, progress, on_epoch=None) -> Sinks:
     """The one place ranks differ in output: rank 0 writes and logs, every other rank stays silent."""
-    if is_main:
-        return Sinks(save=save, write_rows=write_metrics, log=log, progress=progress)
     silent = lambda *args: None  # noqa: E731
-    return Sinks(save=silent, write_rows=silent, log=silent, progress=None)
+    if is_main:
+        return Sinks(save=save, write_rows=write_metrics, log=log, progress=progress, on_epoch=on_epoch or silent)
+    return Sinks(save=silent, write_rows=silent, log=silent, progress=None, on_epoch=silent)
 
 
 class EpochBar:
-    """The per-batch progress bar: one task, reset at each epoch; nothing without `progress`."""
+    """Per-step progress (`slimctl.progress`: a bar on a terminal, plain lines elsewhere); nothing
+    without `progress`."""
 
     def __init__(self, progress, epochs: int) -> None:
         self.progress, self.epochs = progress, epochs
-        self.task = progress.add_task("train", total=None) if progress is not None else None
 
-    def start(self, epoch: int, loader, *, done: int) -> Callable[[int], None] | None:
-        """Reset the bar for 0-based `epoch` (`done` images already trained); the per-step callback."""
+    def start(self, epoch: int, loader, *, done: int, step: int = 0) -> Callable[[int, Callable[[], float]], None] | None:
+        """Start 0-based `epoch` (`done` images and `step` steps already trained); the per-step callback."""
         if self.progress is None:
             return None
-        self.progress.reset(self.task, total=loader.num_samples, completed=done,
-                            description=f"epoch {epoch + 1}/{self.epochs}")
-        return lambda n: self.progress.advance(self.task, n)
+        self.progress.start_epoch(epoch, self.epochs, steps=len(loader), step=step, images=loader.num_samples,
+                                  done=done)
+        return self.progress.advance
 
 
 class StopSignal:
@@ -407,7 +408,7 @@ def run_epoch(step: TrainStep, loader, *, epoch: int, lr: float, partial: EpochS
     for group in step.optimizer.param_groups:
         group["lr"] = lr
     loader.set_epoch(epoch, start_batch=partial.steps if partial else 0)
-    on_step = bar.start(epoch, loader, done=partial.images if partial else 0)
+    on_step = bar.start(epoch, loader, done=partial.images if partial else 0, step=partial.steps if partial else 0)
     state = train_one_epoch(
         step.model, loader, step.optimizer, gammas=step.gammas, sparsity=step.sparsity, device=step.device,
         dtype=step.dtype, scaler=step.scaler, state=partial, should_stop=stop.should_stop, on_step=on_step,
@@ -503,6 +504,7 @@ def fit(
     log: Callable[[str], None] = print,
     is_main: bool = True,
     compile_mode: str | None = None,
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Train for `epochs`, evaluating after each; writes metrics.jsonl, last.pt and best.pt.
 
@@ -511,8 +513,9 @@ def fit(
     SIGINT/SIGTERM stop at the next step with a resumable last.pt (raises `Interrupted`).
     Under torchrun every rank calls this; only `is_main` (rank 0) writes and logs.
     `compile_mode` (a torch.compile mode, or None for eager) compiles the training step (`TrainStep`).
+    `on_epoch(row)` sees each finished epoch's metrics row (main rank only), e.g. for TensorBoard.
     """
-    sinks = rank_sinks(is_main, save=save, log=log, progress=progress)
+    sinks = rank_sinks(is_main, save=save, log=log, progress=progress, on_epoch=on_epoch)
     optimizer, scaler = make_optimizer(model, lr=lr, momentum=momentum, weight_decay=weight_decay,
                                        device=device, dtype=dtype)
     run = restore(resume_state, optimizer, scaler, is_main=is_main)
@@ -538,6 +541,7 @@ def fit(
             save_epoch(sinks.save, run_dir, model, metrics, is_best=is_best,
                        resume=resume_info(run, optimizer, scaler, epoch + 1, None))
             sinks.write_rows(run_dir / "metrics.jsonl", run.rows)
+            sinks.on_epoch(row)
             sinks.log(epoch_line(row, epochs, is_best))
             if epoch + 1 < epochs and stop.signalled():
                 raise stopped_after_epoch(stop.signum, epoch=epoch, run_dir=run_dir)

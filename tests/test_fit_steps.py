@@ -116,18 +116,16 @@ class FakeLoader:
 
 
 class FakeProgress:
+    """Records the calls slimctl.progress reporters get; reads the running loss at every step."""
+
     def __init__(self) -> None:
         self.calls = []
 
-    def add_task(self, name, total):
-        self.calls.append(("add_task", name))
-        return 7
+    def start_epoch(self, epoch, epochs, **kwargs):
+        self.calls.append(("start_epoch", epoch, epochs, kwargs))
 
-    def reset(self, task, **kwargs):
-        self.calls.append(("reset", task, kwargs))
-
-    def advance(self, task, n):
-        self.calls.append(("advance", task, n))
+    def advance(self, images, mean_loss):
+        self.calls.append(("advance", images, round(mean_loss(), 6)))
 
 
 def _epoch(stop, *, partial=None, bar=None, lr=0.5):
@@ -159,9 +157,11 @@ def test_run_epoch_finishes_a_partial_epoch_and_reports_progress():
     state, _, loader = _epoch(StopSignal({"signum": None}, CPU), partial=partial, bar=EpochBar(progress, 4))
     assert loader.start_batch == 2  # the batches done before the stop are skipped
     assert (state.steps, state.images, state.completed) == (5, 10, True)
-    assert progress.calls[0] == ("add_task", "train")
-    assert progress.calls[1] == ("reset", 7, {"total": 10, "completed": 4, "description": "epoch 3/4"})
-    assert progress.calls[2:] == [("advance", 7, 2)] * 3
+    assert progress.calls[0] == ("start_epoch", 2, 4, {"steps": 5, "step": 2, "images": 10, "done": 4})
+    advances = progress.calls[1:]
+    assert [c[1] for c in advances] == [2, 2, 2]
+    # The running mean loss over the epoch so far, the partial epoch's sum included (1.0 over 4 images).
+    assert advances[0][2] != advances[1][2] and abs(advances[-1][2] - state.loss) < 1e-5
 
 
 def test_no_progress_bar_means_no_callback():
@@ -194,17 +194,17 @@ def test_divergence_on_another_rank_stops_this_one(monkeypatch):
 # --------------------------------------------------------------------------- metrics, saving, logging
 
 ROW_KEYS = ["epoch", "lr", "train_loss", "train_top1", "test_loss", "test_top1", "seconds", "images_per_sec",
-            "gamma_mean_abs", "gamma_frac_below_1e-2"]
+            "gamma_mean_abs", "gamma_frac_below_1e-2", "gamma_frac_below_1e-3"]
 
 
 def test_metrics_row_has_the_documented_keys():
-    gammas = [nn.Parameter(torch.tensor([0.001, -0.5, 0.005, 1.0]))]
+    gammas = [nn.Parameter(torch.tensor([0.0005, -0.5, 0.005, 1.0]))]
     state = EpochState(loss_sum=12.0, correct=3, images=6, steps=3, seconds=2.0, completed=True)
     row = metrics_row(4, 0.01, state, 1.5, 40.0, gammas)
     assert list(row) == ROW_KEYS
     assert (row["epoch"], row["lr"], row["train_loss"], row["train_top1"]) == (5, 0.01, 2.0, 50.0)
     assert (row["test_loss"], row["test_top1"], row["seconds"], row["images_per_sec"]) == (1.5, 40.0, 2.0, 3.0)
-    assert row["gamma_frac_below_1e-2"] == 0.5
+    assert row["gamma_frac_below_1e-2"] == 0.5 and row["gamma_frac_below_1e-3"] == 0.25
 
 
 def test_metrics_row_under_ddp_records_the_gamma_drift(monkeypatch):
