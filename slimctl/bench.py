@@ -1,12 +1,15 @@
 """Inference latency of checkpoints: does the pruned model actually run faster?
 
 Median wall time of a forward pass (inference mode, eval, channels_last, autocast where it is the
-fast path) after warm-up, per batch size; the speed-up is against the first checkpoint.
+fast path) after warm-up, per batch size; the speed-up is against the first checkpoint. By default
+each model is timed as users deploy it: with its BNs folded into the convs before them where that
+is exact (`slimctl.fold.fold_bn`). Params and FLOPs are the checkpoint's, counted unfolded.
 """
 
 from __future__ import annotations
 
 import statistics
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -15,8 +18,10 @@ import torch
 from torch import nn
 
 from slimctl.checkpoint import load_checkpoint, model_from_checkpoint
-from slimctl.flops import count_flops, count_params
 from slimctl.device import autocast
+from slimctl.errors import SlimctlError
+from slimctl.flops import count_flops, count_params
+from slimctl.fold import fold_bn as fold_batchnorms
 
 
 def _sync(device: torch.device) -> None:
@@ -52,6 +57,9 @@ def latency_ms(
     return statistics.median(times)
 
 
+RUNTIMES = ("torch", "onnxruntime")
+
+
 def bench_checkpoints(
     paths: list[Path],
     *,
@@ -60,19 +68,72 @@ def bench_checkpoints(
     dtype: torch.dtype | None,
     repeats: int = 20,
     warmup: int = 3,
+    fold_bn: bool = True,
+    runtimes: tuple[str, ...] = ("torch",),
 ) -> list[dict[str, Any]]:
-    """One row per (checkpoint, batch size): params, FLOPs, latency, images/s, speed-up vs the first."""
+    """One row per (runtime, checkpoint, batch size): params, FLOPs, latency, images/s, and the
+    speed-up against the first checkpoint in the same runtime.
+
+    `fold_bn`: time each model with its BNs folded where exact (each row says so, and how many
+    BNs were folded); params and FLOPs are always the checkpoint's own (unfolded) counts.
+    `onnxruntime` times the model exported to ONNX (fp32, CPU; `pip install 'slimctl[export]'`)."""
+    unknown = sorted(set(runtimes) - set(RUNTIMES))
+    if unknown:
+        raise SlimctlError(f"unknown runtime {', '.join(unknown)}; use {' and/or '.join(RUNTIMES)}")
     models = [(p, model_from_checkpoint(load_checkpoint(p), source=str(p))) for p in paths]
     rows = []
-    baseline: dict[int, float] = {}
-    for path, model in models:
-        params, flops = count_params(model), count_flops(model)
-        for bs in batch_sizes:
-            ms = latency_ms(model, batch_size=bs, device=device, dtype=dtype, repeats=repeats, warmup=warmup,
-                            input_size=tuple(model.arch_spec["input_size"]))
-            baseline.setdefault(bs, ms)
-            rows.append({
-                "checkpoint": str(path), "params": params, "flops": flops, "batch_size": bs,
-                "latency_ms": ms, "images_per_sec": bs / ms * 1e3, "speedup": baseline[bs] / ms,
-            })
+    baseline: dict[tuple[str, int], float] = {}
+    for runtime in runtimes:
+        for path, model in models:
+            params, flops = count_params(model), count_flops(model)
+            timed, folded = model, 0
+            if fold_bn:
+                try:
+                    timed = fold_batchnorms(model)
+                except SlimctlError as exc:
+                    raise SlimctlError(f"{path}: cannot fold its BNs: {exc} (--no-fold-bn times it unfolded)") from exc
+                folded = _batchnorms(model) - _batchnorms(timed)
+            size = tuple(model.arch_spec["input_size"])
+            for bs in batch_sizes:
+                if runtime == "torch":
+                    ms = latency_ms(timed, batch_size=bs, device=device, dtype=dtype, repeats=repeats, warmup=warmup,
+                                    input_size=size)
+                else:
+                    ms = onnxruntime_latency_ms(timed, batch_size=bs, repeats=repeats, warmup=warmup, input_size=size)
+                baseline.setdefault((runtime, bs), ms)
+                rows.append({
+                    "checkpoint": str(path), "runtime": runtime, "params": params, "flops": flops, "batch_size": bs,
+                    "latency_ms": ms, "images_per_sec": bs / ms * 1e3, "speedup": baseline[runtime, bs] / ms,
+                    "fold_bn": fold_bn, "bns_folded": folded,
+                })
     return rows
+
+
+def onnxruntime_latency_ms(model: nn.Module, *, batch_size: int, repeats: int, warmup: int,
+                           input_size: tuple[int, ...]) -> float:
+    """Median milliseconds per run of `model` exported to ONNX, in onnxruntime on the CPU (fp32;
+    its thread count follows torch's, i.e. --threads)."""
+    from slimctl.export import WRITERS, needs
+
+    needs("onnx")
+    import onnxruntime
+
+    example = torch.randn(batch_size, *input_size)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.onnx"
+        WRITERS["onnx"](model.float().eval(), example, path, meta={}, opset=None, dynamic_batch=False)
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()
+        session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    feed = {"input": example.numpy()}
+    times = []
+    for i in range(warmup + repeats):
+        start = time.perf_counter()
+        session.run(["logits"], feed)
+        if i >= warmup:
+            times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def _batchnorms(model: nn.Module) -> int:
+    return sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())

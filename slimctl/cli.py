@@ -14,7 +14,7 @@ import torch
 from rich.console import Console
 
 from slimctl._version import __version__
-from slimctl.device import PRECISIONS
+from slimctl.device import PRECISION_NAMES, PRECISIONS
 from slimctl.errors import SlimctlError
 from slimctl.compensate import COMPENSATE_MODES
 from slimctl.groups import COUPLED_MODES
@@ -303,6 +303,53 @@ def compare_cmd(runs: tuple[Path, ...], png: Path | None, as_json: bool) -> None
         out_console.print(f"→ {png}")
 
 
+@cli.command("export")
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option("-o", "--out", type=click.Path(path_type=Path), default=None,
+              help="Artifact to write [default: CHECKPOINT with .onnx, .ts or .pt2].")
+@click.option("--format", "fmt", type=click.Choice(["onnx", "torchscript", "pt2"]), default=None,
+              help="[default: from OUT's suffix (.onnx, .ts, .pt2), else onnx]")
+@click.option("--input-size", default=None, metavar="C,H,W",
+              help="Input the artifact is traced at [default: the checkpoint's, e.g. 3,32,32 for CIFAR].")
+@click.option("--opset", type=click.IntRange(min=7), default=None, help="ONNX opset [default: torch's].")
+@click.option("--fold-bn/--no-fold-bn", default=True, show_default=True,
+              help="Fold each BatchNorm into the conv before it where that is exact.")
+@click.option("--dynamic-batch/--static-batch", default=True, show_default=True,
+              help="Any batch size, or only the traced one (batch 2).")
+@click.option("--tolerance", type=click.FloatRange(min=0), default=1e-4, show_default=True,
+              help="Largest max |Δlogits| / max |logits| the parity check accepts.")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a summary.")
+def export_cmd(checkpoint: Path, out: Path | None, fmt: str | None, input_size: str | None, opset: int | None,
+               fold_bn: bool, dynamic_batch: bool, tolerance: float, force: bool, as_json: bool) -> None:
+    """Write a deployable artifact that runs without slimctl: ONNX, TorchScript or torch.export (pt2).
+
+    The artifact is run in its own runtime (onnxruntime, torch.jit.load, torch.export.load) beside
+    the checkpoint on a fixed random batch before it is renamed into place; a difference above
+    --tolerance is exit 2 with nothing written. slimctl's record (version, arch, widths, params,
+    FLOPs, top-1, lineage) is stored inside; `slimctl info ARTIFACT` prints it. ONNX needs
+    pip install 'slimctl[export]'.
+    """
+    from slimctl.export import SUFFIXES, export_checkpoint, format_of, parse_input_size
+
+    fmt = fmt or (format_of(out) if out is not None else None) or "onnx"
+    if out is not None and format_of(out) not in (None, fmt):
+        raise UserError(f"-o {out} has the suffix of another format than --format {fmt}; use {SUFFIXES[fmt]}")
+    out = out or checkpoint.with_suffix(SUFFIXES[fmt])
+    size = parse_input_size(input_size) if input_size is not None else None
+    result = export_checkpoint(checkpoint, out, fmt=fmt, input_size=size, opset=opset, fold=fold_bn,
+                               dynamic_batch=dynamic_batch, force=force, tolerance=tolerance)
+    if as_json:
+        print_json(result)
+        return
+    out_console.print(
+        f"{result['format']} → {result['out']}  (input {','.join(map(str, result['input_size']))}, "
+        f"{result['batch']} batch, BN {'folded' if fold_bn else 'kept'}: {result['bn_left']} left)\n"
+        f"parity vs the checkpoint: max |Δ| {result['max_abs_diff']:.3g}, relative {result['max_rel_diff']:.3g} "
+        f"(tolerance {tolerance:g})"
+    )
+
+
 @cli.command("eval")
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @click.option("--data-root", default=None, help="Where the data set lives, if not where the checkpoint's config says.")
@@ -330,13 +377,26 @@ def eval_cmd(checkpoint: Path, data_root: str | None, device: str, as_json: bool
               help="With --arch: width multiplier.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object: arch, params, flops, widths.")
 def info_cmd(checkpoint: Path | None, arch: str | None, num_classes: int, width: float, as_json: bool) -> None:
-    """Params, FLOPs (the paper's count, 1×3×32×32 input) and layer widths of a checkpoint or an arch."""
+    """Params, FLOPs (the paper's count, 1×3×32×32 input) and layer widths of a checkpoint or an arch.
+
+    Given an exported artifact (.onnx, .ts, .pt2), the record `slimctl export` stored in it.
+    """
     from slimctl.checkpoint import load_checkpoint, model_from_checkpoint
+    from slimctl.export import format_of, read_artifact
     from slimctl.models import create_model, list_models
     from slimctl.stages import model_summary
 
     if (checkpoint is None) == (arch is None):
         raise UserError(f"give either a CHECKPOINT or --arch NAME (one of: {', '.join(list_models())})")
+    if checkpoint is not None and format_of(checkpoint) is not None:  # an exported artifact: its record
+        artifact = read_artifact(checkpoint)
+        if as_json:
+            print_json(artifact)
+        else:
+            from slimctl.report import artifact_table
+
+            out_console.print(artifact_table(checkpoint, artifact))
+        return
     if arch is not None:
         model = create_model(arch, num_classes, width=width)
     else:
@@ -412,9 +472,16 @@ def _batch_sizes(ctx: click.Context, param: click.Parameter, value: str) -> list
               help="auto: bf16 where the device runs it natively, else fp32.")
 @click.option("--repeats", type=click.IntRange(min=1), default=20, show_default=True,
               help="Timed forward passes per batch size (after 3 warm-up passes); the median is reported.")
+@click.option("--fold-bn/--no-fold-bn", default=True, show_default=True,
+              help="Time each model with its BNs folded into the convs before them where exact, as deployed.")
+@click.option("--runtime", default="torch", show_default=True, metavar="torch[,onnxruntime]",
+              help="Where to time: torch, onnxruntime (the model exported to ONNX, fp32, CPU; needs "
+                   "pip install 'slimctl[export]'), or both, comma-separated.")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="CPU threads for torch and onnxruntime (e.g. 1 for single-thread latency) [default: torch's].")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list of rows.")
 def bench_cmd(checkpoints: tuple[Path, ...], batch_sizes: list[int], device: str, precision: str, repeats: int,
-              as_json: bool) -> None:
+              fold_bn: bool, runtime: str, threads: int | None, as_json: bool) -> None:
     """Inference latency of each checkpoint (e.g. baseline then pruned), with the speed-up against the first."""
     from slimctl.bench import bench_checkpoints
     from slimctl.report import bench_table
@@ -422,11 +489,17 @@ def bench_cmd(checkpoints: tuple[Path, ...], batch_sizes: list[int], device: str
 
     dev = resolve_device(device)
     dtype = resolve_precision(precision, dev)
-    rows = bench_checkpoints(list(checkpoints), batch_sizes=batch_sizes, device=dev, dtype=dtype, repeats=repeats)
+    if threads is not None:
+        torch.set_num_threads(threads)
+    rows = bench_checkpoints(list(checkpoints), batch_sizes=batch_sizes, device=dev, dtype=dtype, repeats=repeats,
+                             fold_bn=fold_bn, runtimes=tuple(r.strip() for r in runtime.split(",")))
     if as_json:
         click.echo(json.dumps(rows, indent=2))
     else:
-        out_console.print(bench_table(rows, title=f"latency on {dev.type}, {dtype or torch.float32}"))
+        folded = "BNs folded" if fold_bn else "BNs not folded"
+        title = (f"latency on {dev.type}, {torch.get_num_threads()} threads, torch {PRECISION_NAMES[dtype]}"
+                 f"{' / onnxruntime fp32' if 'onnxruntime' in runtime else ''}, {folded}")
+        out_console.print(bench_table(rows, title=title))
 
 
 def main() -> None:

@@ -162,6 +162,13 @@ def _attached(layer: nn.Module, response: ConstantResponse) -> ConstantResponse:
     return response
 
 
+def has_foreign_hooks(module: nn.Module) -> bool:
+    """Whether `module` has forward or forward-pre hooks other than the ones slimctl inserts (a
+    selection's, a constant response's): code that may read or change its output unseen."""
+    ours = (_select_hook, _response_hook)
+    return bool(module._forward_pre_hooks) or any(h not in ours for h in module._forward_hooks.values())
+
+
 def is_inserted(model: nn.Module, name: str) -> bool:
     """Whether `name` denotes a module slimctl inserts (`<bn>.select`, `<conv or linear>.compensate`),
     judged by its parent's type (a family's own `select` modules sit beside their BN, not in it)."""

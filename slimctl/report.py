@@ -81,13 +81,29 @@ def lineage_table(rows: list[dict[str, Any]]) -> Table:
     return table
 
 
+def artifact_table(path: Path, record: dict[str, Any]) -> Table:
+    """What `slimctl export` stored in an artifact: the model, its counts and where it came from."""
+    table = Table(title=f"{path} ({record['format']}, slimctl {record.get('slimctl_version')})", show_header=False)
+    table.add_column("key")
+    table.add_column("value", overflow="fold")
+    table.add_row("arch", f"{record.get('arch')} ({record.get('num_classes')} classes), input {record.get('input_size')}")
+    table.add_row("params / FLOPs", f"{human(int(record['params']))} / {human(int(record['flops']))}")
+    table.add_row("test top-1", percent(record.get("top1")))
+    table.add_row("lineage", " → ".join(f"{r['stage']} ({percent(r.get('top1'))})" for r in record.get("lineage") or []))
+    table.add_row("checkpoint", str(record.get("checkpoint")))
+    return table
+
+
 def bench_table(rows: list[dict[str, Any]], title: str) -> Table:
     table = Table(title=title)
-    for column in ("checkpoint", "params", "FLOPs", "batch", "latency ms", "images/s", "speed-up"):
-        table.add_column(column, justify="left" if column == "checkpoint" else "right")
+    for column in ("checkpoint", "runtime", "params", "FLOPs", "batch", "latency ms", "images/s", "speed-up"):
+        # Numbers whole at any terminal width; a long path wraps instead.
+        table.add_column(column, justify="left" if column in ("checkpoint", "runtime") else "right",
+                         no_wrap=column != "checkpoint", overflow="fold")
     for r in rows:
-        table.add_row(os.path.relpath(r["checkpoint"]), human(r["params"]), human(r["flops"]), str(r["batch_size"]),
-                      f"{r['latency_ms']:.2f}", f"{r['images_per_sec']:.0f}", f"{r['speedup']:.2f}×")
+        table.add_row(os.path.relpath(r["checkpoint"]), r.get("runtime", "torch"), human(r["params"]),
+                      human(r["flops"]), str(r["batch_size"]), f"{r['latency_ms']:.2f}", f"{r['images_per_sec']:.0f}",
+                      f"{r['speedup']:.2f}×")
     return table
 
 

@@ -1,0 +1,174 @@
+"""Fold each BatchNorm into the conv or Linear before it, where that is exact: the eval-mode model
+users deploy, one pass over every feature map lighter.
+
+In eval mode a BN is a per-channel affine map, y = s·(x − μ) + β with s = γ / √(var + ε). When x is
+the output of one conv (or Linear) and nothing else reads that output, the map moves into the
+layer: W ← s·W (per output channel; grouped and depthwise convs alike), b ← s·(b − μ) + β, and the
+BN becomes `nn.Identity`. A `ConstantResponse` on the layer (`<layer>.compensate`, added to its
+output by a hook before the BN sees it) is scaled by s too, per position term and all. A BN with an
+inserted `ChannelSelection` (`<bn>.select`) is replaced by that selection, so the gather stays.
+
+Where the move is not exact the BN stays as it is, with the reason recorded (`fold_plan`): a BN
+that reads an add or a concatenation (residual streams, pre-activation blocks, dense blocks), a
+layer whose output something else reads too, a module called twice, a BN without running
+statistics, hooks slimctl did not put there.
+
+The pairs come from the model's torch.fx graph, traced by `slimctl.trace.walk.trace_graph` (the
+tracer channel grouping uses, with ChannelSelection as a leaf), with shapes propagated on one
+example input (`registry.input_size` unless given), so a BatchNorm1d is folded into a Linear only
+on a 2-d output, where both mean the same features.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import torch
+from torch import fx, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from slimctl.inserted import has_foreign_hooks, response_of, selection_of
+from slimctl.registry import input_size
+from slimctl.trace.rules import call_counts, label, shape
+from slimctl.trace.walk import trace_graph
+
+__all__ = ["FoldPlan", "fold_bn", "fold_plan"]
+
+
+@dataclass
+class FoldPlan:
+    """What `fold_bn` does to a model: the (layer, BN) pairs it folds, and each other BN with the
+    reason it stays (module names)."""
+
+    folds: list[tuple[str, str]] = field(default_factory=list)
+    kept: dict[str, str] = field(default_factory=dict)
+
+
+def fold_plan(model: nn.Module, example_input: torch.Tensor | None = None) -> FoldPlan:
+    """Which BNs of `model` fold into the layer before them, and why each other one stays (model unchanged)."""
+    bns = [n for n, m in model.named_modules() if isinstance(m, _BatchNorm)]
+    if not bns:
+        return FoldPlan()
+    work = copy.deepcopy(model).eval()
+    return _plan(trace_graph(work, _example(work, example_input)), bns)
+
+
+def fold_bn(model: nn.Module, example_input: torch.Tensor | None = None) -> nn.Module:
+    """A copy of `model` in eval mode with every BN folded into its conv / Linear where that is exact.
+
+    The input model is not changed. The copy computes what `model.eval()` computes (to rounding; the
+    folded weights are computed in float64) and is meant for inference only: a folded BN has no
+    running statistics left to train. `example_input` (a batch the model accepts) is what the graph
+    is traced with; by default zeros of the model's input size (`registry.input_size`). A model
+    torch.fx cannot trace is a SlimctlError naming the module that broke.
+    """
+    work = copy.deepcopy(model).eval()
+    bns = [n for n, m in work.named_modules() if isinstance(m, _BatchNorm)]
+    if not bns:
+        return work
+    plan = _plan(trace_graph(work, _example(work, example_input)), bns)
+    for layer_name, bn_name in plan.folds:
+        bn = work.get_submodule(bn_name)
+        _fold_into(work.get_submodule(layer_name), bn)
+        _replace(work, bn_name, selection_of(bn) or nn.Identity())
+    return work.eval()
+
+
+# --- which pairs ---------------------------------------------------------------------------------
+
+
+def _example(model: nn.Module, example_input: torch.Tensor | None) -> torch.Tensor:
+    if example_input is not None:
+        return example_input.detach()
+    tensors = [*model.parameters(), *model.buffers()]
+    floats = [t for t in tensors if t.is_floating_point()]
+    like = floats[0] if floats else (tensors[0] if tensors else torch.zeros(()))
+    dtype = like.dtype if like.is_floating_point() else torch.float32
+    return torch.zeros(1, *input_size(model), device=like.device, dtype=dtype)
+
+
+def _plan(gm: fx.GraphModule, bns: list[str]) -> FoldPlan:
+    modules = dict(gm.named_modules())
+    calls = call_counts(gm.graph)
+    plan = FoldPlan()
+    seen: set[str] = set()
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or not isinstance(modules[node.target], _BatchNorm) or node.target in seen:
+            continue
+        seen.add(node.target)
+        layer, why = _pair(node, modules, calls)
+        if why is None:
+            plan.folds.append((layer, node.target))
+        else:
+            plan.kept[node.target] = why
+    for name in bns:
+        if name not in seen:
+            plan.kept[name] = "not called in the traced eval-mode forward"
+    return plan
+
+
+def _pair(node: fx.Node, modules: dict[str, nn.Module], calls: dict[str, int]) -> tuple[str | None, str | None]:
+    """(the layer `node`'s BN folds into, None) or (None, why it cannot)."""
+    bn = modules[node.target]
+    if calls[node.target] > 1:
+        return None, f"called {calls[node.target]} times"
+    if not bn.track_running_stats or bn.running_mean is None or bn.running_var is None:
+        return None, "it has no running statistics (it normalizes with batch statistics)"
+    if has_foreign_hooks(bn):
+        return None, "it has hooks slimctl did not insert"
+    source = node.args[0] if len(node.args) == 1 and not node.kwargs else None
+    if not isinstance(source, fx.Node):
+        return None, "it is called with other arguments than one tensor"
+    if source.op != "call_module":
+        return None, f"its input is {label(source, modules)}, not a conv's or Linear's output"
+    layer = modules[source.target]
+    what = f"{type(layer).__name__} {source.target!r}"
+    if isinstance(layer, nn.Conv2d):
+        if not isinstance(bn, (nn.BatchNorm2d, nn.SyncBatchNorm)):
+            return None, f"a {type(bn).__name__} after {what}"
+    elif isinstance(layer, nn.Linear):
+        out = shape(source)
+        if not isinstance(bn, nn.BatchNorm1d) or out is None or len(out) != 2:
+            return None, f"a {type(bn).__name__} after {what} on a {len(out or ())}-d output"
+    else:
+        return None, f"its input is {what}, not a conv or Linear"
+    if calls[source.target] > 1:
+        return None, f"{what} is called {calls[source.target]} times"
+    others = [label(u, modules) if u.op != "output" else "the model's output" for u in source.users if u is not node]
+    if others:
+        return None, f"the output of {what} is also read by {', '.join(others)}"
+    if has_foreign_hooks(layer):
+        return None, f"{what} has hooks slimctl did not insert"
+    if getattr(layer, "out_channels", getattr(layer, "out_features", None)) != bn.num_features:
+        return None, f"{what} has {layer.weight.shape[0]} outputs, the BN {bn.num_features}"
+    return source.target, None
+
+
+# --- folding -------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def _fold_into(layer: nn.Conv2d | nn.Linear, bn: _BatchNorm) -> None:
+    """W ← s·W, b ← s·(b − μ) + β, and the layer's constant response ← s·response (float64 math)."""
+    f64 = torch.float64
+    mean, var = bn.running_mean.to(f64), bn.running_var.to(f64)
+    gamma = bn.weight.to(f64) if bn.weight is not None else torch.ones_like(mean)
+    beta = bn.bias.to(f64) if bn.bias is not None else torch.zeros_like(mean)
+    scale = gamma / torch.sqrt(var + bn.eps)
+    weight = layer.weight
+    bias = layer.bias.to(f64) if layer.bias is not None else torch.zeros_like(mean)
+    per_row = scale.view(-1, *(1,) * (weight.dim() - 1))
+    layer.weight = nn.Parameter((weight.to(f64) * per_row).to(weight.dtype), requires_grad=weight.requires_grad)
+    layer.bias = nn.Parameter(((bias - mean) * scale + beta).to(weight.dtype), requires_grad=weight.requires_grad)
+    response = response_of(layer)
+    if response is not None:  # added to the layer's output before the BN saw it: scaled like it
+        response.bias.copy_(response.bias.to(f64) * scale)
+        if response.kernel.numel():
+            response.kernel.copy_(response.kernel.to(f64) * scale.view(-1, 1, 1))
+        response._cache = {}
+
+
+def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
