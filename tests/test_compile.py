@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch
 from torch import nn
 
-from slimctl import train as train_module
 from slimctl.data import ImageSet, TensorLoader
 from slimctl.device import COMPILE_MODES, compile_mode
 from slimctl.errors import SlimctlError
