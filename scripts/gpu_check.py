@@ -13,6 +13,8 @@ Phases, each under its own time limit so the whole stays inside the lease:
      over 160 epochs ≈ 0.66, so λ is derived for the shorter schedule): sparse-train → sweep →
      prune 0.7 → finetune → report --json. Eager or compiled, whichever the bench measured faster
      once its compile time is paid.
+     Or, with `--plan cpu-repro-vgg`, `make cpu-repro-vgg`: VGG-19 ×0.25, baseline and sparse side
+     by side, sweep against the baseline, prunes at 0.5 and 0.7, both fine-tunes side by side.
   5. runs.tar.gz (metrics, configs, sweeps, figures, reports; no checkpoints) and summary.md
 Everything lands in OUT (≤ 8 files, none in subfolders: what the device tool brings back).
 """
@@ -27,6 +29,7 @@ import signal
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,31 +69,52 @@ class Log:
             f.write(text + "\n")
 
 
-def run(cmd: list[str], log: Log, *, timeout: float, env: dict[str, str] | None = None) -> tuple[int, str]:
-    """Run a command under a time limit (SIGTERM first: slimctl stops at a step with a resumable
-    last.pt); its output goes to the log; (exit code, output). 124 means the limit was reached."""
-    log(f"$ {' '.join(cmd)}   (limit {timeout:.0f} s)")
-    # Its own process group, so that a limit also stops its children (bench workers hold the GPU).
+def run_many(cmds: list[list[str]], log: Log, *, timeout: float) -> list[tuple[int, str]]:
+    """Run commands side by side under one time limit; each one's (exit code, output), logged.
+
+    Side by side because these trainings are bound by kernel launches: one GPU runs two of them
+    almost as fast as one. At the limit each gets SIGTERM first (slimctl stops at a step with a
+    resumable last.pt); 124 means the limit was reached. Each runs in its own process group, so
+    the limit also stops its children (bench workers hold the GPU).
+    """
+    deadline = time.monotonic() + max(1.0, timeout)
     path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
-                            start_new_session=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": path, **(env or {})})
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": path}
+    started = []
+    for cmd in cmds:
+        log(f"$ {' '.join(cmd)}   (limit {timeout:.0f} s)")
+        sink = tempfile.TemporaryFile(mode="w+")  # a file, not a pipe: a full pipe would stall a run
+        started.append((subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+                                         start_new_session=True, env=env), sink))
+    results = []
+    for proc, sink in started:
+        code = _wait(proc, deadline)
+        sink.seek(0)
+        output = sink.read()
+        sink.close()
+        with log.path.open("a") as f:
+            f.write(output)
+        print("\n".join(output.strip().splitlines()[-3:]), flush=True)
+        results.append((code, output))
+    return results
+
+
+def _wait(proc: subprocess.Popen, deadline: float) -> int:
     try:
-        output, _ = proc.communicate(timeout=max(1.0, timeout))
-        code = proc.returncode
+        return proc.wait(timeout=max(0.1, deadline - time.monotonic()))
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
-            output, _ = proc.communicate(timeout=30)
+            proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
-            output, _ = proc.communicate()
-        code = 124
-    with log.path.open("a") as f:
-        f.write(output)
-    tail = "\n".join(output.strip().splitlines()[-3:])
-    print(tail, flush=True)
-    return code, output
+            proc.wait()
+        return 124
+
+
+def run(cmd: list[str], log: Log, *, timeout: float) -> tuple[int, str]:
+    """One command under a time limit (see run_many)."""
+    return run_many([cmd], log, timeout=timeout)[0]
 
 
 # --------------------------------------------------------------------------- phases
@@ -147,7 +171,7 @@ def prepare_data(data_root: Path, *, dry_run: bool, log: Log) -> None:
     log(f"data: CIFAR-10 (shared JPEG copy) built in {time.monotonic() - started:.0f} s")
 
 
-def bench(out: Path, log: Log, *, data_root: Path, models: str, variants: str, device: str, dry_run: bool,
+def run_bench(out: Path, log: Log, *, data_root: Path, models: str, variants: str, device: str, dry_run: bool,
           timeout: float, json_name: str) -> list[dict]:
     """bench_train.py over `models` × `variants`; its table is appended to bench.md."""
     if dry_run:
@@ -227,11 +251,58 @@ def vgg19_row(runs: Path, log: Log, *, data_root: Path, clock: Clock, rows: list
             (runs / "report.json").write_text(output[output.find("["):])
 
 
+def cpu_repro_vgg(runs: Path, log: Log, *, data_root: Path, clock: Clock, dry_run: bool, device: str) -> None:
+    """`make cpu-repro-vgg` on the GPU: VGG-19 ×0.25 (configs/cifar10_vgg19_w025.yaml: 30 epochs,
+    L1 budget 0.66; fine-tunes 20), the baseline (λ = 0) and the sparse run side by side, then the
+    sweep of the sparse model against the baseline, prunes at 0.5 and 0.7, and both fine-tunes side
+    by side. Compiled (reduce-overhead) on a GPU: the small network is launch-bound."""
+    config = "configs/cifar10_vgg19_w025.yaml"
+    common = [f"data.root={data_root}", "data.download=false"]
+    common += ["model.width=0.0625", "data.subset=128", "train.device=cpu", "train.epochs=1", "finetune.epochs=1"] \
+        if dry_run else ["train.compile=reduce-overhead"]
+    sets = lambda *items: [arg for item in (*common, *items) for arg in ("--set", item)]  # noqa: E731
+    slim = [sys.executable, "-m", "slimctl"]
+    reserve = 40.0  # sweep, prunes, report and packing (seconds)
+    log(f"cpu-repro-vgg: baseline and sparse side by side, {clock.left():.0f} s left")
+    run_many([[*slim, "sparse-train", "-c", config, "-o", str(runs / "baseline"), "--force",
+               *sets("train.sparsity=0", "train.sparsity_budget=null")],
+              [*slim, "sparse-train", "-c", config, "-o", str(runs / "sparse"), "--force", *sets()]],
+             log, timeout=(clock.left() - reserve) * 0.6)
+    sparse, baseline = runs / "sparse" / "best.pt", runs / "baseline" / "best.pt"
+    if not sparse.exists():
+        log("cpu-repro-vgg: no sparse checkpoint; stopping here")
+        return
+    evaluate_on = ["--device", device]
+    compare = ["--compare", str(baseline)] if baseline.exists() else []
+    code, output = run([*slim, "sweep", str(sparse), *compare, "--ratios", "0.3,0.4,0.5,0.6,0.7",
+                        "--png", str(runs / "sweep.png"), "--json", *evaluate_on], log, timeout=min(60, clock.left()))
+    if code == 0:
+        (runs / "sweep.json").write_text(output[output.find("{"):])
+    tunes = []
+    for ratio in ("0.5", "0.7"):
+        pruned = runs / f"pruned-{ratio}.pt"
+        code, output = run([*slim, "prune", str(sparse), "--ratio", ratio, "-o", str(pruned), "--force", "--json",
+                            *evaluate_on], log, timeout=min(60, clock.left()))
+        if code == 0:
+            (runs / f"prune-{ratio}.json").write_text(output[output.find("{"):])
+            tunes.append([*slim, "finetune", str(pruned), "-c", config, "-o", str(runs / f"finetune-{ratio}"),
+                          "--force", *sets()])
+    run_many(tunes, log, timeout=max(30.0, clock.left() - 25))
+    best = runs / "finetune-0.7" / "best.pt"
+    if best.exists():
+        code, output = run([*slim, "report", str(best), "--json"], log, timeout=60)
+        if code == 0:
+            (runs / "report.json").write_text(output[output.find("["):])
+
+
+PLANS = ("paper-vgg19", "cpu-repro-vgg")
+
+
 def pack(out: Path, runs: Path, log: Log) -> None:
     """runs.tar.gz: every run's small files (no checkpoints: they would not come back anyway)."""
     with tarfile.open(out / "runs.tar.gz", "w:gz") as tar:
         for path in sorted(runs.rglob("*")):
-            if path.is_file() and path.suffix != ".pt":
+            if path.is_file() and path.suffix != ".pt" and path.relative_to(runs).parts[0] != "data":
                 tar.add(path, arcname=str(Path("runs") / path.relative_to(runs)))
     log(f"packed {out / 'runs.tar.gz'}")
 
@@ -241,15 +312,14 @@ def summary(out: Path, runs: Path, device_name: str) -> None:
     parts = [f"# GPU check on {device_name}\n", (out / "env.txt").read_text()]
     if (out / "bench.md").exists():
         parts += ["\n## Training throughput\n", (out / "bench.md").read_text()]
-    parts.append("\n## VGG-19 (paper recipe, compressed)\n")
-    for stage in ("sparse", "finetune"):
-        metrics = runs / stage / "metrics.jsonl"
-        if metrics.exists():
-            rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-            if rows:
-                last, best = rows[-1], max(r["test_top1"] for r in rows)
-                parts.append(f"- {stage}: {len(rows)} epochs, best top-1 {best:.2f}%, last {last['test_top1']:.2f}%, "
-                             f"{last['images_per_sec']:.0f} img/s, |γ|<1e-2: {last.get('gamma_frac_below_1e-2', 0):.0%}\n")
+    parts.append("\n## Runs\n")
+    for metrics in sorted(runs.glob("*/metrics.jsonl")):
+        rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+        if rows:
+            last, best = rows[-1], max(r["test_top1"] for r in rows)
+            parts.append(f"- {metrics.parent.name}: {len(rows)} epochs, best top-1 {best:.2f}%, "
+                         f"last {last['test_top1']:.2f}%, {last['images_per_sec']:.0f} img/s, "
+                         f"|γ|<1e-2: {last.get('gamma_frac_below_1e-2', 0):.0%}\n")
     if (runs / "report.json").exists():
         parts.append("\n```json\n" + (runs / "report.json").read_text() + "\n```\n")
     (out / "summary.md").write_text("".join(parts))
@@ -276,7 +346,11 @@ def ddp_smoke(runs: Path, log: Log, *, data_root: Path) -> None:
               help="Working folder for data and run folders (replaced).")
 @click.option("--budget", type=float, default=570, show_default=True, help="Seconds for everything.")
 @click.option("--dry-run", is_flag=True, help="Tiny model, random data, 1 epoch, on the CPU.")
-def main(out: Path, runs: Path, budget: float, dry_run: bool) -> None:
+@click.option("--plan", type=click.Choice(PLANS), default="paper-vgg19", show_default=True,
+              help="paper-vgg19: the paper's VGG-19 recipe compressed to what fits; cpu-repro-vgg: "
+                   "`make cpu-repro-vgg` (VGG-19 ×0.25, baseline and sparse, 30 + 20 epochs).")
+@click.option("--bench/--no-bench", default=True, show_default=True, help="Run the throughput bench first.")
+def main(out: Path, runs: Path, budget: float, dry_run: bool, plan: str, bench: bool) -> None:
     clock = Clock(budget)
     out.mkdir(parents=True, exist_ok=True)
     log = Log(out / "log.txt")
@@ -288,17 +362,22 @@ def main(out: Path, runs: Path, budget: float, dry_run: bool) -> None:
     device_name = environment(out, log)
     device = "cpu" if dry_run or device_name == "cpu" else "cuda"
     prepare_data(data_root, dry_run=dry_run, log=log)
-    first = "vgg19" if not dry_run else "vgg11"
-    core = "reference,slimctl,slimctl-cl" + (",slimctl-compiled" if device == "cuda" else "")
-    rows = bench(out, log, data_root=data_root, models=first, variants=core, device=device, dry_run=dry_run,
-                 timeout=min(200, clock.left() * 0.3), json_name="bench_vgg19.json")
-    more = "resnet164,densenet40" if not dry_run else "densenet40"
-    rows += bench(out, log, data_root=data_root, models=more, variants="reference,slimctl-cl", device=device, dry_run=dry_run,
-                  timeout=min(90, clock.left() * 0.2), json_name="bench_more.json")
+    rows = []
+    if bench:
+        first = "vgg19" if not dry_run else "vgg11"
+        core = "reference,slimctl,slimctl-cl" + (",slimctl-compiled" if device == "cuda" else "")
+        rows = run_bench(out, log, data_root=data_root, models=first, variants=core, device=device, dry_run=dry_run,
+                         timeout=min(200, clock.left() * 0.3), json_name="bench_vgg19.json")
+        more = "resnet164,densenet40" if not dry_run else "densenet40"
+        rows += run_bench(out, log, data_root=data_root, models=more, variants="reference,slimctl-cl", device=device,
+                          dry_run=dry_run, timeout=min(90, clock.left() * 0.2), json_name="bench_more.json")
     try:
         if device == "cuda":
             ddp_smoke(runs, log, data_root=data_root)
-        vgg19_row(runs, log, data_root=data_root, clock=clock, rows=rows, dry_run=dry_run, device=device)
+        if plan == "paper-vgg19":
+            vgg19_row(runs, log, data_root=data_root, clock=clock, rows=rows, dry_run=dry_run, device=device)
+        else:
+            cpu_repro_vgg(runs, log, data_root=data_root, clock=clock, dry_run=dry_run, device=device)
     finally:
         pack(out, runs, log)
         summary(out, runs, device_name)

@@ -42,3 +42,23 @@ def test_the_gpu_script_runs_every_phase_on_the_cpu_and_leaves_its_results_in_ou
 def tar_member(path: Path, name: str) -> str:
     with tarfile.open(path) as tar:
         return tar.extractfile(name).read().decode()
+
+
+@pytest.mark.slow
+def test_the_cpu_repro_plan_runs_baseline_and_sparse_side_by_side_then_sweeps_prunes_and_finetunes(tmp_path):
+    out, runs = tmp_path / "out", tmp_path / "runs"
+    env = {**os.environ, "OUT": str(out), "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), "--dry-run", "--runs", str(runs),
+                           "--plan", "cpu-repro-vgg", "--no-bench"], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert not (out / "bench.md").exists()
+    with tarfile.open(out / "runs.tar.gz") as tar:
+        names = set(tar.getnames())
+    stages = ("baseline", "sparse", "finetune-0.5", "finetune-0.7")
+    assert {f"runs/{s}/metrics.jsonl" for s in stages} | {"runs/sweep.json", "runs/prune-0.7.json"} <= names
+    assert not any(n.startswith("runs/data/") for n in names)
+    sweep = json.loads(tar_member(out / "runs.tar.gz", "runs/sweep.json"))
+    assert len(sweep["curves"]) == 2  # the sparse model and, for comparison, the baseline
+    baseline = [line for line in tar_member(out / "runs.tar.gz", "runs/baseline/config.yaml").splitlines()
+                if line.strip().startswith("sparsity:")]
+    assert baseline[0].split(":")[1].strip() == "0.0"
