@@ -77,6 +77,27 @@ $(RUNS)/$(1)-$(2)/finetune-%/.done: $(RUNS)/$(1)-$(2)/pruned-%.pt
 	$(SLIMCTL) finetune $$< -c configs/$(1)_$(2).yaml -o $$(@D) --set data.root=$(DATA) \
 	  $(foreach s,$(SET),--set $(s)) $$$$( [ $$(@D)/last.pt -nt $$< ] && echo --resume || echo --force )
 	touch $$@
+
+# Is the slimmed model worth it? The same architecture from scratch (Scratch-E: the same epochs;
+# Scratch-B: the unpruned model's compute, at most 2×), and the fine-tune with distillation from the
+# sparse model (finetune.distill.alpha=0.5, T = 4).
+$(1)-$(2)-scratch-e: $(foreach r,$(3),$(RUNS)/$(1)-$(2)/scratch-e-$(r)/.done)
+$(1)-$(2)-scratch-b: $(foreach r,$(3),$(RUNS)/$(1)-$(2)/scratch-b-$(r)/.done)
+$(1)-$(2)-distill: $(foreach r,$(3),$(RUNS)/$(1)-$(2)/finetune-kd-$(r)/.done)
+.PHONY: $(1)-$(2)-scratch-e $(1)-$(2)-scratch-b $(1)-$(2)-distill
+
+$(RUNS)/$(1)-$(2)/scratch-e-%/.done: $(RUNS)/$(1)-$(2)/pruned-%.pt
+	$(SLIMCTL) scratch $$< -c configs/$(1)_$(2).yaml --budget epochs -o $$(@D) $$(call train_args,$$(@D))
+	touch $$@
+
+$(RUNS)/$(1)-$(2)/scratch-b-%/.done: $(RUNS)/$(1)-$(2)/pruned-%.pt
+	$(SLIMCTL) scratch $$< -c configs/$(1)_$(2).yaml --budget flops -o $$(@D) $$(call train_args,$$(@D))
+	touch $$@
+
+$(RUNS)/$(1)-$(2)/finetune-kd-%/.done: $(RUNS)/$(1)-$(2)/pruned-%.pt
+	$(SLIMCTL) finetune $$< -c configs/$(1)_$(2).yaml -o $$(@D) --set finetune.distill.alpha=0.5 \
+	  $$(call train_args,$$(@D))
+	touch $$@
 endef
 
 $(eval $(call RECIPE,cifar10,vgg19,0.7))

@@ -1,6 +1,9 @@
-"""Network slimming on torchvision CNNs: channel structure, pruned size and CPU latency per model.
+"""Network slimming on torchvision and timm CNNs: channel structure, pruned size and CPU latency per model.
 
     python scripts/bench_torchvision.py [--models resnet18,mobilenet_v2] [--size 224] [--markdown]
+    python scripts/bench_torchvision.py --models timm.efficientnet_b0,timm.regnety_002 --coupled max
+
+A bare name is a torchvision model; `timm.<name>` is a timm model (pip install 'slimctl[timm]').
 
 For each model, in this one invocation: random BN scales (γ ~ U(0, 1), seeded — the structure of
 a prune does not need a trained model), then
@@ -58,15 +61,17 @@ def space_counts(rows: list[dict[str, Any]]) -> dict[str, int]:
             "keep": sum(not r["pruned"] for r in rows)}
 
 
-def measure(name: str, *, size: int, ratio: float, round_to: int, batch_sizes: list[int], repeats: int,
-            seed: int, folder: Path) -> dict[str, Any]:
-    model = create_model(f"torchvision.{name}", num_classes=1000, input_size=(3, size, size))
+def measure(name: str, *, size: int, ratio: float, round_to: int, coupled: str, batch_sizes: list[int],
+            repeats: int, seed: int, folder: Path) -> dict[str, Any]:
+    arch = name if name.startswith(("torchvision.", "timm.")) else f"torchvision.{name}"
+    model = create_model(arch, num_classes=1000, input_size=(3, size, size))
     random_gammas(model, seed)
-    counts = space_counts(explain_groups(model))
+    counts = space_counts(explain_groups(model, coupled=coupled))
     original, pruned = folder / f"{name}.pt", folder / f"{name}-pruned.pt"
     save_checkpoint(original, make_checkpoint(model, stage="sparse-train"))
     start = time.perf_counter()
-    result = prune_checkpoint(original, pruned, ratio=ratio, round_to=round_to, evaluate_model=False, force=True)
+    result = prune_checkpoint(original, pruned, ratio=ratio, round_to=round_to, coupled=coupled, evaluate_model=False,
+                              force=True)
     prune_s = time.perf_counter() - start
     device = torch.device("cpu")
     latency = bench_checkpoints([original, pruned], batch_sizes=batch_sizes, device=device,
@@ -98,7 +103,8 @@ def rows_as_cells(rows: list[dict[str, Any]], batch_sizes: list[int]) -> tuple[l
 
 
 @click.command()
-@click.option("--models", default=MODELS, show_default=True, help="Comma-separated torchvision model names.")
+@click.option("--models", default=MODELS, show_default=True,
+              help="Comma-separated model names: torchvision's (bare or torchvision.<name>) or timm.<name>.")
 @click.option("--size", type=click.IntRange(min=32), default=224, show_default=True,
               help="Input height = width (pixels) for FLOPs, tracing and latency.")
 @click.option("--ratio", type=float, default=0.5, show_default=True, help="Prune ratio.")
@@ -107,11 +113,13 @@ def rows_as_cells(rows: list[dict[str, Any]], batch_sizes: list[int]) -> tuple[l
 @click.option("--batch-sizes", default="1,16", show_default=True, help="Comma-separated batch sizes to time.")
 @click.option("--repeats", type=click.IntRange(min=1), default=10, show_default=True,
               help="Timed forward passes per batch size (median reported).")
+@click.option("--coupled", type=click.Choice(["keep", "max", "mean", "sum"]), default="keep", show_default=True,
+              help="Residual-coupled channels: keep them (the paper), or prune each set together (`slimctl prune --coupled`).")
 @click.option("--seed", default=0, show_default=True, help="Seed of the random γ.")
 @click.option("--markdown", is_flag=True, help="Print a markdown table (for the README) instead of a rich one.")
 @click.option("--json-out", type=click.Path(path_type=Path), help="Also write the rows as JSON.")
-def main(models: str, size: int, ratio: float, round_to: int, batch_sizes: str, repeats: int, seed: int,
-         markdown: bool, json_out: Path | None) -> None:
+def main(models: str, size: int, ratio: float, round_to: int, coupled: str, batch_sizes: str, repeats: int,
+         seed: int, markdown: bool, json_out: Path | None) -> None:
     try:
         sizes = [int(b) for b in batch_sizes.split(",")]
     except ValueError:
@@ -121,8 +129,8 @@ def main(models: str, size: int, ratio: float, round_to: int, batch_sizes: str, 
     with tempfile.TemporaryDirectory() as tmp:
         for name in models.split(","):
             try:
-                rows.append(measure(name, size=size, ratio=ratio, round_to=round_to, batch_sizes=sizes,
-                                    repeats=repeats, seed=seed, folder=Path(tmp)))
+                rows.append(measure(name, size=size, ratio=ratio, round_to=round_to, coupled=coupled,
+                                    batch_sizes=sizes, repeats=repeats, seed=seed, folder=Path(tmp)))
             except SlimctlError as exc:
                 raise click.BadParameter(f"{name}: {exc}", param_hint="--models") from None
             click.echo(f"{name}: done", err=True)
@@ -132,7 +140,7 @@ def main(models: str, size: int, ratio: float, round_to: int, batch_sizes: str, 
         for c in cells:
             click.echo("| " + " | ".join(c) + " |")
     else:
-        table = Table(title=f"prune ratio {ratio} (round-to {round_to}), random γ, {size}×{size}, "
+        table = Table(title=f"prune ratio {ratio} (round-to {round_to}, coupled {coupled}), random γ, {size}×{size}, "
                             f"CPU ({torch.get_num_threads()} threads)")
         for column in header:
             table.add_column(column)

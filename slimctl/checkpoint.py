@@ -157,7 +157,7 @@ def model_from_checkpoint(ckpt: dict[str, Any], device: str | torch.device = "cp
     """Rebuild the model from the checkpoint alone: arch + widths, then the state_dict (strict)."""
     arch = ckpt["arch"]
     if not isinstance(arch, str) or not is_known_arch(arch):
-        raise SlimctlError(f"{source}: unknown arch {arch!r}; known: {', '.join(list_models())}, torchvision.<name>")
+        raise SlimctlError(f"{source}: unknown arch {arch!r}; known: {', '.join(list_models())}, torchvision.<name>, timm.<name>")
     widths, state = ckpt["widths"], ckpt["state_dict"]
     if not isinstance(widths, dict) or not isinstance(state, dict):
         raise SlimctlError(f"{source}: 'widths' and 'state_dict' must be mappings")

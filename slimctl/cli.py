@@ -350,6 +350,31 @@ def export_cmd(checkpoint: Path, out: Path | None, fmt: str | None, input_size: 
     )
 
 
+@cli.command("scratch")
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@run_options("YAML config; its `train` section is the recipe (without the sparsity term).",
+             "Run folder [default: <CHECKPOINT stem>-scratch-<budget> beside CHECKPOINT].")
+@click.option("--budget", type=click.Choice(["epochs", "flops"]), default="epochs", show_default=True,
+              help="epochs: Scratch-E, the recipe's epochs. flops: Scratch-B, the unpruned model's compute "
+                   "(epochs × unpruned / pruned FLOPs, at most 2×; the lr milestones scale with it).")
+def scratch_cmd(checkpoint: Path, config: Path, out: Path | None, overrides: tuple[str, ...], resume: bool,
+                force: bool, log_every: str | None, tensorboard: bool, budget: str) -> None:
+    """Train a pruned checkpoint's architecture from scratch: does the slimmed model beat it?
+
+    Same widths and selections, fresh weights (the family's init, seeded by train.seed), the config's
+    `train` recipe with λ = 0. Recorded as stage `scratch` with the pruned checkpoint as parent, so
+    `report` and `make table` show it beside the fine-tuned model.
+    """
+    from slimctl.stages import scratch
+
+    cfg = _load_config(config, overrides + (("log.tensorboard=true",) if tensorboard else ()))
+    run_dir = out or checkpoint.with_name(f"{checkpoint.stem}-scratch-{budget}")
+    with reporter(err_console, log_every) as progress:
+        result = scratch(checkpoint, cfg, run_dir, budget=budget, resume=resume, force=force, progress=progress,
+                         log=err_console.print)
+    _print_best(result)
+
+
 @cli.command("eval")
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @click.option("--data-root", default=None, help="Where the data set lives, if not where the checkpoint's config says.")
@@ -418,7 +443,7 @@ def info_cmd(checkpoint: Path | None, arch: str | None, num_classes: int, width:
 @click.option("--explain", is_flag=True, help="Also list the members of each space and why frozen ones keep their width.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list of spaces.")
 def groups_cmd(source: str, num_classes: int, coupled: str, explain: bool, as_json: bool) -> None:
-    """The channel groups of a checkpoint or an arch (e.g. vgg19, torchvision.resnet50): which BN
+    """The channel groups of a checkpoint or an arch (e.g. vgg19, torchvision.resnet50, timm.efficientnet_b0): which BN
     ranks which channels, what shrinks with it, and what keeps its width (and why)."""
     from slimctl.checkpoint import load_checkpoint, model_from_checkpoint
     from slimctl.models import create_model, is_known_arch
@@ -430,7 +455,7 @@ def groups_cmd(source: str, num_classes: int, coupled: str, explain: bool, as_js
     elif is_known_arch(source):
         model = create_model(source, num_classes)
     else:
-        raise UserError(f"{source!r} is neither a checkpoint file nor a known arch (vgg19, torchvision.resnet50, …)")
+        raise UserError(f"{source!r} is neither a checkpoint file nor a known arch (vgg19, torchvision.resnet50, timm.resnet18, …)")
     rows = explain_groups(model, coupled=coupled)
     if as_json:
         click.echo(json.dumps(rows, indent=2))

@@ -27,12 +27,14 @@ from slimctl.plan import validate_ratio
 
 @dataclass(frozen=True)
 class ModelConfig:
-    # A slimctl family (vgg19, resnet164, densenet40, …) or torchvision.<name> (e.g. torchvision.resnet50).
+    # A slimctl family (vgg19, resnet164, densenet40, …), torchvision.<name> (e.g. torchvision.resnet50)
+    # or timm.<name> (e.g. timm.efficientnet_b0; needs the [timm] extra).
     arch: str = "vgg19"
     # Multiplies every channel width of the family (at least 1 channel per layer).
     width: float = 1.0
     # Pretrained start: a torchvision weights name (e.g. ResNet50_Weights.IMAGENET1K_V2, downloaded
-    # by torchvision) or a local state_dict file; layers whose shape differs (the head) stay fresh.
+    # by torchvision), `timm` (a timm arch's default pretrained weights, downloaded by timm) or a local
+    # state_dict file; layers whose shape differs (the head) stay fresh.
     weights: str | None = None
 
 
@@ -85,6 +87,16 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class DistillConfig:
+    # Knowledge distillation while fine-tuning: loss = (1 − alpha)·CE + alpha·T²·KL(teacher ‖ student)
+    # at temperature T. alpha 0 (the default) is plain fine-tuning.
+    alpha: float = 0.0
+    temperature: float = 4.0
+    # A checkpoint to learn from; null = the pruned checkpoint's parent (usually the sparse model).
+    teacher: str | None = None
+
+
+@dataclass(frozen=True)
 class FinetuneConfig:
     """Same keys as `train`; a key left unset (null) inherits the `train` value."""
 
@@ -103,6 +115,7 @@ class FinetuneConfig:
     channels_last: bool | None = None
     compile: bool | str | None = None
     sync_bn: bool | None = None
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
 
 @dataclass(frozen=True)
@@ -130,7 +143,7 @@ class Config:
 
     def finetune_train(self) -> TrainConfig:
         """The `train` settings with the `finetune` overrides applied; sparsity is always 0."""
-        overrides = {k: v for k, v in dataclasses.asdict(self.finetune).items() if v is not None}
+        overrides = {k: v for k, v in dataclasses.asdict(self.finetune).items() if v is not None and k != "distill"}
         overrides["sparsity"] = 0.0
         overrides["sparsity_budget"] = None
         return dataclasses.replace(self.train, **overrides)
@@ -334,6 +347,9 @@ def validate(cfg: Config) -> None:
                 f"config key 'finetune.{key}' must be 0 or unset: fine-tuning never applies the sparsity term"
             )
     validate_train(cfg.finetune_train(), "finetune")
+    kd = cfg.finetune.distill
+    _check(0 <= kd.alpha <= 1, "finetune.distill.alpha", "in [0, 1]", kd.alpha)
+    _check(kd.temperature > 0, "finetune.distill.temperature", "> 0", kd.temperature)
     validate_ratio(cfg.prune.ratio, "prune.ratio")
     _check(cfg.prune.min_channels >= 1, "prune.min_channels", ">= 1", cfg.prune.min_channels)
 

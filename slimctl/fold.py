@@ -22,15 +22,16 @@ on a 2-d output, where both mean the same features.
 from __future__ import annotations
 
 import copy
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
 from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from slimctl.inserted import has_foreign_hooks, response_of, selection_of
+from slimctl.inserted import SELECT, has_foreign_hooks, response_of, selection_of
 from slimctl.registry import input_size
-from slimctl.trace.rules import call_counts, label, shape
+from slimctl.trace.rules import BN_PARTS, bn_parts, call_counts, is_bn, label, shape
 from slimctl.trace.walk import trace_graph
 
 __all__ = ["FoldPlan", "fold_bn", "fold_plan"]
@@ -71,7 +72,7 @@ def fold_bn(model: nn.Module, example_input: torch.Tensor | None = None) -> nn.M
     for layer_name, bn_name in plan.folds:
         bn = work.get_submodule(bn_name)
         _fold_into(work.get_submodule(layer_name), bn)
-        _replace(work, bn_name, selection_of(bn) or nn.Identity())
+        _replace(work, bn_name, _after_fold(bn))
     return work.eval()
 
 
@@ -117,6 +118,8 @@ def _pair(node: fx.Node, modules: dict[str, nn.Module], calls: dict[str, int]) -
         return None, "it has no running statistics (it normalizes with batch statistics)"
     if has_foreign_hooks(bn):
         return None, "it has hooks slimctl did not insert"
+    if is_bn(bn) and bn_parts(bn) is None:
+        return None, f"{type(bn).__name__} has a forward of its own"
     source = node.args[0] if len(node.args) == 1 and not node.kwargs else None
     if not isinstance(source, fx.Node):
         return None, "it is called with other arguments than one tensor"
@@ -167,6 +170,17 @@ def _fold_into(layer: nn.Conv2d | nn.Linear, bn: _BatchNorm) -> None:
         if response.kernel.numel():
             response.kernel.copy_(response.kernel.to(f64) * scale.view(-1, 1, 1))
         response._cache = {}
+
+
+def _after_fold(bn: nn.Module) -> nn.Module:
+    """What stays of a folded BN: the parts a BN subclass applies after normalising (timm's
+    BatchNormAct2d: drop, act) and an inserted selection, under their own names; else Identity."""
+    parts = [(n, c) for n, c in ((n, getattr(bn, n, None)) for n in BN_PARTS) if isinstance(c, nn.Module)]
+    if selection_of(bn) is not None:
+        parts.append((SELECT, selection_of(bn)))
+    if not parts:
+        return nn.Identity()
+    return parts[0][1] if len(parts) == 1 and parts[0][0] == SELECT else nn.Sequential(OrderedDict(parts))
 
 
 def _replace(model: nn.Module, name: str, module: nn.Module) -> None:

@@ -1,5 +1,5 @@
 """The model registry: a dict of builders plus a decorator (the torchvision/timm pattern), the
-`torchvision.<name>` namespace, and the one rule for a model's input size.
+`torchvision.<name>` and `timm.<name>` namespaces, and the one rule for a model's input size.
 
 Families register themselves here (`@register_model("vgg19")`); `slimctl.models.create_model`
 builds from it. Nothing here imports a family, so any layer may ask what an arch is.
@@ -7,13 +7,17 @@ builds from it. Nothing here imports a family, so any layer may ask what an arch
 
 from __future__ import annotations
 
+from types import ModuleType
 from typing import Callable
 
 from torch import nn
 
+from slimctl.errors import SlimctlError
+
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 
 TORCHVISION = "torchvision."  # `torchvision.resnet50`: any torchvision classification model
+TIMM = "timm."  # `timm.efficientnet_b0`: any timm model (optional extra: pip install 'slimctl[timm]')
 CIFAR_INPUT = (3, 32, 32)  # C, H, W
 IMAGENET_INPUT = (3, 224, 224)
 
@@ -34,8 +38,17 @@ def builder(name: str) -> Callable[..., nn.Module] | None:
 
 def list_models() -> list[str]:
     """slimctl's own families (registered when `slimctl.models` is imported); any
-    `torchvision.<name>` classification model is accepted too."""
+    `torchvision.<name>` classification model and any `timm.<name>` model are accepted too."""
     return sorted(_REGISTRY)
+
+
+def import_timm(what: str = "a timm.<name> arch") -> ModuleType:
+    """The timm package, or a SlimctlError naming the extra that installs it."""
+    try:
+        import timm  # optional, heavy: only when a timm arch is named
+    except ImportError:
+        raise SlimctlError(f"{what} needs timm, an optional extra: pip install 'slimctl[timm]'") from None
+    return timm
 
 
 def torchvision_models() -> list[str]:
@@ -47,13 +60,15 @@ def torchvision_models() -> list[str]:
 def is_known_arch(arch: str) -> bool:
     if arch.startswith(TORCHVISION):
         return arch[len(TORCHVISION):] in torchvision_models()
+    if arch.startswith(TIMM):
+        return bool(import_timm(f"model.arch {arch!r}").is_model(arch[len(TIMM):]))
     return arch in _REGISTRY
 
 
 def default_input_size(arch: str | None) -> tuple[int, int, int]:
     """The size an arch is built for when nothing says otherwise: 32×32 for slimctl's CIFAR
-    families, 224×224 for torchvision models and for a model slimctl did not build (arch None)."""
-    if arch is None or arch.startswith(TORCHVISION):
+    families, 224×224 for torchvision and timm models and for a model slimctl did not build (arch None)."""
+    if arch is None or arch.startswith((TORCHVISION, TIMM)):
         return IMAGENET_INPUT
     return CIFAR_INPUT
 

@@ -65,7 +65,8 @@ def recipe_rows(folder: Path) -> list[Row]:
         paper = PAPER.get((dataset, name, None)) if stage == "baseline" else None
         rows.append(Row(f"{name} ({label})", _error(m), m and m.get("params"), m and m.get("flops"), paper=paper))
     ratios = sorted(
-        {float(match.group(1)) for p in folder.iterdir() if (match := re.fullmatch(r"(?:pruned|finetune)-([0-9.]+)(?:\.pt)?", p.name))}
+        {float(match.group(1)) for p in folder.iterdir()
+         if (match := re.fullmatch(r"(?:pruned|finetune|finetune-kd|scratch-e|scratch-b)-([0-9.]+)(?:\.pt)?", p.name))}
     )
     for ratio in ratios:
         pruned = _metrics(folder / f"pruned-{ratio:g}.pt")
@@ -81,6 +82,11 @@ def recipe_rows(folder: Path) -> list[Row]:
                 paper=PAPER.get((dataset, name, ratio)),
             )
         )
+        # The same architecture, other ways: distilled, or trained from scratch (Liu et al., ICLR 2019).
+        for run, label in (("finetune-kd", "fine-tuned + KD"), ("scratch-e", "scratch-E"), ("scratch-b", "scratch-B")):
+            m = _metrics(folder / f"{run}-{ratio:g}" / "best.pt")
+            if m is not None:
+                rows.append(Row(f"{name} ({ratio:.0%} pruned, {label})", _error(m), m.get("params"), m.get("flops")))
     return rows
 
 
@@ -117,7 +123,7 @@ def markdown_table(runs_dir: Path) -> str:
                 error = NOT_RUN if row.error is None else f"{row.error:.2f}"
                 after = "-" if row.error_after_prune is None else f"{row.error_after_prune:.2f}"
                 paper = "-" if row.paper is None else f"{row.paper[0]:.2f} / {row.paper[1] / 1e6:.2f}M / {row.paper[2]:.2e}"
-                reference = base if "pruned)" in row.model else None  # % pruned only on pruned rows
+                reference = base if "% pruned" in row.model else None  # % pruned only on pruned rows
                 lines.append(
                     f"| {row.model} | {error} | {after} | {_fmt_count(row.params, 1e6, 'M')} | "
                     f"{_fmt_pruned(row.params, reference and reference.params)} | {_fmt_count(row.flops, 1e6, 'M')} | "

@@ -24,8 +24,10 @@ from slimctl.errors import SlimctlError, out_of_memory_as_error
 from slimctl.files import file_sha256
 from slimctl.tblog import EpochBoard, tensorboard_available, write_prune
 from slimctl.flops import count_flops, count_params
-from slimctl.inserted import reattach_selections
+from slimctl.inserted import ConstantResponse, reattach_selections
 from slimctl.models import create_model, is_known_arch, list_models, module_widths
+from slimctl.models.layers import init_paper_weights
+from slimctl.registry import TIMM, import_timm
 from slimctl.plan import group_scores, make_plan, validate_ratio
 from slimctl.report import plot_gamma_histogram, plot_sweep
 from slimctl.sparsity import bn_scales, budget_warning, gamma_stats, l1_budget, sparsity_for_budget
@@ -34,7 +36,7 @@ from slimctl.surgery import apply_plan, apply_plan_with_notes
 from slimctl.sweep import largest_safe_ratio, sweep_model
 from slimctl.targets import Target, plan_for_target
 from slimctl.trace import channel_groups, space_rows, trace_model
-from slimctl.train import evaluate, fit, lr_sum, milestone_epochs
+from slimctl.train import Distill, evaluate, fit, lr_sum, milestone_epochs
 
 CHECKPOINT_NAMES = ("last.pt", "best.pt")
 
@@ -43,7 +45,7 @@ def check_names(cfg: Config) -> None:
     """The names a config uses exist: its arch in the model registry, its data set in slimctl.data."""
     if not is_known_arch(cfg.model.arch):
         raise SlimctlError(f"config key 'model.arch' must be one of {', '.join(list_models())} or "
-                           f"torchvision.<name>, got {cfg.model.arch!r}")
+                           f"torchvision.<name> or timm.<name>, got {cfg.model.arch!r}")
     if cfg.data.name not in DATASETS:
         raise SlimctlError(f"config key 'data.name' must be one of {', '.join(DATASETS)}, got {cfg.data.name!r}")
 
@@ -66,10 +68,22 @@ def model_summary(model: nn.Module) -> dict[str, Any]:
 
 
 def load_pretrained(model: nn.Module, weights: str, *, log: Callable[[str], None] = print) -> None:
-    """Start from pretrained weights: a local state_dict file, or a torchvision weights name
-    (downloaded by torchvision). Tensors whose shape differs (a head for other classes) stay fresh."""
+    """Start from pretrained weights: a local state_dict file, a torchvision weights name
+    (downloaded by torchvision), or `timm` for a timm arch's default pretrained weights (downloaded
+    by timm). Tensors whose shape differs (a head for other classes) stay fresh."""
     path = Path(weights)
-    if path.exists():
+    arch = model.arch_spec["arch"]
+    if weights == "timm" and not path.exists():
+        if not arch.startswith(TIMM):
+            raise SlimctlError(f"model.weights 'timm' needs a timm.<name> arch, not {arch!r}")
+        timm = import_timm("model.weights 'timm'")
+        try:  # timm's default pretrained tag, at its own head size (the head stays fresh below)
+            state = timm.create_model(arch[len(TIMM):], pretrained=True, **{
+                k: v for k, v in model.arch_spec["arch_args"].items() if k != "width"}).state_dict()
+        except Exception as exc:  # no network, no pretrained tag, a hub error, …
+            raise SlimctlError(f"model.weights 'timm' for {arch}: download failed ({type(exc).__name__}: "
+                               f"{str(exc)[:200]})") from None
+    elif path.exists():
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:
@@ -102,7 +116,7 @@ def sparsity_targets(model: nn.Module, which: str) -> list[str]:
     """The BNs whose γ get λ·sign(γ): those a channel group ranks, or every BatchNorm2d (`all`, the
     paper's choice; the same set for the paper's families)."""
     if which == "all":
-        return [n for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)]
+        return [n for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d) and m.weight is not None]
     return list(dict.fromkeys(bn for g in channel_groups(model) for bn in g.bns))
 
 
@@ -142,8 +156,10 @@ def _train(
     resume: bool,
     progress,
     log: Callable[[str], None],
+    distill: Distill | None = None,
 ) -> dict[str, Any]:
-    """The part sparse-train and finetune share: loaders, device, precision, fit, checkpoints."""
+    """The part sparse-train and finetune share: loaders, device, precision, fit, checkpoints.
+    `distill`'s teacher (on the CPU) is moved to the training device and frozen here."""
     world, device = distributed.setup(train.device)
     if train.sync_bn and world.enabled and device.type != "cuda":
         raise SlimctlError(
@@ -177,6 +193,8 @@ def _train(
     strength = sparsity_strength(train, steps_per_epoch=len(train_loader))
     info = {"params": count_params(model), "flops": count_flops(model), **strength,
             "environment": environment(device, dtype)}
+    if distill is not None:
+        info["distill"] = {"teacher": distill.source, "alpha": distill.alpha, "temperature": distill.temperature}
     config = cfg.to_dict()
 
     def save(path: Path, trained: nn.Module, metrics: dict[str, Any], resume_info: dict[str, Any] | None) -> None:
@@ -226,6 +244,7 @@ def _train(
             sparsity=strength["sparsity"], gammas=gammas, device=device, dtype=dtype, run_dir=run_dir,
             save=save, resume_state=resume_state, progress=progress, log=log,
             is_main=world.is_main, compile_mode=compile_mode(train.compile), on_epoch=board,
+            distill=_on_device(distill, device, train),
         )
     if board is not None:
         board.close()
@@ -317,10 +336,93 @@ def finetune(checkpoint: Path, cfg: Config, run_dir: Path, *, resume: bool = Fal
     ckpt = load_checkpoint(checkpoint)
     model = model_from_checkpoint(ckpt, source=str(checkpoint))
     check_names(cfg)
+    distill = teacher_for(cfg, ckpt, checkpoint)
     prepare_run_dir(run_dir, resume=resume, force=force)
     torch.manual_seed(cfg.finetune_train().seed)
+    if distill is not None:
+        log(f"distilling from {distill.source} (alpha {distill.alpha:g}, temperature {distill.temperature:g})")
     return _train(model, cfg=cfg, train=cfg.finetune_train(), stage="finetune", run_dir=run_dir,
-                  parent=checkpoint, resume=resume, progress=progress, log=log)
+                  parent=checkpoint, resume=resume, progress=progress, log=log, distill=distill)
+
+
+SCRATCH_BUDGETS = ("epochs", "flops")
+SCRATCH_B_CAP = 2.0  # Scratch-B trains at most this many times the epochs (Liu et al., ICLR 2019, cap it too)
+
+
+def scratch_epochs(epochs: int, budget: str, *, unpruned_flops: int, pruned_flops: int) -> int:
+    """Scratch-E: the same epochs. Scratch-B: the unpruned model's compute, i.e. epochs × unpruned /
+    pruned FLOPs, at most SCRATCH_B_CAP × epochs (rounded to whole epochs)."""
+    if budget == "epochs":
+        return epochs
+    return max(epochs, round(epochs * min(SCRATCH_B_CAP, unpruned_flops / max(1, pruned_flops))))
+
+
+def scratch(checkpoint: Path, cfg: Config, run_dir: Path, *, budget: str = "epochs", resume: bool = False,
+            force: bool = False, progress=None, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Train a pruned checkpoint's architecture (same widths and selections) from fresh weights, with
+    the `train` recipe minus the sparsity term: the "is pruning worth it" baseline."""
+    if budget not in SCRATCH_BUDGETS:
+        raise SlimctlError(f"--budget must be one of {', '.join(SCRATCH_BUDGETS)}, got {budget!r}")
+    ckpt = load_checkpoint(checkpoint)
+    check_names(cfg)
+    pruned = model_from_checkpoint(ckpt, source=str(checkpoint))
+    history = lineage(checkpoint)
+    epochs = scratch_epochs(cfg.train.epochs, budget, unpruned_flops=history[0]["flops"],
+                            pruned_flops=count_flops(pruned))
+    train = dataclasses.replace(cfg.train, epochs=epochs, sparsity=0.0, sparsity_budget=None)
+    cfg = dataclasses.replace(cfg, train=train)  # what runs is what config.yaml records
+    prepare_run_dir(run_dir, resume=resume, force=force)
+    torch.manual_seed(train.seed)
+    model = fresh_like(ckpt)
+    log(f"scratch ({budget} budget): {epochs} epochs from fresh weights, the architecture of {checkpoint}")
+    return _train(model, cfg=cfg, train=train, stage="scratch", run_dir=run_dir, parent=checkpoint, resume=resume,
+                  progress=progress, log=log)
+
+
+def fresh_like(ckpt: dict[str, Any]) -> nn.Module:
+    """The checkpoint's architecture with fresh weights: slimctl's families get the paper's init at
+    these widths; torchvision/timm layers keep their constructors' init (resized ones PyTorch's
+    default). The β-compensation terms start at zero: nothing was removed from a fresh network."""
+    model = create_model(ckpt["arch"], int(ckpt["num_classes"]), widths=ckpt["widths"],
+                         input_size=ckpt.get("input_size"), **ckpt["arch_args"])
+    if not ckpt["arch"].startswith(("torchvision.", "timm.")):
+        init_paper_weights(model)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, ConstantResponse):
+                module.bias.zero_()
+                module.kernel.zero_()
+    return model
+
+
+def teacher_for(cfg: Config, ckpt: dict[str, Any], checkpoint: Path) -> Distill | None:
+    """The teacher `finetune.distill` asks for (None when alpha is 0), on the CPU: its path, or by
+    default the pruned checkpoint's parent (the sparse model it was pruned from)."""
+    kd = cfg.finetune.distill
+    if kd.alpha == 0:
+        return None
+    parent = ckpt.get("parent") if isinstance(ckpt.get("parent"), dict) else {}
+    source = kd.teacher or parent.get("path")
+    if not source:
+        raise SlimctlError(f"finetune.distill: {checkpoint} records no parent to learn from; "
+                           "set finetune.distill.teacher to a checkpoint")
+    if not Path(source).exists():
+        raise SlimctlError(f"finetune.distill.teacher {source} does not exist; set it to a slimctl checkpoint")
+    teacher = model_from_checkpoint(load_checkpoint(Path(source)), source=str(source))
+    classes = (teacher.arch_spec["num_classes"], ckpt["num_classes"])
+    if classes[0] != classes[1]:
+        raise SlimctlError(f"finetune.distill.teacher {source} predicts {classes[0]} classes, the model being "
+                           f"fine-tuned {classes[1]}: distillation needs the same classes")
+    return Distill(teacher=teacher, alpha=kd.alpha, temperature=kd.temperature, source=str(source))
+
+
+def _on_device(distill: Distill | None, device: torch.device, train: TrainConfig) -> Distill | None:
+    """The teacher on the training device, eval mode, frozen (each torchrun rank holds its own copy)."""
+    if distill is None:
+        return None
+    layout = torch.channels_last if train.channels_last else torch.preserve_format
+    teacher = distill.teacher.to(device, memory_format=layout).eval().requires_grad_(False)
+    return dataclasses.replace(distill, teacher=teacher)
 
 
 def prune_events(checkpoint: Path, result: dict[str, Any], *, own: bool) -> Path | None:

@@ -91,7 +91,7 @@ def _sliced(module: nn.Module, out_idx: torch.Tensor | None, in_idx: torch.Tenso
 
 def _sliced_layer(module: nn.Module, state: dict[str, torch.Tensor], out_idx: torch.Tensor | None,
                   in_idx: torch.Tensor | None) -> nn.Module:
-    if isinstance(module, nn.BatchNorm2d):
+    if isinstance(module, (nn.BatchNorm2d, nn.SyncBatchNorm)):
         # weight, bias, running_mean, running_var are per channel; num_batches_tracked is a scalar.
         state = {k: v if v.dim() == 0 else v[out_idx.to(v.device)] for k, v in state.items()}
         return _loaded(resized(module, [len(out_idx)]), state)

@@ -111,6 +111,25 @@ class EpochState:
         return 100.0 * self.correct / max(1, self.images)
 
 
+@dataclass
+class Distill:
+    """Knowledge distillation from `teacher` (eval mode, no gradients, on the same augmented batch):
+    loss = (1 − alpha)·CE + alpha·T²·KL(teacher_T ‖ student_T), T = `temperature`."""
+
+    teacher: nn.Module
+    alpha: float
+    temperature: float
+    source: str = ""  # where the teacher came from (recorded with the run)
+
+    def loss(self, ce: torch.Tensor, logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            target = self.teacher(x)
+        t = self.temperature
+        kl = F.kl_div(F.log_softmax(logits.float() / t, dim=1), F.log_softmax(target.float() / t, dim=1),
+                      log_target=True, reduction="batchmean")
+        return (1 - self.alpha) * ce + self.alpha * t * t * kl
+
+
 class TrainStep:
     """One optimizer step: forward under autocast, backward, grad(γ) += λ·sign(γ), SGD; eager or compiled.
 
@@ -126,8 +145,9 @@ class TrainStep:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, gammas: list[nn.Parameter],
                  sparsity: float, device: torch.device, dtype: torch.dtype | None,
                  scaler: torch.amp.GradScaler | None = None, mode: str | None = None,
-                 warn: Callable[[str], None] = print) -> None:
+                 warn: Callable[[str], None] = print, distill: Distill | None = None) -> None:
         self.model, self.optimizer, self.scaler = model, optimizer, scaler
+        self.distill = distill  # the teacher runs eager: only the student's graph is compiled
         self.gammas, self.sparsity = gammas, sparsity
         self.device, self.dtype = device, dtype
         self.mode, self.warn = mode, warn
@@ -171,6 +191,8 @@ class TrainStep:
         with autocast(self.device, self.dtype):
             logits = forward(x)
             loss = F.cross_entropy(logits, y)
+            if self.distill is not None:
+                loss = self.distill.loss(loss, logits, x)
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
@@ -505,6 +527,7 @@ def fit(
     is_main: bool = True,
     compile_mode: str | None = None,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
+    distill: Distill | None = None,
 ) -> dict[str, Any]:
     """Train for `epochs`, evaluating after each; writes metrics.jsonl, last.pt and best.pt.
 
@@ -514,6 +537,7 @@ def fit(
     Under torchrun every rank calls this; only `is_main` (rank 0) writes and logs.
     `compile_mode` (a torch.compile mode, or None for eager) compiles the training step (`TrainStep`).
     `on_epoch(row)` sees each finished epoch's metrics row (main rank only), e.g. for TensorBoard.
+    `distill` adds a teacher's soft targets to the loss (fine-tuning with knowledge distillation).
     """
     sinks = rank_sinks(is_main, save=save, log=log, progress=progress, on_epoch=on_epoch)
     optimizer, scaler = make_optimizer(model, lr=lr, momentum=momentum, weight_decay=weight_decay,
@@ -521,7 +545,7 @@ def fit(
     run = restore(resume_state, optimizer, scaler, is_main=is_main)
     bar = EpochBar(sinks.progress, epochs)
     step = TrainStep(model, optimizer, gammas=gammas, sparsity=sparsity, device=device, dtype=dtype, scaler=scaler,
-                     mode=compile_mode, warn=sinks.log)
+                     mode=compile_mode, warn=sinks.log, distill=distill)
     with graceful_stop() as flag:
         stop = StopSignal(flag, device)
         for epoch in range(run.start_epoch, epochs):

@@ -46,6 +46,18 @@ def test_table_shows_measured_figures_and_marks_the_rest(runs):
     assert "not yet run" in next(l for l in lines if l.startswith("| resnet164 (baseline)"))
 
 
+def test_scratch_and_distilled_rows_sit_beside_the_fine_tuned_one(runs):
+    recipe = runs / "cifar10-vgg19"
+    _ckpt(recipe / "finetune-kd-0.7" / "best.pt", "finetune", top1=94.0, best_top1=94.1, params=2_300_000, flops=391_000_000)
+    _ckpt(recipe / "scratch-e-0.7" / "best.pt", "scratch", top1=93.0, best_top1=93.2, params=2_300_000, flops=391_000_000)
+    lines = markdown_table(runs).splitlines()
+    labels = [line.split("|")[1].strip() for line in lines if line.startswith("| vgg19 (70% pruned")]
+    assert labels == ["vgg19 (70% pruned)", "vgg19 (70% pruned, fine-tuned + KD)", "vgg19 (70% pruned, scratch-E)"]
+    kd = next(l for l in lines if "fine-tuned + KD" in l)
+    assert "| 5.90 |" in kd and "88.5%" in kd  # 100 − 94.1, and params pruned against the baseline
+    assert not any("scratch-B" in l for l in lines)  # not run: no row
+
+
 def test_script_and_errors(runs, tmp_path):
     out = tmp_path / "table.md"
     done = subprocess.run([sys.executable, ROOT / "scripts" / "collect_results.py", runs, "-o", out],

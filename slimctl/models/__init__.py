@@ -1,4 +1,4 @@
-"""Build models: slimctl's own families (registered in `slimctl.registry`) and torchvision's.
+"""Build models: slimctl's own families (registered in `slimctl.registry`), torchvision's and timm's.
 
 `create_model(arch, num_classes, width=1.0, widths=None, **arch_args)` builds a family member at full width;
 `widths` (module name → shape, as recorded by `module_widths`) then narrows it to a pruned shape,
@@ -21,9 +21,11 @@ from slimctl.errors import SlimctlError, format_bytes, out_of_memory, out_of_mem
 from slimctl.inserted import ChannelSelection, insert_recorded, is_inserted
 from slimctl.models.layers import apply_widths, module_widths
 from slimctl.registry import (
+    TIMM,
     TORCHVISION,
     builder,
     default_input_size,
+    import_timm,
     is_known_arch,
     list_models,
     register_model,
@@ -51,6 +53,9 @@ def create_model(
     if arch.startswith(TORCHVISION):
         build = _torchvision_builder(arch[len(TORCHVISION):], num_classes, width, arch_args)
         what, advice = f"building {arch}", "the model size: pick a smaller torchvision model"
+    elif arch.startswith(TIMM):
+        build = _timm_builder(arch[len(TIMM):], num_classes, width, arch_args)
+        what, advice = f"building {arch}", "the model size: pick a smaller timm model"
     else:
         build = _family_builder(arch, num_classes, width, arch_args)
         what, advice = f"building {arch} at width {width:g}", "model.width / --width"
@@ -147,6 +152,24 @@ def _torchvision_builder(
             return torchvision.models.get_model(name, weights=None, num_classes=num_classes, **{**quiet, **arch_args})
         except (TypeError, ValueError) as exc:
             raise SlimctlError(f"torchvision.{name}: {exc}") from None
+
+    return build
+
+
+def _timm_builder(name: str, num_classes: int, width: float, arch_args: dict[str, Any]) -> Callable[[], nn.Module]:
+    """A randomly initialised timm model, `timm.create_model(name, num_classes=…, **arch_args)`
+    (pretrained weights: `model.weights: timm` or a file, loaded later)."""
+    timm = import_timm(f"model.arch 'timm.{name}'")
+    if not timm.is_model(name):
+        raise SlimctlError(f"unknown timm model {name!r}; e.g. resnet18, efficientnet_b0 (timm.list_models())")
+    if width != 1.0:
+        raise SlimctlError("model.width scales slimctl's own families only; timm models keep their widths")
+
+    def build() -> nn.Module:
+        try:
+            return timm.create_model(name, pretrained=False, num_classes=num_classes, **arch_args)
+        except (TypeError, ValueError, RuntimeError, AssertionError) as exc:
+            raise SlimctlError(f"timm.{name}: {exc}") from None
 
     return build
 

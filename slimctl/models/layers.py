@@ -7,6 +7,7 @@ Linear and ChannelSelection modules. `module_widths` records those sizes by modu
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -14,7 +15,7 @@ from torch import nn
 
 from slimctl.errors import SlimctlError
 from slimctl.groups import ChannelGroup, Consumer
-from slimctl.inserted import ChannelSelection, ConstantResponse
+from slimctl.inserted import COMPENSATE, SELECT, ChannelSelection, ConstantResponse
 
 
 def scale_width(channels: int, width: float) -> int:
@@ -87,10 +88,45 @@ def module_widths(model: nn.Module) -> dict[str, list[int]]:
     return widths
 
 
+_PLAIN = (nn.Conv2d, nn.BatchNorm2d, nn.SyncBatchNorm, nn.Linear)
+
+
+def _resized_subclass(module: nn.Module, shape: list[int]) -> nn.Module:
+    """A subclass of Conv2d / BatchNorm2d / Linear (timm's BatchNormAct2d, Conv2dSame, …) resized in
+    a copy, so what the subclass adds (its act and drop children, its padding rule) stays intact.
+    Like a fresh module it has new (reset) parameters and none of slimctl's inserted children or hooks."""
+    new = copy.deepcopy(module)
+    for child in (SELECT, COMPENSATE):
+        new._modules.pop(child, None)
+    new._forward_hooks.clear()
+    new._forward_pre_hooks.clear()
+    if isinstance(new, nn.Conv2d):
+        new.in_channels, new.out_channels, new.groups = shape
+        new.weight = nn.Parameter(torch.empty(shape[1], shape[0] // shape[2], *new.kernel_size))
+        if new.bias is not None:
+            new.bias = nn.Parameter(torch.empty(shape[1]))
+    elif isinstance(new, (nn.BatchNorm2d, nn.SyncBatchNorm)):
+        new.num_features = n = shape[0]
+        if new.affine:
+            new.weight, new.bias = nn.Parameter(torch.empty(n)), nn.Parameter(torch.empty(n))
+        if new.track_running_stats:
+            new.running_mean, new.running_var = torch.zeros(n), torch.ones(n)
+    else:
+        new.in_features, new.out_features = shape
+        new.weight = nn.Parameter(torch.empty(shape[1], shape[0]))
+        if new.bias is not None:
+            new.bias = nn.Parameter(torch.empty(shape[1]))
+    new.reset_parameters()
+    return new
+
+
 def resized(module: nn.Module, shape: list[int]) -> nn.Module:
-    """A fresh module like `module` (same kernel, stride, eps, …) with the sizes in `shape`."""
+    """A fresh module like `module` (same kernel, stride, eps, …; a subclass keeps what it adds)
+    with the sizes in `shape`."""
     device = next(iter(module.parameters()), next(iter(module.buffers()), torch.empty(0))).device
-    if isinstance(module, nn.Conv2d):
+    if isinstance(module, _PLAIN) and type(module) not in _PLAIN:
+        new = _resized_subclass(module, shape)
+    elif isinstance(module, nn.Conv2d):
         in_c, out_c, groups = shape
         new = nn.Conv2d(
             in_c, out_c, module.kernel_size, stride=module.stride, padding=module.padding,

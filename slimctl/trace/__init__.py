@@ -41,7 +41,7 @@ from slimctl.errors import SlimctlError
 from slimctl.groups import COUPLED_MODES, ChannelGroup
 from slimctl.registry import input_size
 from slimctl.trace.grouping import SpaceInfo, TraceResult, classify_spaces, space_rows
-from slimctl.trace.rules import NORMS
+from slimctl.trace.rules import NORMS, frozen_bn_note, is_bn
 from slimctl.trace.walk import Walker, trace_graph
 
 __all__ = ["SpaceInfo", "TraceResult", "channel_groups", "derive_groups", "space_rows", "trace_model"]
@@ -73,8 +73,12 @@ def derive_groups(model: nn.Module, example_input: torch.Tensor, *, coupled: str
     """Channel groups of `model` from its fx graph (the model is not changed; see TraceResult.prepare)."""
     if coupled not in COUPLED_MODES:
         raise SlimctlError(f"coupled must be one of {', '.join(COUPLED_MODES)}, got {coupled!r}")
-    bns = [n for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)]
+    bns = [n for n, m in model.named_modules() if is_bn(m) and frozen_bn_note(m, n) is None]
     if not bns:
+        frozen = [frozen_bn_note(m, n) for n, m in model.named_modules() if frozen_bn_note(m, n) is not None]
+        if frozen:
+            raise SlimctlError(f"{type(model).__name__} has no trainable BatchNorm2d: {frozen[0]}"
+                               + (f" (and {len(frozen) - 1} more)" if len(frozen) > 1 else ""))
         norms = [f"{type(m).__name__} {n!r}" for n, m in model.named_modules() if isinstance(m, NORMS)]
         found = f" (its norms: {', '.join(norms[:3])}{', …' if len(norms) > 3 else ''})" if norms else ""
         raise SlimctlError(

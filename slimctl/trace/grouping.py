@@ -119,6 +119,7 @@ def classify_spaces(w: Walker, coupled: str) -> TraceResult:
             reasons = dict.fromkeys(r for seg in w.layout.get(node.args[0]) or [] for r in w.space(seg.space).reasons)
             frozen_bns[node.target] = "; ".join(reasons) or "its space keeps its width (residual-coupled)" \
                 " and its output is not read by convs/Linears only"
+    frozen_bns.update(w.unranked)
     if not groups:
         frozen = [s.reason for s in spaces if s.reason][:3]
         raise SlimctlError(
@@ -161,6 +162,8 @@ def find_selection(w: Walker, bn_node: fx.Node) -> tuple[str, list[Consumer], bo
                 return None
             rule = w.rule(user)
             if rule.op is Op.CONSUMER and (repeat == 1 or isinstance(w.modules[user.target], nn.Linear)):
+                if const and not rule.constant:
+                    const, why = False, rule.note
                 consumers.append(Consumer(user.target, 0, repeat, constant=const))
                 if not const:
                     notes.append(not_constant_note(user.target, why))

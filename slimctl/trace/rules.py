@@ -9,6 +9,13 @@ channel (one whose BN's γ is zeroed or ≈ 0):
 - `constant`: a channel that is constant over batch and space (γ ≈ 0: the BN emits β) stays constant
   — what lets pruning add that constant's response to the consumer (β compensation).
 
+BatchNorm variants: BatchNorm2d and SyncBatchNorm rank channels; a subclass that applies more after
+normalising (timm's BatchNormAct2d: BN → drop → act, `bn_parts`) is traced as the BN followed by
+its parts as nodes of their own, so its activation is judged by this table like any other; frozen
+BNs (torchvision's / timm's FrozenBatchNorm2d, FrozenBatchNormAct2d) and affine=False BNs rank
+nothing and freeze their spaces with the reason (`frozen_bn_note`). `is_leaf` names the library
+layers the tracer keeps whole (timm's Conv2dSame and DropPath among them).
+
 Both the walk over the whole graph (`walk.py`) and selection detection (`grouping.py`, which follows
 one BN's output forward) dispatch on this one table, so they cannot disagree about an op. What the
 table cannot decide alone — how many segments reach an op, whether an operand is tracked — is left
@@ -86,6 +93,64 @@ DIV = {operator.truediv, operator.itruediv, torch.div, "div", "div_"}
 CAT = {"cat", "concat", "concatenate"}
 REDUCTIONS = {"mean", "amax", "sum"}
 RESHAPES = {"view", "reshape"}
+
+
+# --- BatchNorm variants and other library layers ---------------------------------------------------
+
+BNS = (nn.BatchNorm2d, nn.SyncBatchNorm)  # the norms that rank channels (SyncBatchNorm: a DDP sync_bn model)
+_PLAIN_BN_FORWARDS = (nn.BatchNorm2d.forward, nn.SyncBatchNorm.forward, nn.modules.batchnorm._BatchNorm.forward)
+BN_PARTS = ("drop", "act")  # what a BN subclass may apply after normalising, in this order (timm's BatchNormAct2d)
+_INSERTED_CHILDREN = ("select", "compensate")  # slimctl's own children (slimctl.inserted)
+
+
+def is_bn(m: nn.Module) -> bool:
+    return isinstance(m, BNS)
+
+
+def bn_parts(m: nn.Module) -> list[nn.Module] | None:
+    """The modules a BN subclass applies to its output after normalising (timm's BatchNormAct2d,
+    SyncBatchNormAct: BN → drop → act), in order; [] for a BN that only normalises; None for a BN
+    subclass with a forward of its own and other children (its extra work is unknown)."""
+    if not is_bn(m):
+        return None
+    children = {n: c for n, c in m.named_children() if n not in _INSERTED_CHILDREN}
+    if type(m).forward in _PLAIN_BN_FORWARDS:  # only normalises (children it has, it never calls)
+        return []
+    if children and set(children) <= set(BN_PARTS):
+        return [children[n] for n in BN_PARTS if n in children]
+    return None
+
+
+def frozen_bn_note(m: nn.Module, name: str) -> str | None:
+    """Why a BatchNorm-like module cannot rank its channels (None if it can): frozen statistics and
+    affine parameters (torchvision's FrozenBatchNorm2d, timm's FrozenBatchNorm2d /
+    FrozenBatchNormAct2d), or no affine parameters at all (affine=False)."""
+    kind = type(m).__name__
+    if "FrozenBatchNorm" in kind:
+        return (f"{kind} {name!r} (frozen: its γ and β are buffers, never trained or sparsified, so nothing ranks "
+                "these channels; build the model with trainable BatchNorm2d to slim them)")
+    if is_bn(m) and not m.affine:
+        return f"{kind} {name!r} (affine=False: no γ ranks these channels)"
+    return None
+
+
+def _forward_overridden(m: nn.Module, base: type) -> bool:
+    return type(m).forward is not base.forward
+
+
+def same_padding(m: nn.Module) -> bool:
+    """timm's Conv2dSame: TensorFlow-style 'same' zero padding computed at run time (its `padding`
+    attribute says 0)."""
+    return type(m).__name__ == "Conv2dSame"
+
+
+def is_leaf(m: nn.Module) -> bool:
+    """Modules the tracer keeps whole although they live outside torch.nn: BatchNorm variants (a BN
+    subclass's drop/act are traced as their own nodes by the tracer), frozen BNs, conv subclasses
+    (timm's Conv2dSame is a consumer; others with a forward of their own are opaque) and timm's
+    DropPath (per sample: a removed channel stays zero)."""
+    kind = type(m).__name__
+    return (is_bn(m) or "FrozenBatchNorm" in kind or isinstance(m, nn.Conv2d) or kind == "DropPath")
 
 
 # --- what the table reads from a node ------------------------------------------------------------
@@ -181,24 +246,43 @@ def classify(node: fx.Node, modules: Mapping[str, nn.Module], calls: Mapping[str
 
 def _module_rule(node: fx.Node, m: nn.Module, modules: Mapping[str, nn.Module], calls: int) -> OpRule:
     name = node.target
-    if isinstance(m, (nn.Conv2d, nn.BatchNorm2d, nn.Linear)) and calls > 1:
+    frozen = frozen_bn_note(m, name)
+    if frozen is not None:
+        return OpRule(Op.NORM, note=frozen)
+    if isinstance(m, (nn.Conv2d, *BNS, nn.Linear)) and calls > 1:
         return OpRule(Op.REUSED, note=f"{type(m).__name__} {name!r}, called {calls} times")
     if isinstance(m, nn.Conv2d):
+        same = same_padding(m)
+        if _forward_overridden(m, nn.Conv2d) and not same:
+            return OpRule(Op.UNKNOWN, note=f"{type(m).__name__} {name!r} (a Conv2d subclass with a forward of its "
+                                           "own: how it reads its input channels is unknown)")
+        padded = (m.padding_mode == "zeros" and _padded(m.padding, m.kernel_size)) or \
+            (same and any(k > 1 for k in m.kernel_size))
         if m.groups == 1:
+            if same:  # the position-dependent response of a removed constant needs its run-time padding
+                return OpRule(Op.CONSUMER, constant=False,
+                              note=f"{type(m).__name__} {name!r} ('same' padding at run time)")
             return OpRule(Op.CONSUMER)
         if m.groups == m.in_channels == m.out_channels:
             # Zero padding makes a constant map uneven at the borders (other padding modes do not).
-            const = not (m.padding_mode == "zeros" and _padded(m.padding, m.kernel_size))
-            return OpRule(Op.DEPTHWISE, zero=m.bias is None, constant=const,
-                          note="" if const else f"depthwise Conv2d {name!r} with zero padding")
+            return OpRule(Op.DEPTHWISE, zero=m.bias is None, constant=not padded,
+                          note="" if not padded else f"depthwise {type(m).__name__} {name!r} with zero padding")
         return OpRule(Op.GROUPED)
     if isinstance(m, nn.Linear):
         in_shape = shape(node.args[0])
         if in_shape is None or len(in_shape) != 2:
             return OpRule(Op.UNKNOWN, note=f"Linear {name!r} on a {len(in_shape or ())}-d input")
         return OpRule(Op.CONSUMER)
-    if isinstance(m, nn.BatchNorm2d):
+    if is_bn(m):
+        in_shape = shape(node.args[0]) if node.args else None
+        if bn_parts(m) is None:
+            return OpRule(Op.UNKNOWN, note=f"{type(m).__name__} {name!r} (a BatchNorm subclass with a forward of its "
+                                           f"own; understood: BN → {' → '.join(BN_PARTS)} children)")
+        if in_shape is None or len(in_shape) != 4:
+            return OpRule(Op.NORM, note=f"{type(m).__name__} {name!r} on a {len(in_shape or ())}-d input")
         return OpRule(Op.BN)
+    if type(m).__name__ == "DropPath":  # per sample: zero stays zero (identity in eval mode)
+        return OpRule(Op.PER_CHANNEL)
     if isinstance(m, ChannelSelection):
         return OpRule(Op.SELECTION)
     if isinstance(m, (*ZERO_MODULES, *NONZERO_MODULES)):

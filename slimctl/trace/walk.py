@@ -22,13 +22,32 @@ from torch.fx.passes.shape_prop import ShapeProp
 from slimctl.errors import SlimctlError
 from slimctl.groups import Consumer
 from slimctl.inserted import ChannelSelection, selection_of
-from slimctl.trace.rules import Op, OpRule, call_counts, classify, columns_per_channel, label, shape
+from slimctl.trace.rules import (
+    Op,
+    OpRule,
+    bn_parts,
+    call_counts,
+    classify,
+    columns_per_channel,
+    frozen_bn_note,
+    is_bn,
+    is_leaf,
+    label,
+    shape,
+)
 
 # --- tracing -------------------------------------------------------------------------------------
 
 
 class _Tracer(fx.Tracer):
-    """Leaves: torch.nn modules and ChannelSelection; remembers which module it is inside."""
+    """Leaves: torch.nn modules, ChannelSelection and the library layers `rules.is_leaf` names;
+    remembers which module it is inside.
+
+    A BatchNorm subclass that applies more after normalising (timm's BatchNormAct2d: BN → drop →
+    act) becomes one node for the BN followed by its parts as nodes of their own (`<bn>.drop`,
+    `<bn>.act`), so the op table judges its activation exactly as a separate one. (Run as a
+    GraphModule, the BN node still calls the whole module and its parts then run a second time:
+    the graph is read for its structure and shapes only, never for values.)"""
 
     def __init__(self) -> None:
         super().__init__()
@@ -36,11 +55,17 @@ class _Tracer(fx.Tracer):
         self.failed_in: str | None = None
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, ChannelSelection) or super().is_leaf_module(m, qualname)
+        return isinstance(m, ChannelSelection) or is_leaf(m) or super().is_leaf_module(m, qualname)
 
     def call_module(self, m, forward, args, kwargs):  # noqa: ANN001
         self.stack.append(self.path_of_module(m))
         try:
+            parts = bn_parts(m) if frozen_bn_note(m, "") is None else None
+            if parts:
+                out = self.create_proxy("call_module", self.stack[-1], args, kwargs)
+                for part in parts:
+                    out = self.call_module(part, part.forward, (out,), {})
+                return out
             return super().call_module(m, forward, args, kwargs)
         except Exception:
             if self.failed_in is None:  # the innermost module: the one whose Python broke
@@ -126,6 +151,7 @@ class Walker:
         self.parent: list[int] = []
         self.layout: dict[fx.Node, list[Seg] | None] = {}
         self.bn_nodes: list[fx.Node] = []
+        self.unranked: dict[str, str] = {}  # BN-like modules that cannot rank (frozen, affine=False) → why
 
     def rule(self, node: fx.Node) -> OpRule:
         return classify(node, self.modules, self.calls)
@@ -226,14 +252,16 @@ class Walker:
     def visit_module(self, node: fx.Node, rule: OpRule) -> list[Seg] | None:
         name, m = node.target, self.modules[node.target]
         if rule.op is Op.REUSED:
-            if isinstance(m, nn.BatchNorm2d):
+            if is_bn(m):
                 self.bn_nodes.append(node)
             return self.opaque(node, rule.note)
+        if frozen_bn_note(m, name) is not None:
+            self.unranked[name] = rule.note
         segs = self.single_input(node)
         if segs is None:
             return self.frozen_output(node, f"produced by {self.label(node)}")
         if rule.op is Op.CONSUMER:
-            self.consume(name, segs)
+            self.consume(name, segs, rule)
             width = m.out_channels if isinstance(m, nn.Conv2d) else m.out_features
             return [Seg(self.new(width, name), width, False)]
         if rule.op is Op.DEPTHWISE:  # the space passes through
@@ -246,7 +274,7 @@ class Walker:
         if rule.op is Op.GROUPED:  # equal keep counts per group on both sides
             if len(segs) != 1 or m.out_channels % m.groups:
                 return self.opaque(node, f"grouped conv {name!r} over a concatenation")
-            self.consume(name, segs)
+            self.consume(name, segs, rule)
             self.space(segs[0].space).divisions.add(m.groups)
             out = self.new(m.out_channels, name)
             self.spaces[out].divisions.add(m.groups)
@@ -283,9 +311,11 @@ class Walker:
             return [Seg(self.new(k, reason=f"selected channels of {name!r}"), k, True, const=True, why="")]
         return [replace(s, zero=True, const=True, why="") for s in segs]
 
-    def consume(self, name: str, segs: list[Seg]) -> None:
+    def consume(self, name: str, segs: list[Seg], rule: OpRule | None = None) -> None:
         offset = 0
         for seg in segs:
+            if seg.const and rule is not None and not rule.constant:  # the consumer itself (run-time padding)
+                seg = replace(seg, const=False, why=rule.note)
             sp = self.space(seg.space)
             sp.consumers.append(Consumer(name, offset, seg.repeat, constant=seg.const))
             if not seg.zero:
