@@ -15,6 +15,8 @@ Phases, each under its own time limit so the whole stays inside the lease:
      once its compile time is paid.
      Or, with `--plan cpu-repro-vgg`, `make cpu-repro-vgg`: VGG-19 ×0.25, baseline and sparse side
      by side, sweep against the baseline, prunes at 0.5 and 0.7, both fine-tunes side by side.
+     Or, with `--plan worth-it-vgg`: that recipe's 50% model fine-tuned, fine-tuned + KD, Scratch-E
+     and Scratch-B side by side (issue 17's comparison).
   5. runs.tar.gz (metrics, configs, sweeps, figures, reports; no checkpoints) and summary.md
 Everything lands in OUT (≤ 8 files, none in subfolders: what the device tool brings back).
 """
@@ -295,7 +297,39 @@ def cpu_repro_vgg(runs: Path, log: Log, *, data_root: Path, clock: Clock, dry_ru
             (runs / "report.json").write_text(output[output.find("["):])
 
 
-PLANS = ("paper-vgg19", "cpu-repro-vgg")
+def worth_it_vgg(runs: Path, log: Log, *, data_root: Path, clock: Clock, dry_run: bool, device: str) -> None:
+    """Is the slimmed model worth it (issue 17), at the CPU-repro scale: VGG-19 ×0.25 sparse-trained
+    (30 epochs, budget 0.66), pruned 50%, then side by side: fine-tuned, fine-tuned + KD (α 0.5),
+    Scratch-E and Scratch-B. A run the lease's end stops keeps its best epoch so far (its
+    metrics.jsonl says how many epochs it had)."""
+    config = "configs/cifar10_vgg19_w025.yaml"
+    common = [f"data.root={data_root}", "data.download=false"]
+    common += ["model.width=0.0625", "data.subset=128", "train.device=cpu", "train.epochs=1", "finetune.epochs=1"] \
+        if dry_run else ["train.compile=reduce-overhead"]
+    sets = lambda *items: [arg for item in (*common, *items) for arg in ("--set", item)]  # noqa: E731
+    slim = [sys.executable, "-m", "slimctl"]
+    run([*slim, "sparse-train", "-c", config, "-o", str(runs / "sparse"), "--force", *sets()], log,
+        timeout=(clock.left() - 60) * 0.35)
+    sparse, pruned = runs / "sparse" / "best.pt", runs / "pruned-0.5.pt"
+    if not sparse.exists():
+        log("worth-it-vgg: no sparse checkpoint; stopping here")
+        return
+    code, output = run([*slim, "prune", str(sparse), "--ratio", "0.5", "-o", str(pruned), "--force", "--json",
+                        "--device", device], log, timeout=min(60, clock.left()))
+    if code != 0:
+        return
+    (runs / "prune-0.5.json").write_text(output[output.find("{"):])
+    run_many([
+        [*slim, "finetune", str(pruned), "-c", config, "-o", str(runs / "finetune-0.5"), "--force", *sets()],
+        [*slim, "finetune", str(pruned), "-c", config, "-o", str(runs / "finetune-kd-0.5"), "--force",
+         *sets("finetune.distill.alpha=0.5")],
+        [*slim, "scratch", str(pruned), "-c", config, "-o", str(runs / "scratch-e-0.5"), "--force", *sets()],
+        [*slim, "scratch", str(pruned), "-c", config, "-o", str(runs / "scratch-b-0.5"), "--force",
+         "--budget", "flops", *sets()],
+    ], log, timeout=max(30.0, clock.left() - 25))
+
+
+PLANS = ("paper-vgg19", "cpu-repro-vgg", "worth-it-vgg")
 
 
 def pack(out: Path, runs: Path, log: Log) -> None:
@@ -348,7 +382,8 @@ def ddp_smoke(runs: Path, log: Log, *, data_root: Path) -> None:
 @click.option("--dry-run", is_flag=True, help="Tiny model, random data, 1 epoch, on the CPU.")
 @click.option("--plan", type=click.Choice(PLANS), default="paper-vgg19", show_default=True,
               help="paper-vgg19: the paper's VGG-19 recipe compressed to what fits; cpu-repro-vgg: "
-                   "`make cpu-repro-vgg` (VGG-19 ×0.25, baseline and sparse, 30 + 20 epochs).")
+                   "`make cpu-repro-vgg` (VGG-19 ×0.25, baseline and sparse, 30 + 20 epochs); worth-it-vgg: "
+                   "its 50% model fine-tuned, fine-tuned + KD, Scratch-E and Scratch-B side by side.")
 @click.option("--bench/--no-bench", default=True, show_default=True, help="Run the throughput bench first.")
 def main(out: Path, runs: Path, budget: float, dry_run: bool, plan: str, bench: bool) -> None:
     clock = Clock(budget)
@@ -377,7 +412,8 @@ def main(out: Path, runs: Path, budget: float, dry_run: bool, plan: str, bench: 
         if plan == "paper-vgg19":
             vgg19_row(runs, log, data_root=data_root, clock=clock, rows=rows, dry_run=dry_run, device=device)
         else:
-            cpu_repro_vgg(runs, log, data_root=data_root, clock=clock, dry_run=dry_run, device=device)
+            recipe = cpu_repro_vgg if plan == "cpu-repro-vgg" else worth_it_vgg
+            recipe(runs, log, data_root=data_root, clock=clock, dry_run=dry_run, device=device)
     finally:
         pack(out, runs, log)
         summary(out, runs, device_name)

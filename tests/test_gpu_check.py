@@ -62,3 +62,18 @@ def test_the_cpu_repro_plan_runs_baseline_and_sparse_side_by_side_then_sweeps_pr
     baseline = [line for line in tar_member(out / "runs.tar.gz", "runs/baseline/config.yaml").splitlines()
                 if line.strip().startswith("sparsity:")]
     assert baseline[0].split(":")[1].strip() == "0.0"
+
+
+@pytest.mark.slow
+def test_the_worth_it_plan_compares_fine_tuning_kd_and_scratch(tmp_path):
+    out, runs = tmp_path / "out", tmp_path / "runs"
+    env = {**os.environ, "OUT": str(out), "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), "--dry-run", "--runs", str(runs),
+                           "--plan", "worth-it-vgg", "--no-bench"], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    with tarfile.open(out / "runs.tar.gz") as tar:
+        names = set(tar.getnames())
+    stages = ("sparse", "finetune-0.5", "finetune-kd-0.5", "scratch-e-0.5", "scratch-b-0.5")
+    assert {f"runs/{s}/metrics.jsonl" for s in stages} <= names
+    summary = (out / "summary.md").read_text()
+    assert all(f"- {s}:" in summary for s in stages)
