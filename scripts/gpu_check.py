@@ -43,6 +43,8 @@ CIFAR_TRAIN, CIFAR_TEST = 50_000, 10_000
 PAPER_L1_BUDGET = 0.66  # λ 1e-4 × Σlr of the paper's 160-epoch VGG schedule (slimctl.sparsity)
 SECONDS_PER_EPOCH_EXTRA = 1.5  # checkpoint writes (last.pt + best.pt) and the epoch's bookkeeping
 STAGE_START_SECONDS = 20  # process start, data to the device, model build
+W025 = "configs/cifar10_vgg19_w025.yaml"  # the CPU-repro recipe: VGG-19 ×0.25, 30 epochs, budget 0.66
+SLIM = [sys.executable, "-m", "slimctl"]
 
 
 @dataclass
@@ -225,9 +227,8 @@ def vgg19_row(runs: Path, log: Log, *, data_root: Path, clock: Clock, rows: list
     sets = [arg for item in recipe for arg in ("--set", item)]
     log(f"vgg19: {epochs} + {epochs} epochs, {'compiled (reduce-overhead)' if use_compile else 'eager'}, "
         f"{clock.left():.0f} s left")
-    slim = [sys.executable, "-m", "slimctl"]
     stage_time = (clock.left() - reserve) / 2
-    run([*slim, "sparse-train", "-c", "configs/cifar10_vgg19.yaml", "-o", str(runs / "sparse"), "--force", *sets],
+    run([*SLIM, "sparse-train", "-c", "configs/cifar10_vgg19.yaml", "-o", str(runs / "sparse"), "--force", *sets],
         log, timeout=stage_time)
     sparse = runs / "sparse" / "best.pt"
     if not sparse.exists():
@@ -238,17 +239,30 @@ def vgg19_row(runs: Path, log: Log, *, data_root: Path, clock: Clock, rows: list
         ("sweep", ["sweep", str(sparse), "--ratios", "0.3,0.5,0.6,0.7,0.8", "--png", str(runs / "sweep.png")]),
         ("prune", ["prune", str(sparse), "--ratio", "0.7", "-o", str(runs / "pruned-0.7.pt"), "--force"]),
     ):
-        code, output = run([*slim, *cmd, "--json", *evaluate_on], log, timeout=min(60, clock.left()))
+        code, output = run([*SLIM, *cmd, "--json", *evaluate_on], log, timeout=min(60, clock.left()))
         if code == 0:
             (runs / f"{name}.json").write_text(output[output.find("{"):])
     pruned = runs / "pruned-0.7.pt"
     if not pruned.exists():
         return
-    run([*slim, "finetune", str(pruned), "-c", "configs/cifar10_vgg19.yaml", "-o", str(runs / "finetune"),
+    run([*SLIM, "finetune", str(pruned), "-c", "configs/cifar10_vgg19.yaml", "-o", str(runs / "finetune"),
          "--force", *sets], log, timeout=max(30.0, clock.left() - 25))
-    best = runs / "finetune" / "best.pt"
+    write_report(runs / "finetune" / "best.pt", runs, log)
+
+
+def w025_sets(data_root: Path, *, dry_run: bool):
+    """`--set` arguments for the CPU-repro recipe's runs, plus `extra` ones (tiny on a dry run,
+    compiled on a GPU)."""
+    common = [f"data.root={data_root}", "data.download=false"]
+    common += ["model.width=0.0625", "data.subset=128", "train.device=cpu", "train.epochs=1", "finetune.epochs=1"] \
+        if dry_run else ["train.compile=reduce-overhead"]
+    return lambda *extra: [arg for item in (*common, *extra) for arg in ("--set", item)]
+
+
+def write_report(best: Path, runs: Path, log: Log) -> None:
+    """runs/report.json: `slimctl report --json` of the last stage, when it finished an epoch."""
     if best.exists():
-        code, output = run([*slim, "report", str(best), "--json"], log, timeout=60)
+        code, output = run([*SLIM, "report", str(best), "--json"], log, timeout=60)
         if code == 0:
             (runs / "report.json").write_text(output[output.find("["):])
 
@@ -258,17 +272,12 @@ def cpu_repro_vgg(runs: Path, log: Log, *, data_root: Path, clock: Clock, dry_ru
     L1 budget 0.66; fine-tunes 20), the baseline (λ = 0) and the sparse run side by side, then the
     sweep of the sparse model against the baseline, prunes at 0.5 and 0.7, and both fine-tunes side
     by side. Compiled (reduce-overhead) on a GPU: the small network is launch-bound."""
-    config = "configs/cifar10_vgg19_w025.yaml"
-    common = [f"data.root={data_root}", "data.download=false"]
-    common += ["model.width=0.0625", "data.subset=128", "train.device=cpu", "train.epochs=1", "finetune.epochs=1"] \
-        if dry_run else ["train.compile=reduce-overhead"]
-    sets = lambda *items: [arg for item in (*common, *items) for arg in ("--set", item)]  # noqa: E731
-    slim = [sys.executable, "-m", "slimctl"]
+    sets = w025_sets(data_root, dry_run=dry_run)
     reserve = 40.0  # sweep, prunes, report and packing (seconds)
     log(f"cpu-repro-vgg: baseline and sparse side by side, {clock.left():.0f} s left")
-    run_many([[*slim, "sparse-train", "-c", config, "-o", str(runs / "baseline"), "--force",
+    run_many([[*SLIM, "sparse-train", "-c", W025, "-o", str(runs / "baseline"), "--force",
                *sets("train.sparsity=0", "train.sparsity_budget=null")],
-              [*slim, "sparse-train", "-c", config, "-o", str(runs / "sparse"), "--force", *sets()]],
+              [*SLIM, "sparse-train", "-c", W025, "-o", str(runs / "sparse"), "--force", *sets()]],
              log, timeout=(clock.left() - reserve) * 0.6)
     sparse, baseline = runs / "sparse" / "best.pt", runs / "baseline" / "best.pt"
     if not sparse.exists():
@@ -276,25 +285,21 @@ def cpu_repro_vgg(runs: Path, log: Log, *, data_root: Path, clock: Clock, dry_ru
         return
     evaluate_on = ["--device", device]
     compare = ["--compare", str(baseline)] if baseline.exists() else []
-    code, output = run([*slim, "sweep", str(sparse), *compare, "--ratios", "0.3,0.4,0.5,0.6,0.7",
+    code, output = run([*SLIM, "sweep", str(sparse), *compare, "--ratios", "0.3,0.4,0.5,0.6,0.7",
                         "--png", str(runs / "sweep.png"), "--json", *evaluate_on], log, timeout=min(60, clock.left()))
     if code == 0:
         (runs / "sweep.json").write_text(output[output.find("{"):])
     tunes = []
     for ratio in ("0.5", "0.7"):
         pruned = runs / f"pruned-{ratio}.pt"
-        code, output = run([*slim, "prune", str(sparse), "--ratio", ratio, "-o", str(pruned), "--force", "--json",
+        code, output = run([*SLIM, "prune", str(sparse), "--ratio", ratio, "-o", str(pruned), "--force", "--json",
                             *evaluate_on], log, timeout=min(60, clock.left()))
         if code == 0:
             (runs / f"prune-{ratio}.json").write_text(output[output.find("{"):])
-            tunes.append([*slim, "finetune", str(pruned), "-c", config, "-o", str(runs / f"finetune-{ratio}"),
+            tunes.append([*SLIM, "finetune", str(pruned), "-c", W025, "-o", str(runs / f"finetune-{ratio}"),
                           "--force", *sets()])
     run_many(tunes, log, timeout=max(30.0, clock.left() - 25))
-    best = runs / "finetune-0.7" / "best.pt"
-    if best.exists():
-        code, output = run([*slim, "report", str(best), "--json"], log, timeout=60)
-        if code == 0:
-            (runs / "report.json").write_text(output[output.find("["):])
+    write_report(runs / "finetune-0.7" / "best.pt", runs, log)
 
 
 def worth_it_vgg(runs: Path, log: Log, *, data_root: Path, clock: Clock, dry_run: bool, device: str) -> None:
@@ -302,29 +307,24 @@ def worth_it_vgg(runs: Path, log: Log, *, data_root: Path, clock: Clock, dry_run
     (30 epochs, budget 0.66), pruned 50%, then side by side: fine-tuned, fine-tuned + KD (α 0.5),
     Scratch-E and Scratch-B. A run the lease's end stops keeps its best epoch so far (its
     metrics.jsonl says how many epochs it had)."""
-    config = "configs/cifar10_vgg19_w025.yaml"
-    common = [f"data.root={data_root}", "data.download=false"]
-    common += ["model.width=0.0625", "data.subset=128", "train.device=cpu", "train.epochs=1", "finetune.epochs=1"] \
-        if dry_run else ["train.compile=reduce-overhead"]
-    sets = lambda *items: [arg for item in (*common, *items) for arg in ("--set", item)]  # noqa: E731
-    slim = [sys.executable, "-m", "slimctl"]
-    run([*slim, "sparse-train", "-c", config, "-o", str(runs / "sparse"), "--force", *sets()], log,
+    sets = w025_sets(data_root, dry_run=dry_run)
+    run([*SLIM, "sparse-train", "-c", W025, "-o", str(runs / "sparse"), "--force", *sets()], log,
         timeout=(clock.left() - 60) * 0.35)
     sparse, pruned = runs / "sparse" / "best.pt", runs / "pruned-0.5.pt"
     if not sparse.exists():
         log("worth-it-vgg: no sparse checkpoint; stopping here")
         return
-    code, output = run([*slim, "prune", str(sparse), "--ratio", "0.5", "-o", str(pruned), "--force", "--json",
+    code, output = run([*SLIM, "prune", str(sparse), "--ratio", "0.5", "-o", str(pruned), "--force", "--json",
                         "--device", device], log, timeout=min(60, clock.left()))
     if code != 0:
         return
     (runs / "prune-0.5.json").write_text(output[output.find("{"):])
     run_many([
-        [*slim, "finetune", str(pruned), "-c", config, "-o", str(runs / "finetune-0.5"), "--force", *sets()],
-        [*slim, "finetune", str(pruned), "-c", config, "-o", str(runs / "finetune-kd-0.5"), "--force",
+        [*SLIM, "finetune", str(pruned), "-c", W025, "-o", str(runs / "finetune-0.5"), "--force", *sets()],
+        [*SLIM, "finetune", str(pruned), "-c", W025, "-o", str(runs / "finetune-kd-0.5"), "--force",
          *sets("finetune.distill.alpha=0.5")],
-        [*slim, "scratch", str(pruned), "-c", config, "-o", str(runs / "scratch-e-0.5"), "--force", *sets()],
-        [*slim, "scratch", str(pruned), "-c", config, "-o", str(runs / "scratch-b-0.5"), "--force",
+        [*SLIM, "scratch", str(pruned), "-c", W025, "-o", str(runs / "scratch-e-0.5"), "--force", *sets()],
+        [*SLIM, "scratch", str(pruned), "-c", W025, "-o", str(runs / "scratch-b-0.5"), "--force",
          "--budget", "flops", *sets()],
     ], log, timeout=max(30.0, clock.left() - 25))
 

@@ -16,11 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.mark.slow
 def test_the_gpu_script_runs_every_phase_on_the_cpu_and_leaves_its_results_in_out(tmp_path):
-    out, runs = tmp_path / "out", tmp_path / "runs"
-    env = {**os.environ, "OUT": str(out), "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), "--dry-run", "--runs", str(runs)],
-                          env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    out = dry_run(tmp_path)
     # What the device tool brings back: at most 8 plain files, no subfolders.
     files = sorted(p.name for p in out.iterdir())
     assert all((out / f).is_file() for f in files) and len(files) <= 8
@@ -39,6 +35,16 @@ def test_the_gpu_script_runs_every_phase_on_the_cpu_and_leaves_its_results_in_ou
     assert "- sparse: 1 epochs" in summary and "- finetune: 1 epochs" in summary
 
 
+def dry_run(tmp_path: Path, *args: str) -> Path:
+    """`gpu_check.sh --dry-run ARGS` on the CPU; its OUT folder."""
+    out = tmp_path / "out"
+    env = {**os.environ, "OUT": str(out), "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), "--dry-run", "--runs", str(tmp_path / "runs"),
+                           *args], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    return out
+
+
 def tar_member(path: Path, name: str) -> str:
     with tarfile.open(path) as tar:
         return tar.extractfile(name).read().decode()
@@ -46,11 +52,7 @@ def tar_member(path: Path, name: str) -> str:
 
 @pytest.mark.slow
 def test_the_cpu_repro_plan_runs_baseline_and_sparse_side_by_side_then_sweeps_prunes_and_finetunes(tmp_path):
-    out, runs = tmp_path / "out", tmp_path / "runs"
-    env = {**os.environ, "OUT": str(out), "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), "--dry-run", "--runs", str(runs),
-                           "--plan", "cpu-repro-vgg", "--no-bench"], env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    out = dry_run(tmp_path, "--plan", "cpu-repro-vgg", "--no-bench")
     assert not (out / "bench.md").exists()
     with tarfile.open(out / "runs.tar.gz") as tar:
         names = set(tar.getnames())
@@ -66,11 +68,7 @@ def test_the_cpu_repro_plan_runs_baseline_and_sparse_side_by_side_then_sweeps_pr
 
 @pytest.mark.slow
 def test_the_worth_it_plan_compares_fine_tuning_kd_and_scratch(tmp_path):
-    out, runs = tmp_path / "out", tmp_path / "runs"
-    env = {**os.environ, "OUT": str(out), "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), "--dry-run", "--runs", str(runs),
-                           "--plan", "worth-it-vgg", "--no-bench"], env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    out = dry_run(tmp_path, "--plan", "worth-it-vgg", "--no-bench")
     with tarfile.open(out / "runs.tar.gz") as tar:
         names = set(tar.getnames())
     stages = ("sparse", "finetune-0.5", "finetune-kd-0.5", "scratch-e-0.5", "scratch-b-0.5")
