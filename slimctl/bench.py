@@ -21,7 +21,7 @@ from slimctl.checkpoint import load_checkpoint, model_from_checkpoint
 from slimctl.device import autocast
 from slimctl.errors import SlimctlError
 from slimctl.flops import count_flops, count_params
-from slimctl.fold import fold_bn as fold_batchnorms
+from slimctl.fold import batchnorm_count, fold_bn as fold_batchnorms
 
 
 def _sync(device: torch.device) -> None:
@@ -92,7 +92,7 @@ def bench_checkpoints(
                     timed = fold_batchnorms(model)
                 except SlimctlError as exc:
                     raise SlimctlError(f"{path}: cannot fold its BNs: {exc} (--no-fold-bn times it unfolded)") from exc
-                folded = _batchnorms(model) - _batchnorms(timed)
+                folded = batchnorm_count(model) - batchnorm_count(timed)
             size = tuple(model.arch_spec["input_size"])
             for bs in batch_sizes:
                 if runtime == "torch":
@@ -134,6 +134,3 @@ def onnxruntime_latency_ms(model: nn.Module, *, batch_size: int, repeats: int, w
             times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times)
 
-
-def _batchnorms(model: nn.Module) -> int:
-    return sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())

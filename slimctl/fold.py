@@ -55,6 +55,11 @@ def fold_plan(model: nn.Module, example_input: torch.Tensor | None = None) -> Fo
     return _plan(trace_graph(work, _example(work, example_input)), bns)
 
 
+def batchnorm_count(model: nn.Module) -> int:
+    """BatchNorm modules in `model` (any kind): what folding leaves is this count afterwards."""
+    return sum(isinstance(m, _BatchNorm) for m in model.modules())
+
+
 def fold_bn(model: nn.Module, example_input: torch.Tensor | None = None) -> nn.Module:
     """A copy of `model` in eval mode with every BN folded into its conv / Linear where that is exact.
 
