@@ -38,6 +38,8 @@ from pathlib import Path
 
 import click
 
+from slimctl.device import cpu_description
+
 ROOT = Path(__file__).resolve().parent.parent
 CIFAR_TRAIN, CIFAR_TEST = 50_000, 10_000
 PAPER_L1_BUDGET = 0.66  # λ 1e-4 × Σlr of the paper's 160-epoch VGG schedule (slimctl.sparsity)
@@ -131,12 +133,8 @@ def environment(out: Path, log: Log) -> str:
     lines = [f"date: {time.strftime('%Y-%m-%d %H:%M:%S %Z')}", f"python: {sys.version.split()[0]}",
              f"torch: {torch.__version__} (CUDA {torch.version.cuda})", f"platform: {platform.platform()}",
              f"cpu cores: {os.cpu_count()}, torch threads: {torch.get_num_threads()}"]
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        text = cpuinfo.read_text()
-        model = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), "?")
-        flags = sorted({f for f in ("avx2", "avx512_bf16", "amx_tile") if f" {f}" in text})
-        lines.append(f"cpu: {model} ({', '.join(flags) or 'no avx2'})")
+    model, flags = cpu_description()
+    lines.append(f"cpu: {model} ({', '.join(flags) or 'no avx2'})")
     name = "cpu"
     if torch.cuda.is_available():
         names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]

@@ -5,4 +5,5 @@
 # Everything it writes lands in $OUT (default ./gpu_out); see scripts/gpu_check.py for the phases.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # slimctl from this checkout, installed or not
 exec "${PYTHON:-python3}" scripts/gpu_check.py --out "${OUT:-./gpu_out}" "$@"
