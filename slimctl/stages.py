@@ -244,7 +244,7 @@ def _train(
             sparsity=strength["sparsity"], gammas=gammas, device=device, dtype=dtype, run_dir=run_dir,
             save=save, resume_state=resume_state, progress=progress, log=log,
             is_main=world.is_main, compile_mode=compile_mode(train.compile), on_epoch=board,
-            distill=_on_device(distill, device, train),
+            distill=teacher_on_device(distill, device, train),
         )
     if board is not None:
         board.close()
@@ -416,7 +416,7 @@ def teacher_for(cfg: Config, ckpt: dict[str, Any], checkpoint: Path) -> Distill 
     return Distill(teacher=teacher, alpha=kd.alpha, temperature=kd.temperature, source=str(source))
 
 
-def _on_device(distill: Distill | None, device: torch.device, train: TrainConfig) -> Distill | None:
+def teacher_on_device(distill: Distill | None, device: torch.device, train: TrainConfig) -> Distill | None:
     """The teacher on the training device, eval mode, frozen (each torchrun rank holds its own copy)."""
     if distill is None:
         return None

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -160,3 +164,18 @@ def test_scratch_b_records_the_scaled_schedule(pruned, tmp_path):
     ckpt = load_checkpoint(out / "last.pt")
     assert ckpt["config"]["train"]["epochs"] == 4  # 50% pruned removes > half the FLOPs: the 2× cap
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 4
+
+
+def test_bench_distill_times_both_variants_on_the_same_model(pruned):
+    """scripts/bench_distill.py: the README's cost of distillation (images/s with and without)."""
+    script = Path(__file__).resolve().parents[1] / "scripts" / "bench_distill.py"
+    done = subprocess.run([sys.executable, script, pruned / "pruned.pt", "-c", DEMO_CONFIG, "--steps", "2",
+                           "--rounds", "1", "--warmup", "1", "--batch-size", "8"],
+                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| fine-tune")]
+    assert len(rows) == 2 and rows[0].endswith("| 1.00× |") and "alpha 0.5" in rows[1]
+    assert f"teacher {pruned / 'sparse' / 'best.pt'}" in done.stdout
+    bad = subprocess.run([sys.executable, script, pruned / "pruned.pt", "-c", DEMO_CONFIG, "--alpha", "0"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "alpha > 0" in bad.stderr and "Traceback" not in bad.stderr
