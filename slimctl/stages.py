@@ -316,9 +316,15 @@ def _check_same_recipe(recorded: Any, current: dict[str, Any], run_dir: Path) ->
         )
 
 
+def rank0_log(log: Callable[[str], None]) -> Callable[[str], None]:
+    """Under torchrun only rank 0 speaks: every other rank's lines would repeat its own."""
+    return log if distributed.from_env().is_main else (lambda *args: None)
+
+
 def sparse_train(cfg: Config, run_dir: Path, *, resume: bool = False, force: bool = False, progress=None,
                  log: Callable[[str], None] = print) -> dict[str, Any]:
     """Train from scratch with the L1 penalty λ = train.sparsity on every ranked BN scale."""
+    log = rank0_log(log)
     check_names(cfg)
     prepare_run_dir(run_dir, resume=resume, force=force)
     torch.manual_seed(cfg.train.seed)  # the initial weights are part of the recorded recipe
@@ -333,6 +339,7 @@ def sparse_train(cfg: Config, run_dir: Path, *, resume: bool = False, force: boo
 def finetune(checkpoint: Path, cfg: Config, run_dir: Path, *, resume: bool = False, force: bool = False,
              progress=None, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Train a (pruned) checkpoint's model with the `finetune` settings; no sparsity term."""
+    log = rank0_log(log)
     ckpt = load_checkpoint(checkpoint)
     model = model_from_checkpoint(ckpt, source=str(checkpoint))
     check_names(cfg)
@@ -361,6 +368,7 @@ def scratch(checkpoint: Path, cfg: Config, run_dir: Path, *, budget: str = "epoc
             force: bool = False, progress=None, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Train a pruned checkpoint's architecture (same widths and selections) from fresh weights, with
     the `train` recipe minus the sparsity term: the "is pruning worth it" baseline."""
+    log = rank0_log(log)
     if budget not in SCRATCH_BUDGETS:
         raise SlimctlError(f"--budget must be one of {', '.join(SCRATCH_BUDGETS)}, got {budget!r}")
     ckpt = load_checkpoint(checkpoint)

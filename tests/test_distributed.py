@@ -71,6 +71,15 @@ def test_sparse_train_prune_finetune_under_torchrun(tmp_path):
     ft = load_checkpoint(tmp_path / "ft" / "best.pt")
     assert ft["widths"] == load_checkpoint(tmp_path / "pruned.pt")["widths"]
     assert len((tmp_path / "ft" / "metrics.jsonl").read_text().splitlines()) == 1
+    # Distillation under torchrun: each rank holds its own frozen teacher (the sparse parent), no DDP wrapper.
+    done = _torchrun("-m", "slimctl", "finetune", tmp_path / "pruned.pt", "-c", DEMO_CONFIG, "-o", tmp_path / "kd",
+                     "--set", "finetune.epochs=1", "--set", "finetune.distill.alpha=0.5", *SETS)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (done.stdout + done.stderr).count("distilling from") == 1, done.stderr  # rank 0 alone logs
+    kd = load_checkpoint(tmp_path / "kd" / "best.pt")
+    assert kd["metrics"]["distill"]["teacher"] == str(sparse / "best.pt")
+    [row] = [json.loads(line) for line in (tmp_path / "kd" / "metrics.jsonl").read_text().splitlines()]
+    assert row["ddp_gamma_max_diff"] == 0.0  # the students stay bit-identical across ranks
 
 
 def test_a_failing_rank_stops_every_rank_with_its_message(tmp_path):
