@@ -181,8 +181,9 @@ def _after_fold(bn: nn.Module) -> nn.Module:
     """What stays of a folded BN: the parts a BN subclass applies after normalising (timm's
     BatchNormAct2d: drop, act) and an inserted selection, under their own names; else Identity."""
     parts = [(n, c) for n, c in ((n, getattr(bn, n, None)) for n in BN_PARTS) if isinstance(c, nn.Module)]
-    if selection_of(bn) is not None:
-        parts.append((SELECT, selection_of(bn)))
+    selection = selection_of(bn)
+    if selection is not None:
+        parts.append((SELECT, selection))
     if not parts:
         return nn.Identity()
     return parts[0][1] if len(parts) == 1 and parts[0][0] == SELECT else nn.Sequential(OrderedDict(parts))

@@ -56,6 +56,11 @@ def _error(metrics: dict[str, Any] | None, key: str = "best_top1") -> float | No
     return None if top1 is None else 100.0 - float(top1)
 
 
+# The pruned architecture trained other ways (run folder prefix, row label): distilled, or from
+# scratch (Liu et al., ICLR 2019); the Makefile's -distill / -scratch-e / -scratch-b targets.
+OTHER_TRAININGS = (("finetune-kd", "fine-tuned + KD"), ("scratch-e", "scratch-E"), ("scratch-b", "scratch-B"))
+
+
 def recipe_rows(folder: Path) -> list[Row]:
     """Rows for one recipe folder: baseline, sparse, then one per pruning ratio found."""
     dataset, _, name = folder.name.partition("-")
@@ -64,9 +69,9 @@ def recipe_rows(folder: Path) -> list[Row]:
         m = _metrics(folder / stage / "best.pt")
         paper = PAPER.get((dataset, name, None)) if stage == "baseline" else None
         rows.append(Row(f"{name} ({label})", _error(m), m and m.get("params"), m and m.get("flops"), paper=paper))
+    runs = "|".join(["pruned", "finetune", *(run for run, _ in OTHER_TRAININGS)])
     ratios = sorted(
-        {float(match.group(1)) for p in folder.iterdir()
-         if (match := re.fullmatch(r"(?:pruned|finetune|finetune-kd|scratch-e|scratch-b)-([0-9.]+)(?:\.pt)?", p.name))}
+        {float(match.group(1)) for p in folder.iterdir() if (match := re.fullmatch(rf"(?:{runs})-([0-9.]+)(?:\.pt)?", p.name))}
     )
     for ratio in ratios:
         pruned = _metrics(folder / f"pruned-{ratio:g}.pt")
@@ -82,8 +87,7 @@ def recipe_rows(folder: Path) -> list[Row]:
                 paper=PAPER.get((dataset, name, ratio)),
             )
         )
-        # The same architecture, other ways: distilled, or trained from scratch (Liu et al., ICLR 2019).
-        for run, label in (("finetune-kd", "fine-tuned + KD"), ("scratch-e", "scratch-E"), ("scratch-b", "scratch-B")):
+        for run, label in OTHER_TRAININGS:
             m = _metrics(folder / f"{run}-{ratio:g}" / "best.pt")
             if m is not None:
                 rows.append(Row(f"{name} ({ratio:.0%} pruned, {label})", _error(m), m.get("params"), m.get("flops")))

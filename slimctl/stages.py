@@ -27,7 +27,7 @@ from slimctl.flops import count_flops, count_params
 from slimctl.inserted import ConstantResponse, reattach_selections
 from slimctl.models import create_model, is_known_arch, list_models, module_widths
 from slimctl.models.layers import init_paper_weights
-from slimctl.registry import TIMM, import_timm
+from slimctl.registry import TIMM, TORCHVISION, import_timm
 from slimctl.plan import group_scores, make_plan, validate_ratio
 from slimctl.report import plot_gamma_histogram, plot_sweep
 from slimctl.sparsity import bn_scales, budget_warning, gamma_stats, l1_budget, sparsity_for_budget
@@ -217,8 +217,6 @@ def _train(
                            "environment": info["environment"]})
         if cfg.log.tensorboard:
             board = EpochBoard(run_dir / "tb", dict(zip(gamma_names, gammas)), sparsity=strength["sparsity"])
-    else:
-        log = lambda *args: None  # noqa: E731
     log(
         f"{stage}: {model.arch_spec['arch']} on {cfg.data.name} ({train_loader.dataset_size} train / "
         f"{test_loader.dataset_size} test images), {device.type}, {dtype or torch.float32}, "
@@ -393,7 +391,7 @@ def fresh_like(ckpt: dict[str, Any]) -> nn.Module:
     default). The β-compensation terms start at zero: nothing was removed from a fresh network."""
     model = create_model(ckpt["arch"], int(ckpt["num_classes"]), widths=ckpt["widths"],
                          input_size=ckpt.get("input_size"), **ckpt["arch_args"])
-    if not ckpt["arch"].startswith(("torchvision.", "timm.")):
+    if not ckpt["arch"].startswith((TORCHVISION, TIMM)):
         init_paper_weights(model)
     with torch.no_grad():
         for module in model.modules():

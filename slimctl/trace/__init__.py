@@ -75,7 +75,7 @@ def derive_groups(model: nn.Module, example_input: torch.Tensor, *, coupled: str
         raise SlimctlError(f"coupled must be one of {', '.join(COUPLED_MODES)}, got {coupled!r}")
     bns = [n for n, m in model.named_modules() if is_bn(m) and frozen_bn_note(m, n) is None]
     if not bns:
-        frozen = [frozen_bn_note(m, n) for n, m in model.named_modules() if frozen_bn_note(m, n) is not None]
+        frozen = [note for n, m in model.named_modules() if (note := frozen_bn_note(m, n)) is not None]
         if frozen:
             raise SlimctlError(f"{type(model).__name__} has no trainable BatchNorm2d: {frozen[0]}"
                                + (f" (and {len(frozen) - 1} more)" if len(frozen) > 1 else ""))

@@ -35,7 +35,7 @@ import torch
 from torch import fx, nn
 from torch.nn import functional as F
 
-from slimctl.inserted import ChannelSelection
+from slimctl.inserted import COMPENSATE, SELECT, ChannelSelection
 
 
 class Op(Enum):
@@ -100,7 +100,7 @@ RESHAPES = {"view", "reshape"}
 BNS = (nn.BatchNorm2d, nn.SyncBatchNorm)  # the norms that rank channels (SyncBatchNorm: a DDP sync_bn model)
 _PLAIN_BN_FORWARDS = (nn.BatchNorm2d.forward, nn.SyncBatchNorm.forward, nn.modules.batchnorm._BatchNorm.forward)
 BN_PARTS = ("drop", "act")  # what a BN subclass may apply after normalising, in this order (timm's BatchNormAct2d)
-_INSERTED_CHILDREN = ("select", "compensate")  # slimctl's own children (slimctl.inserted)
+_INSERTED_CHILDREN = (SELECT, COMPENSATE)  # slimctl's own children (slimctl.inserted)
 
 
 def is_bn(m: nn.Module) -> bool:
