@@ -111,8 +111,9 @@ def run_options(config_help: str, out_help: str):
             click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP),
             click.option("--resume", is_flag=True, help=RESUME_HELP),
             click.option("--force", is_flag=True, help=FORCE_HELP),
-            click.option("--log-every", default=None, metavar="N|Ns",
-                         help="A plain progress line every N steps or N seconds (e.g. 50, 30s). Default: rich's "
+            click.option("--log-every", default=None, metavar="N|Ns|N%",
+                         help="A plain progress line every N steps, N seconds or N% of an epoch (e.g. 50, 30s, "
+                              "5%). Default: rich's "
                               "bar on a terminal; else a line every 30 s or 10% of an epoch."),
             click.option("--tensorboard", is_flag=True,
                          help="Write TensorBoard events to RUN_DIR/tb (same as log.tensorboard: true; "

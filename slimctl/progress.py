@@ -9,7 +9,7 @@ printed, so it costs one host sync per line, never one per step.
 from __future__ import annotations
 
 import time
-from typing import Callable
+from typing import Callable, NamedTuple
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -21,19 +21,32 @@ DEFAULT_FRACTION = 0.1  # …or every 10% of an epoch,
 MIN_SECONDS = 5.0  # but never more often than this by default (seconds): short runs stay calm
 
 
-def parse_every(text: str) -> tuple[int | None, float | None]:
-    """`--log-every`: "50" → every 50 steps, "30s" → every 30 seconds."""
+class Every(NamedTuple):
+    """A cadence of progress lines: exactly one of the three is set."""
+
+    steps: int | None = None
+    seconds: float | None = None
+    fraction: float | None = None  # of an epoch, in (0, 1]
+
+
+def parse_every(text: str) -> Every:
+    """`--log-every`: "50" → every 50 steps, "30s" → every 30 seconds, "5%" → every 5% of an epoch."""
     value = text.strip().lower()
     try:
         if value.endswith("s"):
             seconds = float(value[:-1])
             if seconds > 0:
-                return None, seconds
+                return Every(seconds=seconds)
+        elif value.endswith("%"):
+            percent = float(value[:-1])
+            if 0 < percent <= 100:
+                return Every(fraction=percent / 100)
         elif int(value) >= 1:
-            return int(value), None
+            return Every(steps=int(value))
     except ValueError:
         pass
-    raise SlimctlError(f"--log-every expects a number of steps (e.g. 50) or seconds (e.g. 30s), got {text!r}")
+    raise SlimctlError("--log-every expects a number of steps (e.g. 50), seconds (e.g. 30s) or a percentage "
+                       f"of an epoch (e.g. 5%), got {text!r}")
 
 
 def duration(seconds: float) -> str:
@@ -105,12 +118,12 @@ class RichProgress:
 
 class LineProgress:
     """Without a terminal (a log file, nohup, a job scheduler, CI), or with --log-every: one plain
-    line at a steady cadence: every `steps` steps, every `seconds`, or by default every 30 s or 10%
-    of an epoch, whichever comes first (but at most one per 5 s)."""
+    line at a steady cadence: every `steps` steps, every `seconds`, every `fraction` of an epoch, or
+    by default every 30 s or 10% of an epoch, whichever comes first (but at most one per 5 s)."""
 
     def __init__(self, write: Callable[[str], None], *, steps: int | None = None, seconds: float | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        self.write, self.every_steps, self.every_seconds = write, steps, seconds
+                 fraction: float | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+        self.write, self.every_steps, self.every_seconds, self.every_fraction = write, steps, seconds, fraction
         self.clock = clock
         self.run = RunClock(clock)
         self.last = clock()  # when the last line was printed
@@ -132,6 +145,8 @@ class LineProgress:
             return self.step - self.last_step >= self.every_steps
         if self.every_seconds is not None:
             return since >= self.every_seconds
+        if self.every_fraction is not None:
+            return self.step - self.last_step >= max(1, round(self.steps * self.every_fraction))
         tenth = max(1, round(self.steps * DEFAULT_FRACTION))
         return since >= DEFAULT_SECONDS or (self.step - self.last_step >= tenth and since >= MIN_SECONDS)
 
@@ -151,5 +166,5 @@ def reporter(console: Console, log_every: str | None) -> RichProgress | LineProg
     """Rich's bar on a terminal; plain lines without one, or at the cadence `--log-every` asks for."""
     if log_every is None and console.is_terminal:
         return RichProgress(console)
-    steps, seconds = parse_every(log_every) if log_every is not None else (None, None)
-    return LineProgress(lambda line: console.print(line, markup=False, highlight=False), steps=steps, seconds=seconds)
+    every = parse_every(log_every) if log_every is not None else Every()
+    return LineProgress(lambda line: console.print(line, markup=False, highlight=False), **every._asdict())

@@ -11,7 +11,7 @@ import yaml
 
 from slimctl.device import environment, machine_label
 from slimctl.errors import SlimctlError
-from slimctl.progress import LineProgress, RunClock, duration, parse_every
+from slimctl.progress import Every, LineProgress, RunClock, duration, parse_every
 
 from conftest import DEMO_CONFIG, TINY, run, sets
 
@@ -27,12 +27,14 @@ class FakeClock:
 # --------------------------------------------------------------------------- progress lines
 
 
-@pytest.mark.parametrize("text, parsed", [("50", (50, None)), ("30s", (None, 30.0)), (" 2.5S ", (None, 2.5))])
-def test_log_every_takes_steps_or_seconds(text, parsed):
+@pytest.mark.parametrize("text, parsed", [("50", Every(steps=50)), ("30s", Every(seconds=30.0)),
+                                          (" 2.5S ", Every(seconds=2.5)), ("5%", Every(fraction=0.05)),
+                                          ("100%", Every(fraction=1.0))])
+def test_log_every_takes_steps_seconds_or_a_share_of_an_epoch(text, parsed):
     assert parse_every(text) == parsed
 
 
-@pytest.mark.parametrize("text", ["0", "-3", "abc", "5m", "0s", ""])
+@pytest.mark.parametrize("text", ["0", "-3", "abc", "5m", "0s", "", "0%", "150%", "x%"])
 def test_a_bad_log_every_is_refused(text):
     with pytest.raises(SlimctlError, match="--log-every expects"):
         parse_every(text)
@@ -72,6 +74,11 @@ def test_lines_every_n_steps_say_where_the_run_is_and_when_it_ends():
         "epoch 1/3  step 4/10  loss 1.2500  20 img/s  ETA epoch 0:03, run 0:13",
         "epoch 1/3  step 8/10  loss 1.2500  20 img/s  ETA epoch 0:01, run 0:11",
     ]  # none at step 10: the epoch's own line follows
+
+
+def test_lines_every_share_of_an_epoch_ignore_the_clock():
+    printed = lines_of({"fraction": 0.25}, steps=10, seconds_per_step=100.0)  # 2.5 steps → every 2
+    assert [line.split("  ")[1] for line in printed] == ["step 2/10", "step 4/10", "step 6/10", "step 8/10"]
 
 
 def test_lines_every_n_seconds():
