@@ -145,6 +145,12 @@ def sparse_train_cmd(config: Path, out: Path | None, overrides: tuple[str, ...],
     _print_best(result)
 
 
+# prune, sweep and eval: the test batch, lowered when evaluation runs out of memory
+test_batch_option = click.option(
+    "--batch-size", type=click.IntRange(min=1), default=None,
+    help="Test images per evaluation batch [default: the checkpoint config's data.test_batch_size].")
+
+
 @cli.command("prune")
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @click.option("--ratio", type=float, default=None,
@@ -169,6 +175,7 @@ def sparse_train_cmd(config: Path, out: Path | None, overrides: tuple[str, ...],
 @click.option("--target-params", default=None, metavar="X", help="The same for parameters (e.g. 0.7 or 2.5M).")
 @click.option("--data-root", default=None, help="Where the data set lives, if not where the checkpoint's config says.")
 @click.option("--no-eval", is_flag=True, help="Skip the test-set evaluation of the pruned model.")
+@test_batch_option
 @click.option("--device", default="cpu", show_default=True, help="Device for that evaluation (cpu, cuda, auto).")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--tensorboard", is_flag=True,
@@ -177,8 +184,8 @@ def sparse_train_cmd(config: Path, out: Path | None, overrides: tuple[str, ...],
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables.")
 def prune_cmd(checkpoint: Path, ratio: float | None, out: Path | None, min_channels: int | None, round_to: int,
               coupled: str, compensate: str, target_flops: str | None, target_params: str | None,
-              data_root: str | None, no_eval: bool, device: str, force: bool, tensorboard: bool,
-              as_json: bool) -> None:
+              data_root: str | None, no_eval: bool, batch_size: int | None, device: str, force: bool,
+              tensorboard: bool, as_json: bool) -> None:
     """Remove the channels whose BN |γ| falls under one global threshold; write a narrower model.
 
     Also writes a |γ| histogram (OUT stem + _gamma.png) with the threshold marked, and evaluates
@@ -198,7 +205,7 @@ def prune_cmd(checkpoint: Path, ratio: float | None, out: Path | None, min_chann
         target = parse_target("params", target_params)
     result = prune_checkpoint(checkpoint, out, ratio=ratio, min_channels=min_channels, round_to=round_to,
                               coupled=coupled, compensate=compensate, target=target, evaluate_model=not no_eval,
-                              data_root=data_root, force=force, device=device)
+                              data_root=data_root, batch_size=batch_size, force=force, device=device)
     events = prune_events(checkpoint, result, own=tensorboard)
     if events is not None:
         result["tensorboard"] = str(events)
@@ -226,6 +233,7 @@ def prune_cmd(checkpoint: Path, ratio: float | None, out: Path | None, min_chann
 @click.option("--tolerance", type=click.FloatRange(min=0), default=0.5, show_default=True,
               help="Points of top-1 below the unpruned model's that still count as safe.")
 @click.option("--subset", type=int, default=None, help="Evaluate on this many test images (a fixed choice) for speed.")
+@test_batch_option
 @click.option("--compensate", type=click.Choice(COMPENSATE_MODES), default="exact", show_default=True,
               help="Compensation to sweep; 'none' (literal removal) is always swept beside it.")
 @click.option("--min-channels", type=click.IntRange(min=1), default=1, show_default=True)
@@ -236,8 +244,8 @@ def prune_cmd(checkpoint: Path, ratio: float | None, out: Path | None, min_chann
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or auto.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
 def sweep_cmd(checkpoint: Path, ratios: str, compare: Path | None, tolerance: float, subset: int | None,
-              compensate: str, min_channels: int, round_to: int, coupled: str, png: Path | None,
-              data_root: str | None, device: str, as_json: bool) -> None:
+              batch_size: int | None, compensate: str, min_channels: int, round_to: int, coupled: str,
+              png: Path | None, data_root: str | None, device: str, as_json: bool) -> None:
     """Accuracy right after pruning at each ratio, without writing a checkpoint.
 
     Prints threshold, params, FLOPs and top-1 per ratio (compensated and literal removal), and the
@@ -250,7 +258,7 @@ def sweep_cmd(checkpoint: Path, ratios: str, compare: Path | None, tolerance: fl
     ratio_list = parse_ratios(ratios)
     result = sweep_checkpoint(checkpoint, ratios=ratio_list, compare=compare, tolerance=tolerance, subset=subset,
                               compensate=compensate, min_channels=min_channels, round_to=round_to, coupled=coupled,
-                              data_root=data_root, device=device, png=png)
+                              data_root=data_root, batch_size=batch_size, device=device, png=png)
     if as_json:
         print_json(result)
         return
@@ -380,12 +388,13 @@ def scratch_cmd(checkpoint: Path, config: Path, out: Path | None, overrides: tup
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @click.option("--data-root", default=None, help="Where the data set lives, if not where the checkpoint's config says.")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or auto.")
+@test_batch_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object: top1 (%), loss, params, flops.")
-def eval_cmd(checkpoint: Path, data_root: str | None, device: str, as_json: bool) -> None:
+def eval_cmd(checkpoint: Path, data_root: str | None, batch_size: int | None, device: str, as_json: bool) -> None:
     """Test-set top-1 of a checkpoint, on the data set its config names."""
     from slimctl.stages import evaluate_checkpoint
 
-    result = evaluate_checkpoint(checkpoint, device=device, data_root=data_root)
+    result = evaluate_checkpoint(checkpoint, device=device, data_root=data_root, batch_size=batch_size)
     if as_json:
         print_json(result)
     else:

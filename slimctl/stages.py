@@ -456,18 +456,24 @@ def _recorded_config(ckpt: dict[str, Any], source: str) -> Config | None:
 
 
 class TestSet:
-    """The test split a checkpoint's config names, loaded once and evaluated on any model."""
+    """The test split a checkpoint's config names, loaded once and evaluated on any model, in
+    batches of `batch_size` images (default: the config's data.test_batch_size)."""
 
-    def __init__(self, cfg: Config, device: torch.device, data_root: str | None, subset: int | None = None) -> None:
+    def __init__(self, cfg: Config, device: torch.device, data_root: str | None, subset: int | None = None,
+                 batch_size: int | None = None) -> None:
         data = cfg.data if data_root is None else dataclasses.replace(cfg.data, root=data_root)
+        if batch_size is not None:  # >= 1, checked by the CLI
+            data = dataclasses.replace(data, test_batch_size=batch_size)
         self.loader = build_loader(dataclasses.replace(data, download=False), train=False, device=device,
                                    subset=subset)
         self.device = device
         self.dtype = resolve_precision(cfg.train.precision, device)
+        self.what = f"evaluating on the {data.name} test set (batch size {data.test_batch_size})"
 
     def top1(self, model: nn.Module) -> tuple[float, float]:
-        """(mean cross-entropy, top-1 %)."""
-        return evaluate(model.to(self.device), self.loader, device=self.device, dtype=self.dtype)
+        """(mean cross-entropy, top-1 %); out of memory is the one-line error that names --batch-size."""
+        with out_of_memory_as_error(self.what, "--batch-size"):
+            return evaluate(model.to(self.device), self.loader, device=self.device, dtype=self.dtype)
 
 
 def prune_checkpoint(
@@ -482,6 +488,7 @@ def prune_checkpoint(
     target: Target | None = None,
     evaluate_model: bool = True,
     data_root: str | None = None,
+    batch_size: int | None = None,
     force: bool = False,
     device: str = "cpu",
 ) -> dict[str, Any]:
@@ -528,7 +535,8 @@ def prune_checkpoint(
         "layers": plan.layers(),
     }
     if evaluate_model and cfg is not None:
-        result.update(_pruned_top1(model, plan, pruned, cfg, compensate, resolve_device(device), data_root))
+        result.update(_pruned_top1(model, plan, pruned, cfg, compensate, resolve_device(device), data_root,
+                                   batch_size))
     result["coupled"] = coupled
     prune_info = {k: result[k] for k in ("ratio", "threshold", "min_channels", "round_to", "coupled", "compensate",
                                          "target", "layers")}
@@ -554,6 +562,7 @@ def sweep_checkpoint(
     round_to: int = 1,
     coupled: str = "keep",
     data_root: str | None = None,
+    batch_size: int | None = None,
     device: str = "cpu",
     png: Path | None = None,
     progress: Callable[[float], None] | None = None,
@@ -575,7 +584,7 @@ def sweep_checkpoint(
         if cfg is None:
             raise SlimctlError(f"{path} records no config, so slimctl does not know its data set; sweep needs data")
         try:
-            test_set = TestSet(cfg, resolve_device(device), data_root, subset)
+            test_set = TestSet(cfg, resolve_device(device), data_root, subset, batch_size)
         except SlimctlError as exc:
             raise SlimctlError(f"sweep needs the test set: {exc} (point at it with --data-root DIR)") from None
         unpruned = test_set.top1(model)[1]
@@ -611,11 +620,11 @@ def _plan_for(model: nn.Module, groups, cfg: Config | None, *, ratio: float | No
 
 
 def _pruned_top1(model: nn.Module, plan, pruned: nn.Module, cfg: Config, compensate: str, device: torch.device,
-                 data_root: str | None) -> dict[str, Any]:
+                 data_root: str | None, batch_size: int | None) -> dict[str, Any]:
     """{loss, top1} of the pruned model, and `top1_none`: what the paper's literal removal would
     have scored; or {eval_skipped: why} when the test set is not on disk."""
     try:
-        test_set = TestSet(cfg, device, data_root)
+        test_set = TestSet(cfg, device, data_root, batch_size=batch_size)
     except SlimctlError as exc:
         return {"eval_skipped": str(exc)}
     loss, top1 = test_set.top1(pruned)
@@ -652,13 +661,14 @@ def explain_groups(model: nn.Module, *, coupled: str = "keep") -> list[dict[str,
     return space_rows(trace_model(model, coupled=coupled))
 
 
-def evaluate_checkpoint(checkpoint: Path, *, device: str = "cpu", data_root: str | None = None) -> dict[str, Any]:
+def evaluate_checkpoint(checkpoint: Path, *, device: str = "cpu", data_root: str | None = None,
+                        batch_size: int | None = None) -> dict[str, Any]:
     ckpt = load_checkpoint(checkpoint)
     model = model_from_checkpoint(ckpt, source=str(checkpoint))
     cfg = _recorded_config(ckpt, str(checkpoint))
     if cfg is None:
         raise SlimctlError(f"{checkpoint} records no config, so slimctl does not know its data set")
-    loss, top1 = TestSet(cfg, resolve_device(device), data_root).top1(model)
+    loss, top1 = TestSet(cfg, resolve_device(device), data_root, batch_size=batch_size).top1(model)
     return {"top1": top1, "loss": loss, "params": count_params(model), "flops": count_flops(model), "data": cfg.data.name}
 
 

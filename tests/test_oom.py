@@ -1,6 +1,7 @@
 """Out of memory, CPU or CUDA: one line and exit 2, never a traceback, never a lost checkpoint."""
 
 import functools
+import json
 import re
 import subprocess
 import sys
@@ -207,3 +208,38 @@ def test_out_of_memory_in_epoch_two_keeps_epoch_one_checkpoint(tmp_path, monkeyp
     assert saved and file_sha256(out / "last.pt") == saved[-1]
     assert load_checkpoint(out / "last.pt")["resume"]["epoch"] == 1
     assert sorted(p.name for p in out.iterdir()) == ["best.pt", "config.yaml", "last.pt", "metrics.jsonl"]
+
+
+# --------------------------------------------------------------------------- evaluation: eval, sweep, prune
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    out = tmp_path_factory.mktemp("evaluated") / "run"
+    run("sparse-train", "-c", DEMO_CONFIG, "-o", out, *sets(*TINY))
+    return out / "best.pt"
+
+
+@pytest.mark.parametrize("command", [["eval"], ["sweep", "--ratios", "0.5"], ["prune", "--ratio", "0.5"]])
+def test_out_of_memory_while_evaluating_names_the_test_batch(tmp_path, monkeypatch, tiny_checkpoint, command):
+    import slimctl.stages as stages
+
+    def no_memory(*args, **kwargs):
+        raise RuntimeError(CPU_OOM)
+
+    monkeypatch.setattr(stages, "evaluate", no_memory)
+    out = tmp_path / "pruned.pt"
+    extra = ["-o", out] if command[0] == "prune" else []
+    result = run(command[0], tiny_checkpoint, *command[1:], *extra, "--batch-size", "7", code=2)
+    assert "Traceback" not in result.output
+    assert result.output.strip().splitlines()[-1] == (
+        "Error: out of memory while evaluating on the digits test set (batch size 7): "
+        "tried to allocate 137.33 GiB; lower --batch-size")
+    assert not out.exists()  # prune evaluates before it writes
+
+
+def test_the_test_batch_changes_batches_not_the_score(tiny_checkpoint):
+    default = json.loads(run("eval", tiny_checkpoint, "--json").output)
+    small = json.loads(run("eval", tiny_checkpoint, "--batch-size", "7", "--json").output)
+    assert small["top1"] == pytest.approx(default["top1"]) and small["loss"] == pytest.approx(default["loss"], rel=1e-4)
+    assert "--batch-size" in run("eval", tiny_checkpoint, "--batch-size", "0", code=2).output
