@@ -144,8 +144,7 @@ def slimctl_steps(model: nn.Module, data, batch_size: int, steps: int, warmup: i
     gammas = bn_scales(model, [g.bn for g in channel_groups(model)])
     step = TrainStep(model, optimizer, gammas=gammas, sparsity=sparsity, device=device, dtype=dtype,
                      mode=compile_mode)
-    run = lambda n: train_one_epoch(model, itertools.islice(iter(loader), n), optimizer, gammas=gammas,  # noqa: E731
-                                    sparsity=sparsity, device=device, dtype=dtype, step=step)
+    run = lambda n: train_one_epoch(step, itertools.islice(iter(loader), n))  # noqa: E731
     started = time.perf_counter()
     run(warmup)  # compiles here (the first step, and the second: SGD's momentum buffers appear)
     compile_seconds = time.perf_counter() - started if compile_mode else 0.0

@@ -207,29 +207,20 @@ class TrainStep:
 
 
 def train_one_epoch(
-    model: nn.Module,
+    step: TrainStep,
     loader,
-    optimizer: torch.optim.Optimizer,
     *,
-    gammas: list[nn.Parameter],
-    sparsity: float,
-    device: torch.device,
-    dtype: torch.dtype | None,
-    scaler: torch.amp.GradScaler | None = None,
     state: EpochState | None = None,
     should_stop: Callable[[], bool] = lambda: False,
     on_step: Callable[[int, Callable[[], float]], None] | None = None,
-    step: TrainStep | None = None,
 ) -> EpochState:
-    """One pass over `loader` (which already skips the `state.steps` batches done before a resume).
-
-    `step` (a TrainStep over the same model and optimizer) carries compiled graphs across epochs;
-    without it each batch runs one eager step. Nothing in the loop reads the device: the running
-    sums stay there and are read once, at the end of the epoch.
+    """One pass over `loader` (which already skips the `state.steps` batches done before a resume),
+    one `step` per batch (its model, optimizer, λ, device and precision; compiled graphs carry over
+    between epochs). Nothing in the loop reads the device: the running sums stay there and are read
+    once, at the end of the epoch.
     """
     state = state or EpochState()
-    step = step or TrainStep(model, optimizer, gammas=gammas, sparsity=sparsity, device=device, dtype=dtype,
-                             scaler=scaler)
+    model, device = step.model, step.device
     model.train()
     loss_sum = torch.tensor(state.loss_sum, device=device)
     correct = torch.tensor(state.correct, device=device)
@@ -431,11 +422,7 @@ def run_epoch(step: TrainStep, loader, *, epoch: int, lr: float, partial: EpochS
         group["lr"] = lr
     loader.set_epoch(epoch, start_batch=partial.steps if partial else 0)
     on_step = bar.start(epoch, loader, done=partial.images if partial else 0, step=partial.steps if partial else 0)
-    state = train_one_epoch(
-        step.model, loader, step.optimizer, gammas=step.gammas, sparsity=step.sparsity, device=step.device,
-        dtype=step.dtype, scaler=step.scaler, state=partial, should_stop=stop.should_stop, on_step=on_step,
-        step=step,
-    )
+    state = train_one_epoch(step, loader, state=partial, should_stop=stop.should_stop, on_step=on_step)
     # Train metrics over all ranks' samples (ranks finish or stop at the same step).
     return _summed_over_ranks(state, step.device)
 

@@ -177,8 +177,7 @@ def test_the_step_loop_reads_the_device_once_per_epoch_not_once_per_step(host_re
         step = stepper(model, mode=None)
         loader = tiny_loader(samples)
         host_reads["n"] = 0
-        state = train_one_epoch(model, loader, step.optimizer, gammas=step.gammas, sparsity=step.sparsity,
-                                device=CPU, dtype=None, step=step, on_step=lambda n, loss: None)
+        state = train_one_epoch(step, loader, on_step=lambda n, loss: None)
         assert state.steps == len(loader)
         return host_reads["n"]
 

@@ -64,7 +64,7 @@ def test_auto_precision_is_bf16_only_where_it_is_native(monkeypatch, native, exp
 
 
 def _one_step_gammas(precision, sparsity, scaler):
-    from slimctl.train import train_one_epoch
+    from slimctl.train import TrainStep, train_one_epoch
 
     torch.manual_seed(0)
     model = create_model("vgg11", 10, width=0.125)
@@ -76,8 +76,8 @@ def _one_step_gammas(precision, sparsity, scaler):
     x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
     # Plain SGD: the update is exactly −lr·grad, so the λ term's share is visible.
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
-    train_one_epoch(model, [(x, y)], opt, gammas=gammas, sparsity=sparsity, device=torch.device("cpu"),
-                    dtype=precision, scaler=scaler)
+    train_one_epoch(TrainStep(model, opt, gammas=gammas, sparsity=sparsity, device=torch.device("cpu"),
+                              dtype=precision, scaler=scaler), [(x, y)])
     return torch.cat([g.detach().clone() for g in gammas]), signs
 
 
