@@ -5,7 +5,8 @@ In eval mode a BN is a per-channel affine map, y = s·(x − μ) + β with s = �
 the output of one conv (or Linear) and nothing else reads that output, the map moves into the
 layer: W ← s·W (per output channel; grouped and depthwise convs alike), b ← s·(b − μ) + β, and the
 BN becomes `nn.Identity`. A `ConstantResponse` on the layer (`<layer>.compensate`, added to its
-output by a hook before the BN sees it) is scaled by s too, per position term and all. A BN with an
+output by a hook before the BN sees it) is scaled by s too, per position term and all; one that is
+only a per-channel bias joins the layer's new bias instead, and its hook goes. A BN with an
 inserted `ChannelSelection` (`<bn>.select`) is replaced by that selection, so the gather stays.
 
 Where the move is not exact the BN stays as it is, with the reason recorded (`fold_plan`): a BN
@@ -29,7 +30,7 @@ import torch
 from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from slimctl.inserted import SELECT, has_foreign_hooks, response_of, selection_of
+from slimctl.inserted import SELECT, detach_response, has_foreign_hooks, response_of, selection_of
 from slimctl.registry import input_size
 from slimctl.trace.rules import BN_PARTS, bn_parts, call_counts, is_bn, label, shape
 from slimctl.trace.walk import trace_graph
@@ -167,13 +168,16 @@ def _fold_into(layer: nn.Conv2d | nn.Linear, bn: _BatchNorm) -> None:
     weight = layer.weight
     bias = layer.bias.to(f64) if layer.bias is not None else torch.zeros_like(mean)
     per_row = scale.view(-1, *(1,) * (weight.dim() - 1))
+    response = response_of(layer)
+    per_channel = response is not None and not response.kernel.numel()
+    if per_channel:  # a plain bias on the layer's output: it joins the layer's bias, one add less per call
+        bias = bias + response.bias.to(f64)
+        detach_response(layer)
     layer.weight = nn.Parameter((weight.to(f64) * per_row).to(weight.dtype), requires_grad=weight.requires_grad)
     layer.bias = nn.Parameter(((bias - mean) * scale + beta).to(weight.dtype), requires_grad=weight.requires_grad)
-    response = response_of(layer)
-    if response is not None:  # added to the layer's output before the BN saw it: scaled like it
+    if response is not None and not per_channel:  # added to the output before the BN saw it: scaled like it
         response.bias.copy_(response.bias.to(f64) * scale)
-        if response.kernel.numel():
-            response.kernel.copy_(response.kernel.to(f64) * scale.view(-1, 1, 1))
+        response.kernel.copy_(response.kernel.to(f64) * scale.view(-1, 1, 1))
         response._cache = {}
 
 

@@ -153,6 +153,15 @@ def attach_response(layer: nn.Module, *, bias: torch.Tensor | None = None, kerne
         existing.kernel.add_(kernel.to(existing.kernel))
 
 
+def detach_response(layer: nn.Module) -> None:
+    """Remove the layer's ConstantResponse and its hook (once its term lives in the layer's own bias)."""
+    delattr(layer, COMPENSATE)
+    for key, hook in list(layer._forward_hooks.items()):
+        if hook is _response_hook:
+            del layer._forward_hooks[key]
+            layer._forward_hooks_always_called.pop(key, None)
+
+
 def _attached(layer: nn.Module, response: ConstantResponse) -> ConstantResponse:
     """`response` as the layer's child `compensate` (on its device, in its dtype), hooked once."""
     response = response.to(layer.weight)

@@ -7,6 +7,10 @@ from __future__ import annotations
 import copy
 import functools
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -124,6 +128,25 @@ def test_response_is_scaled_with_the_layer() -> None:
         torch.testing.assert_close(got.kernel, response.kernel * scale[:, None, None])
 
 
+@pytest.mark.parametrize("arch, kwargs", [("vgg11", {"width": 0.25}), ("torchvision.mobilenet_v2", {})])
+def test_a_per_channel_response_joins_the_folded_bias(arch: str, kwargs: dict) -> None:
+    """`--compensate bias` leaves per-channel terms only; folded, they move into the layers' biases
+    and their hooks go, so the deployed model has no extra add, and computes the same."""
+    torch.manual_seed(0)
+    size = 32 if arch == "vgg11" else 64
+    model = randomize_bn(create_model(arch, 10, input_size=(3, size, size), **kwargs)).eval()
+    pruned = prune_model(model, 0.5, compensate="bias")[0].eval()
+    assert any(response_of(m) is not None for m in pruned.modules())
+    folded = fold_bn(pruned)
+    left = [n for n, m in folded.named_modules() if response_of(m) is not None]
+    folded_layers = {layer for layer, _ in fold_plan(pruned).folds}
+    assert not folded_layers & set(left)  # only layers whose BN stays keep theirs (none here)
+    assert all(not any(h.__name__ == "_response_hook" for h in folded.get_submodule(n)._forward_hooks.values())
+               for n in folded_layers)
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(4))
+    assert rel_err(outputs(folded, x), outputs(pruned, x)) < 1e-5
+
+
 class Mixed(nn.Module):
     """Foldable and unfoldable pairs side by side."""
 
@@ -229,3 +252,17 @@ def test_bench_folds_by_default(checkpoints, monkeypatch):
         assert (a["params"], a["flops"]) == (b["params"], b["flops"])
     assert "BNs folded" in run(*args[:-1]).output
     assert "BNs not folded" in run(*args[:-1], "--no-fold-bn").output
+
+
+def test_bench_compensate_times_the_three_modes_of_one_prune(checkpoints):
+    """scripts/bench_compensate.py: the README's cost of the exact term (ms per mode, vs none)."""
+    script = Path(__file__).resolve().parents[1] / "scripts" / "bench_compensate.py"
+    done = subprocess.run([sys.executable, script, checkpoints[0], "--ratio", "0.5", "--batch-sizes", "1,2",
+                           "--repeats", "1", "--rounds", "1", "--precision", "fp32"],
+                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr
+    rows = {line.split(" | ")[0][2:]: line for line in done.stdout.splitlines() if line.startswith("| ")}
+    assert {"none", "exact", "bias"} <= set(rows)
+    assert rows["none"].startswith("| none | 0 (+0.00%) |") and rows["none"].count("(1.00×)") == 2
+    assert "| bias | 0 (+0.00%) |" in rows["bias"]  # folded into the convs' biases: nothing added
+    assert not rows["exact"].startswith("| exact | 0 ")  # the per-position terms stay

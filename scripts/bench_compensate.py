@@ -1,0 +1,86 @@
+"""What β compensation costs at inference: the same prune with --compensate exact, bias and none.
+
+    python scripts/bench_compensate.py runs/cifar10-vgg19_w025/e60/sparse-b2.0/best.pt --ratio 0.7
+
+One sparse checkpoint is pruned in memory at `--ratio` three times, once per compensation mode, so
+the three models have the same widths and differ only in the added terms (`none`, the paper's
+literal removal, is the baseline). Each is timed as users deploy it, with its BNs folded into the
+convs where exact (`slimctl.fold.fold_bn`), by `slimctl.bench.latency_ms` (inference mode,
+channels_last, autocast where it is the fast path). The modes alternate, round after round, so a
+noisy shared machine slows them alike; the table shows the median round and the ratio to `none`.
+FLOPs of the added terms: one add per output element of each layer that carries a response.
+"""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+
+import click
+import torch
+
+from slimctl.bench import latency_ms
+from slimctl.checkpoint import load_checkpoint, model_from_checkpoint
+from slimctl.compensate import COMPENSATE_MODES
+from slimctl.device import environment, machine_label, resolve_device, resolve_precision
+from slimctl.flops import count_flops
+from slimctl.fold import fold_bn
+from slimctl.inserted import response_of
+from slimctl.registry import input_size
+from slimctl.surgery import prune_model
+
+
+def response_adds(model: torch.nn.Module, size: tuple[int, int, int]) -> int:
+    """Elements the constant responses add to, per image: each compensated layer's output size."""
+    outputs: dict[str, int] = {}
+    hooks = [m.register_forward_hook(lambda mod, i, o, n=name: outputs.__setitem__(n, o[0].numel()))
+             for name, m in model.named_modules() if response_of(m) is not None]
+    with torch.inference_mode():
+        model.eval()(torch.zeros(1, *size))
+    for hook in hooks:
+        hook.remove()
+    return sum(outputs.values())
+
+
+@click.command()
+@click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--ratio", type=click.FloatRange(0, 1, max_open=True), default=0.7, show_default=True)
+@click.option("--batch-sizes", default="1,64", show_default=True, help="Comma-separated.")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--precision", default="auto", show_default=True, help="auto, bf16, fp16 or fp32.")
+@click.option("--repeats", type=int, default=30, show_default=True, help="Forward passes per round (median).")
+@click.option("--rounds", type=int, default=5, show_default=True, help="Alternating rounds; the median is shown.")
+def main(checkpoint: Path, ratio: float, batch_sizes: str, device: str, precision: str, repeats: int,
+         rounds: int) -> None:
+    sizes = [int(b) for b in batch_sizes.split(",")]
+    dev = resolve_device(device)
+    dtype = resolve_precision(precision, dev)
+    ckpt = load_checkpoint(checkpoint)
+    model = model_from_checkpoint(ckpt, source=str(checkpoint)).eval()
+    size = input_size(model)
+    modes = ("none",) + tuple(m for m in COMPENSATE_MODES if m != "none")
+    pruned = {mode: prune_model(model, ratio, compensate=mode)[0].eval() for mode in modes}
+    folded = {mode: fold_bn(m) for mode, m in pruned.items()}
+    flops = count_flops(pruned["none"])
+    timings: dict[tuple[str, int], list[float]] = {(mode, b): [] for mode in modes for b in sizes}
+    for _ in range(rounds):
+        for b in sizes:
+            for mode in modes:
+                timings[mode, b].append(latency_ms(folded[mode], batch_size=b, device=dev, dtype=dtype,
+                                                   repeats=repeats, input_size=size))
+
+    print(f"\n{checkpoint} pruned at {ratio:g} ({flops / 1e6:.2f}M FLOPs), BNs folded; "
+          f"{machine_label(environment(dev, dtype))}, median of {rounds} rounds × {repeats} passes\n")
+    print("| compensate | added FLOPs / image | " + " | ".join(f"bs {b}: ms (vs none)" for b in sizes) + " |")
+    print("|---|---|" + "---|" * len(sizes))
+    for mode in modes:
+        adds = response_adds(folded[mode], size)
+        cells = []
+        for b in sizes:
+            ms, base = statistics.median(timings[mode, b]), statistics.median(timings["none", b])
+            cells.append(f"{ms:.3f} ({ms / base:.2f}×)")
+        print(f"| {mode} | {adds:,} (+{100 * adds / flops:.2f}%) | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
