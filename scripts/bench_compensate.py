@@ -19,7 +19,7 @@ from pathlib import Path
 import click
 import torch
 
-from slimctl.bench import latency_ms
+from slimctl.bench import latency_ms, onnxruntime_latency_ms
 from slimctl.checkpoint import load_checkpoint, model_from_checkpoint
 from slimctl.compensate import COMPENSATE_MODES
 from slimctl.device import environment, machine_label, resolve_device, resolve_precision
@@ -50,8 +50,10 @@ def response_adds(model: torch.nn.Module, size: tuple[int, int, int]) -> int:
 @click.option("--precision", default="auto", show_default=True, help="auto, bf16, fp16 or fp32.")
 @click.option("--repeats", type=int, default=30, show_default=True, help="Forward passes per round (median).")
 @click.option("--rounds", type=int, default=5, show_default=True, help="Alternating rounds; the median is shown.")
+@click.option("--runtime", type=click.Choice(["torch", "onnxruntime"]), default="torch", show_default=True,
+              help="onnxruntime: each model exported to ONNX, fp32, CPU (pip install 'slimctl[export]').")
 def main(checkpoint: Path, ratio: float, batch_sizes: str, device: str, precision: str, repeats: int,
-         rounds: int) -> None:
+         rounds: int, runtime: str) -> None:
     sizes = [int(b) for b in batch_sizes.split(",")]
     dev = resolve_device(device)
     dtype = resolve_precision(precision, dev)
@@ -66,11 +68,17 @@ def main(checkpoint: Path, ratio: float, batch_sizes: str, device: str, precisio
     for _ in range(rounds):
         for b in sizes:
             for mode in modes:
-                timings[mode, b].append(latency_ms(folded[mode], batch_size=b, device=dev, dtype=dtype,
-                                                   repeats=repeats, input_size=size))
+                if runtime == "torch":
+                    ms = latency_ms(folded[mode], batch_size=b, device=dev, dtype=dtype, repeats=repeats,
+                                    input_size=size)
+                else:
+                    ms = onnxruntime_latency_ms(folded[mode], batch_size=b, repeats=repeats, warmup=3,
+                                                input_size=size)
+                timings[mode, b].append(ms)
 
+    where = machine_label(environment(dev, dtype)) if runtime == "torch" else f"onnxruntime, fp32, {dev}"
     print(f"\n{checkpoint} pruned at {ratio:g} ({flops / 1e6:.2f}M FLOPs), BNs folded; "
-          f"{machine_label(environment(dev, dtype))}, median of {rounds} rounds × {repeats} passes\n")
+          f"{where}, median of {rounds} rounds × {repeats} passes\n")
     print("| compensate | added FLOPs / image | " + " | ".join(f"bs {b}: ms (vs none)" for b in sizes) + " |")
     print("|---|---|" + "---|" * len(sizes))
     for mode in modes:

@@ -178,7 +178,7 @@ def _fold_into(layer: nn.Conv2d | nn.Linear, bn: _BatchNorm) -> None:
     if response is not None and not per_channel:  # added to the output before the BN saw it: scaled like it
         response.bias.copy_(response.bias.to(f64) * scale)
         response.kernel.copy_(response.kernel.to(f64) * scale.view(-1, 1, 1))
-        response._cache = {}
+        response._last = None
 
 
 def _after_fold(bn: nn.Module) -> nn.Module:

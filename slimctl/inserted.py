@@ -61,7 +61,7 @@ class ConstantResponse(nn.Module):
         super().__init__()
         self.register_buffer("bias", torch.zeros(out))
         self.register_buffer("kernel", torch.zeros(out, kh, kw))
-        self._cache: dict[tuple, torch.Tensor] = {}
+        self._last: tuple[tuple, torch.Tensor] | None = None  # (key, map) of the last position_map
 
     @property
     def shape(self) -> list[int]:
@@ -73,27 +73,30 @@ class ConstantResponse(nn.Module):
 
         Added in place: the output keeps its memory format (channels_last stays channels_last) and
         no second feature map is allocated; the conv's backward does not need its output."""
-        if self.kernel.numel():
+        if self._buffers["kernel"].numel():
             return output.add_(self.position_map(layer, tuple(input_hw), output))
         return output.add_(self.bias.view((1, -1) + (1,) * (output.dim() - 2)).to(output.dtype))
 
     def position_map(self, conv: nn.Module, input_hw: tuple[int, int], like: torch.Tensor) -> torch.Tensor:
         """[1, out, H_out, W_out]: bias plus the kernel term at each output position, for an input of
         `input_hw`, in the dtype and memory format of `like` (the layer's output; adding a map laid out
-        like it is one aligned pass). Computed once per size, dtype and layout, then cached."""
+        like it is one aligned pass). Computed once per size, dtype and layout, then kept until any of
+        those, or the buffers, change. This runs on every forward of every compensated layer, so the
+        check reads plain attributes and dicts only (a buffer read through nn.Module costs ~1 µs)."""
+        kernel, bias = self._buffers["kernel"], self._buffers["bias"]
         channels_last = like.dim() == 4 and like.is_contiguous(memory_format=torch.channels_last)
-        key = (input_hw, self.kernel.device, like.dtype, channels_last, self.kernel._version, self.bias._version)
+        key = (input_hw, like.dtype, channels_last, kernel.device, kernel._version, bias._version)
         compiling = torch.compiler.is_compiling()
-        if not compiling and key in self._cache:
-            return self._cache[key]
-        ones = torch.ones(1, 1, *input_hw, device=self.kernel.device, dtype=self.kernel.dtype)
-        result = nn.functional.conv2d(ones, self.kernel.unsqueeze(1), stride=conv.stride, padding=conv.padding,
+        if not compiling and self._last is not None and self._last[0] == key:
+            return self._last[1]
+        ones = torch.ones(1, 1, *input_hw, device=kernel.device, dtype=kernel.dtype)
+        result = nn.functional.conv2d(ones, kernel.unsqueeze(1), stride=conv.stride, padding=conv.padding,
                                       dilation=conv.dilation)[0]
-        result = (result + self.bias[:, None, None]).to(like.dtype).unsqueeze(0)
+        result = (result + bias[:, None, None]).to(like.dtype).unsqueeze(0)
         if channels_last:
             result = result.contiguous(memory_format=torch.channels_last)
         if not compiling:
-            self._cache = {key: result}
+            self._last = (key, result)
         return result
 
     def extra_repr(self) -> str:
@@ -127,7 +130,7 @@ def insert_selections(model: nn.Module, bn_names: tuple[str, ...] | list[str]) -
 
 def _response_hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor:
     # `.forward` directly: no module-call machinery per layer at batch 1 (ConstantResponse has no hooks).
-    return getattr(module, COMPENSATE).forward(output, module, inputs[0].shape[-2:])
+    return module._modules[COMPENSATE].forward(output, module, inputs[0].shape[-2:])
 
 
 def response_of(layer: nn.Module) -> ConstantResponse | None:
