@@ -8,7 +8,8 @@ literal removal, is the baseline). Each is timed as users deploy it, with its BN
 convs where exact (`slimctl.fold.fold_bn`), by `slimctl.bench.latency_ms` (inference mode,
 channels_last, autocast where it is the fast path). The modes alternate, round after round, so a
 noisy shared machine slows them alike; the table shows the median round and the ratio to `none`.
-FLOPs of the added terms: one add per output element of each layer that carries a response.
+FLOPs of the added terms: what `count_flops` counts beyond `none`'s (one add per output element of
+each layer that still carries a response once folded).
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import statistics
 from pathlib import Path
 
 import click
-import torch
 
 from slimctl.bench import latency_ms, onnxruntime_latency_ms
 from slimctl.checkpoint import load_checkpoint, model_from_checkpoint
@@ -25,21 +25,8 @@ from slimctl.compensate import COMPENSATE_MODES
 from slimctl.device import environment, machine_label, resolve_device, resolve_precision
 from slimctl.flops import count_flops
 from slimctl.fold import fold_bn
-from slimctl.inserted import response_of
 from slimctl.registry import input_size
 from slimctl.surgery import prune_model
-
-
-def response_adds(model: torch.nn.Module, size: tuple[int, int, int]) -> int:
-    """Elements the constant responses add to, per image: each compensated layer's output size."""
-    outputs: dict[str, int] = {}
-    hooks = [m.register_forward_hook(lambda mod, i, o, n=name: outputs.__setitem__(n, o[0].numel()))
-             for name, m in model.named_modules() if response_of(m) is not None]
-    with torch.inference_mode():
-        model.eval()(torch.zeros(1, *size))
-    for hook in hooks:
-        hook.remove()
-    return sum(outputs.values())
 
 
 @click.command()
@@ -82,7 +69,7 @@ def main(checkpoint: Path, ratio: float, batch_sizes: str, device: str, precisio
     print("| compensate | added FLOPs / image | " + " | ".join(f"bs {b}: ms (vs none)" for b in sizes) + " |")
     print("|---|---|" + "---|" * len(sizes))
     for mode in modes:
-        adds = response_adds(folded[mode], size)
+        adds = count_flops(folded[mode]) - count_flops(folded["none"])
         cells = []
         for b in sizes:
             ms, base = statistics.median(timings[mode, b]), statistics.median(timings["none", b])
