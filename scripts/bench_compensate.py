@@ -19,7 +19,7 @@ from pathlib import Path
 
 import click
 
-from slimctl.bench import latency_ms, onnxruntime_latency_ms
+from slimctl.bench import latency_ms, onnxruntime_latency_ms, onnxruntime_session
 from slimctl.checkpoint import load_checkpoint, model_from_checkpoint
 from slimctl.compensate import COMPENSATE_MODES
 from slimctl.device import environment, machine_label, resolve_device, resolve_precision
@@ -52,6 +52,9 @@ def main(checkpoint: Path, ratio: float, batch_sizes: str, device: str, precisio
     folded = {mode: fold_bn(m) for mode, m in pruned.items()}
     flops = count_flops(pruned["none"])
     timings: dict[tuple[str, int], list[float]] = {(mode, b): [] for mode in modes for b in sizes}
+    # Exported once per (mode, batch), outside the rounds.
+    sessions = ({(mode, b): onnxruntime_session(folded[mode], batch_size=b, input_size=size)
+                 for mode in modes for b in sizes} if runtime == "onnxruntime" else {})
     for _ in range(rounds):
         for b in sizes:
             for mode in modes:
@@ -59,8 +62,7 @@ def main(checkpoint: Path, ratio: float, batch_sizes: str, device: str, precisio
                     ms = latency_ms(folded[mode], batch_size=b, device=dev, dtype=dtype, repeats=repeats,
                                     input_size=size)
                 else:
-                    ms = onnxruntime_latency_ms(folded[mode], batch_size=b, repeats=repeats, warmup=3,
-                                                input_size=size)
+                    ms = onnxruntime_latency_ms(*sessions[mode, b], repeats=repeats, warmup=3)
                 timings[mode, b].append(ms)
 
     where = machine_label(environment(dev, dtype)) if runtime == "torch" else f"onnxruntime, fp32, {dev}"

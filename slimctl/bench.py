@@ -99,7 +99,8 @@ def bench_checkpoints(
                     ms = latency_ms(timed, batch_size=bs, device=device, dtype=dtype, repeats=repeats, warmup=warmup,
                                     input_size=size)
                 else:
-                    ms = onnxruntime_latency_ms(timed, batch_size=bs, repeats=repeats, warmup=warmup, input_size=size)
+                    session, feed = onnxruntime_session(timed, batch_size=bs, input_size=size)
+                    ms = onnxruntime_latency_ms(session, feed, repeats=repeats, warmup=warmup)
                 baseline.setdefault((runtime, bs), ms)
                 rows.append({
                     "checkpoint": str(path), "runtime": runtime, "params": params, "flops": flops, "batch_size": bs,
@@ -109,10 +110,10 @@ def bench_checkpoints(
     return rows
 
 
-def onnxruntime_latency_ms(model: nn.Module, *, batch_size: int, repeats: int, warmup: int,
-                           input_size: tuple[int, ...]) -> float:
-    """Median milliseconds per run of `model` exported to ONNX, in onnxruntime on the CPU (fp32;
-    its thread count follows torch's, i.e. --threads)."""
+def onnxruntime_session(model: nn.Module, *, batch_size: int, input_size: tuple[int, ...]) -> tuple[Any, dict]:
+    """`model` exported to ONNX (fp32) and loaded in an onnxruntime CPU session (its thread count
+    follows torch's, i.e. --threads), with a random input batch: (session, feed). Export once, time
+    as often as needed."""
     from slimctl.export import WRITERS, needs
 
     needs("onnx")
@@ -125,7 +126,11 @@ def onnxruntime_latency_ms(model: nn.Module, *, batch_size: int, repeats: int, w
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = torch.get_num_threads()
         session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    feed = {"input": example.numpy()}
+    return session, {"input": example.numpy()}
+
+
+def onnxruntime_latency_ms(session: Any, feed: dict, *, repeats: int, warmup: int) -> float:
+    """Median milliseconds per run of an `onnxruntime_session`."""
     times = []
     for i in range(warmup + repeats):
         start = time.perf_counter()

@@ -254,11 +254,14 @@ def test_bench_folds_by_default(checkpoints, monkeypatch):
     assert "BNs not folded" in run(*args[:-1], "--no-fold-bn").output
 
 
-def test_bench_compensate_times_the_three_modes_of_one_prune(checkpoints):
+@pytest.mark.parametrize("runtime", ["torch", "onnxruntime"])
+def test_bench_compensate_times_the_three_modes_of_one_prune(checkpoints, runtime):
     """scripts/bench_compensate.py: the README's cost of the exact term (ms per mode, vs none)."""
+    if runtime == "onnxruntime":
+        pytest.importorskip("onnxruntime")
     script = Path(__file__).resolve().parents[1] / "scripts" / "bench_compensate.py"
     done = subprocess.run([sys.executable, script, checkpoints[0], "--ratio", "0.5", "--batch-sizes", "1,2",
-                           "--repeats", "1", "--rounds", "1", "--precision", "fp32"],
+                           "--repeats", "1", "--rounds", "2", "--precision", "fp32", "--runtime", runtime],
                           capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr
     rows = {line.split(" | ")[0][2:]: line for line in done.stdout.splitlines() if line.startswith("| ")}
