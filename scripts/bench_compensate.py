@@ -70,8 +70,9 @@ def main(checkpoint: Path, ratio: float, batch_sizes: str, device: str, precisio
           f"{where}, median of {rounds} rounds × {repeats} passes\n")
     print("| compensate | added FLOPs / image | " + " | ".join(f"bs {b}: ms (vs none)" for b in sizes) + " |")
     print("|---|---|" + "---|" * len(sizes))
+    folded_none_flops = count_flops(folded["none"])
     for mode in modes:
-        adds = count_flops(folded[mode]) - count_flops(folded["none"])
+        adds = count_flops(folded[mode]) - folded_none_flops
         cells = []
         for b in sizes:
             ms, base = statistics.median(timings[mode, b]), statistics.median(timings["none", b])
