@@ -151,6 +151,12 @@ test_batch_option = click.option(
     help="Test images per evaluation batch [default: the checkpoint config's data.test_batch_size].")
 
 
+recalibrate_option = click.option(
+    "--recalibrate", type=click.IntRange(min=0), default=0, show_default=True, metavar="IMAGES",
+    help="After pruning, re-estimate the BN running statistics on this many training images (a fixed subset, "
+         "forward passes only: no labels, no gradients); 0 = off. Reads the training split.")
+
+
 @cli.command("prune")
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @click.option("--ratio", type=float, default=None,
@@ -175,6 +181,7 @@ test_batch_option = click.option(
 @click.option("--target-params", default=None, metavar="X", help="The same for parameters (e.g. 0.7 or 2.5M).")
 @click.option("--data-root", default=None, help="Where the data set lives, if not where the checkpoint's config says.")
 @click.option("--no-eval", is_flag=True, help="Skip the test-set evaluation of the pruned model.")
+@recalibrate_option
 @test_batch_option
 @click.option("--device", default="cpu", show_default=True, help="Device for that evaluation (cpu, cuda, auto).")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
@@ -184,13 +191,14 @@ test_batch_option = click.option(
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables.")
 def prune_cmd(checkpoint: Path, ratio: float | None, out: Path | None, min_channels: int | None, round_to: int,
               coupled: str, compensate: str, target_flops: str | None, target_params: str | None,
-              data_root: str | None, no_eval: bool, batch_size: int | None, device: str, force: bool,
-              tensorboard: bool, as_json: bool) -> None:
+              data_root: str | None, no_eval: bool, recalibrate: int, batch_size: int | None, device: str,
+              force: bool, tensorboard: bool, as_json: bool) -> None:
     """Remove the channels whose BN |γ| falls under one global threshold; write a narrower model.
 
     Also writes a |γ| histogram (OUT stem + _gamma.png) with the threshold marked, and evaluates
     the pruned model (before any fine-tuning) when its data set is on disk: top-1 with the chosen
-    compensation and, for comparison, with none.
+    compensation and, for comparison, with none. With --recalibrate, also after the BN statistics
+    are re-estimated on training images (the checkpoint keeps those statistics).
     """
     from slimctl.report import before_after_table, prune_table
     from slimctl.stages import prune_checkpoint, prune_events
@@ -205,7 +213,8 @@ def prune_cmd(checkpoint: Path, ratio: float | None, out: Path | None, min_chann
         target = parse_target("params", target_params)
     result = prune_checkpoint(checkpoint, out, ratio=ratio, min_channels=min_channels, round_to=round_to,
                               coupled=coupled, compensate=compensate, target=target, evaluate_model=not no_eval,
-                              data_root=data_root, batch_size=batch_size, force=force, device=device)
+                              recalibrate=recalibrate, data_root=data_root, batch_size=batch_size, force=force,
+                              device=device)
     events = prune_events(checkpoint, result, own=tensorboard)
     if events is not None:
         result["tensorboard"] = str(events)
@@ -216,6 +225,10 @@ def prune_cmd(checkpoint: Path, ratio: float | None, out: Path | None, min_chann
     out_console.print(before_after_table(result))
     if "eval_skipped" in result:
         err_console.print(f"[yellow]not evaluated:[/] {result['eval_skipped']}")
+    if result["recalibrated_images"]:
+        before = result.get("top1_not_recalibrated")
+        out_console.print(f"BN statistics re-estimated on {result['recalibrated_images']} training images"
+                          + (f": test top-1 {before:.2f}% → {result['top1']:.2f}%" if before is not None else ""))
     for note in result["not_compensated"]:
         err_console.print(f"[yellow]note:[/] {note}")
     if result["target"] is not None:
@@ -236,6 +249,7 @@ def prune_cmd(checkpoint: Path, ratio: float | None, out: Path | None, min_chann
 @test_batch_option
 @click.option("--compensate", type=click.Choice(COMPENSATE_MODES), default="exact", show_default=True,
               help="Compensation to sweep; 'none' (literal removal) is always swept beside it.")
+@recalibrate_option
 @click.option("--min-channels", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--round-to", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--coupled", type=click.Choice(COUPLED_MODES), default="keep", show_default=True)
@@ -244,8 +258,8 @@ def prune_cmd(checkpoint: Path, ratio: float | None, out: Path | None, min_chann
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or auto.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
 def sweep_cmd(checkpoint: Path, ratios: str, compare: Path | None, tolerance: float, subset: int | None,
-              batch_size: int | None, compensate: str, min_channels: int, round_to: int, coupled: str,
-              png: Path | None, data_root: str | None, device: str, as_json: bool) -> None:
+              batch_size: int | None, compensate: str, recalibrate: int, min_channels: int, round_to: int,
+              coupled: str, png: Path | None, data_root: str | None, device: str, as_json: bool) -> None:
     """Accuracy right after pruning at each ratio, without writing a checkpoint.
 
     Prints threshold, params, FLOPs and top-1 per ratio (compensated and literal removal), and the
@@ -257,8 +271,8 @@ def sweep_cmd(checkpoint: Path, ratios: str, compare: Path | None, tolerance: fl
 
     ratio_list = parse_ratios(ratios)
     result = sweep_checkpoint(checkpoint, ratios=ratio_list, compare=compare, tolerance=tolerance, subset=subset,
-                              compensate=compensate, min_channels=min_channels, round_to=round_to, coupled=coupled,
-                              data_root=data_root, batch_size=batch_size, device=device, png=png)
+                              compensate=compensate, recalibrate=recalibrate, min_channels=min_channels,
+                              round_to=round_to, coupled=coupled, data_root=data_root, batch_size=batch_size, device=device, png=png)
     if as_json:
         print_json(result)
         return

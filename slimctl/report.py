@@ -179,7 +179,7 @@ def plot_sweep(curves: dict[str, dict[str, Any]], path: Path, *, modes: tuple[st
     for colour, (name, curve) in zip(colours, curves.items()):
         label = Path(name).parent.name or Path(name).name
         ratios = [r["ratio"] for r in curve["rows"]]
-        for mode, style in zip(modes, ("-o", ":x")):
+        for mode, style in zip(modes, ("-o", ":x", "--s")):
             ax.plot(ratios, [r[f"top1_{mode}"] for r in curve["rows"]], style, color=colour, label=f"{label}, {mode}")
         ax.axhline(curve["top1_unpruned"], color=colour, linestyle="--", linewidth=0.8)
     ax.set_xlabel("ratio of BN channels removed")
@@ -193,8 +193,12 @@ def plot_sweep(curves: dict[str, dict[str, Any]], path: Path, *, modes: tuple[st
 
 def sweep_table(result: dict[str, Any]) -> Table:
     modes = [result["compensate"]] + (["none"] if result["compensate"] != "none" else [])
+    recal = ""
+    if result.get("recalibrated_images"):
+        modes.append(f"{result['compensate']}_recal")
+        recal = f"; _recal: BN statistics re-estimated on {result['recalibrated_images']} training images"
     table = Table(title=f"top-1 right after pruning, compensate={result['compensate']} "
-                        f"({result['images']} test images)")
+                        f"({result['images']} test images{recal})")
     for column in ("model", "ratio", "threshold", "params", "FLOPs", *(f"top-1 {m}" for m in modes)):
         table.add_column(column, justify="left" if column == "model" else "right")
     for name, curve in result["curves"].items():

@@ -29,6 +29,7 @@ from slimctl.models import create_model, is_known_arch, list_models, module_widt
 from slimctl.models.layers import init_paper_weights
 from slimctl.registry import TIMM, TORCHVISION, import_timm
 from slimctl.plan import group_scores, make_plan, validate_ratio
+from slimctl.recalibrate import recalibrate_bn
 from slimctl.report import plot_gamma_histogram, plot_sweep
 from slimctl.sparsity import bn_scales, budget_warning, gamma_stats, l1_budget, sparsity_for_budget
 from slimctl.compensate import COMPENSATE_MODES
@@ -487,6 +488,7 @@ def prune_checkpoint(
     compensate: str = "exact",
     target: Target | None = None,
     evaluate_model: bool = True,
+    recalibrate: int = 0,
     data_root: str | None = None,
     batch_size: int | None = None,
     force: bool = False,
@@ -496,6 +498,8 @@ def prune_checkpoint(
 
     The ratio is `ratio`, or the smallest one that meets `target` (FLOPs or params), or the
     checkpoint config's prune.ratio. `compensate` (exact | bias | none): see slimctl.compensate.
+    `recalibrate` > 0 re-estimates the pruned model's BN statistics on that many training images
+    (slimctl.recalibrate); the checkpoint keeps them, and top-1 is reported before and after.
     """
     ckpt = load_checkpoint(checkpoint)
     model = model_from_checkpoint(ckpt, source=str(checkpoint)).eval()
@@ -506,6 +510,8 @@ def prune_checkpoint(
         min_channels = cfg.prune.min_channels if cfg else 1
     if out is not None:
         _check_output(out, checkpoint, force)
+    recalibrator = (_recalibrator(cfg, str(checkpoint), recalibrate, resolve_device(device), data_root)
+                    if recalibrate else None)
     groups = channel_groups(model, coupled=coupled)
     plan = _plan_for(model, groups, cfg, ratio=ratio, target=target, min_channels=min_channels, round_to=round_to,
                      compensate=compensate)
@@ -534,12 +540,17 @@ def prune_checkpoint(
         "target": None if target is None else {"kind": target.kind, "value": target.text},
         "layers": plan.layers(),
     }
+    test_set = None
     if evaluate_model and cfg is not None:
-        result.update(_pruned_top1(model, plan, pruned, cfg, compensate, resolve_device(device), data_root,
-                                   batch_size))
+        try:
+            test_set = TestSet(cfg, resolve_device(device), data_root, batch_size=batch_size)
+        except SlimctlError as exc:
+            result["eval_skipped"] = str(exc)
+    result.update(_pruned_scores(model, plan, pruned, compensate, test_set, recalibrator))
     result["coupled"] = coupled
+    result["recalibrated_images"] = result.get("recalibrated_images", 0)
     prune_info = {k: result[k] for k in ("ratio", "threshold", "min_channels", "round_to", "coupled", "compensate",
-                                         "target", "layers")}
+                                         "recalibrated_images", "target", "layers")}
     metrics = {k: result[k] for k in ("params", "flops", "top1") if result[k] is not None}
     save_checkpoint(out, make_checkpoint(pruned.cpu(), stage="prune", config=ckpt.get("config"), parent=checkpoint,
                                          metrics=metrics, prune=prune_info))
@@ -558,6 +569,7 @@ def sweep_checkpoint(
     tolerance: float = 0.5,
     subset: int | None = None,
     compensate: str = "exact",
+    recalibrate: int = 0,
     min_channels: int = 1,
     round_to: int = 1,
     coupled: str = "keep",
@@ -568,7 +580,8 @@ def sweep_checkpoint(
     progress: Callable[[float], None] | None = None,
 ) -> dict[str, Any]:
     """Top-1 right after pruning at each ratio (compensated and literal), for CHECKPOINT and, with
-    `compare`, another model (e.g. its λ = 0 baseline); the largest ratio within `tolerance` points."""
+    `compare`, another model (e.g. its λ = 0 baseline); the largest ratio within `tolerance` points
+    (of the recalibrated curve when `recalibrate` > 0 training images re-estimate BN statistics)."""
     if compensate not in COMPENSATE_MODES:
         raise SlimctlError(f"--compensate must be one of {', '.join(COMPENSATE_MODES)}, got {compensate!r}")
     if subset is not None and subset < 1:
@@ -576,6 +589,7 @@ def sweep_checkpoint(
     if png is not None and png.suffix.lower() != ".png":
         raise SlimctlError(f"--png {png}: the figure is written as PNG; name it *.png")
     modes = tuple(dict.fromkeys((compensate, "none")))
+    safe_by = f"{compensate}_recal" if recalibrate else compensate
     curves = {}
     for path in [checkpoint] + ([compare] if compare is not None else []):
         ckpt = load_checkpoint(path)
@@ -587,18 +601,22 @@ def sweep_checkpoint(
             test_set = TestSet(cfg, resolve_device(device), data_root, subset, batch_size)
         except SlimctlError as exc:
             raise SlimctlError(f"sweep needs the test set: {exc} (point at it with --data-root DIR)") from None
+        recalibrator = (_recalibrator(cfg, str(path), recalibrate, resolve_device(device), data_root)
+                        if recalibrate else None)
         unpruned = test_set.top1(model)[1]
         rows = sweep_model(model, channel_groups(model, coupled=coupled), ratios, lambda m: test_set.top1(m)[1],
-                           modes=modes, min_channels=min_channels, round_to=round_to, on_ratio=progress)
+                           modes=modes, min_channels=min_channels, round_to=round_to, on_ratio=progress,
+                           recalibrate=recalibrator)
         curves[str(path)] = {
             "top1_unpruned": unpruned, "params": count_params(model), "flops": count_flops(model),
-            "rows": rows, "largest_safe_ratio": largest_safe_ratio(rows, unpruned, tolerance, compensate),
+            "rows": rows, "largest_safe_ratio": largest_safe_ratio(rows, unpruned, tolerance, safe_by),
         }
     result = {"checkpoint": str(checkpoint), "compare": None if compare is None else str(compare),
-              "compensate": compensate, "tolerance": tolerance, "subset": subset,
-              "images": test_set.loader.dataset_size, "curves": curves}
+              "compensate": compensate, "recalibrated_images": recalibrate, "safe_by": safe_by,
+              "tolerance": tolerance, "subset": subset, "images": test_set.loader.dataset_size, "curves": curves}
     if png is not None:
-        plot_sweep(curves, png, modes=modes, title=f"top-1 right after pruning ({result['images']} test images)")
+        plot_sweep(curves, png, modes=modes + ((safe_by,) if recalibrate else ()),
+                   title=f"top-1 right after pruning ({result['images']} test images)")
         result["png"] = str(png)
     return result
 
@@ -619,19 +637,40 @@ def _plan_for(model: nn.Module, groups, cfg: Config | None, *, ratio: float | No
     return make_plan(model, groups, ratio, min_channels=min_channels, round_to=round_to)
 
 
-def _pruned_top1(model: nn.Module, plan, pruned: nn.Module, cfg: Config, compensate: str, device: torch.device,
-                 data_root: str | None, batch_size: int | None) -> dict[str, Any]:
-    """{loss, top1} of the pruned model, and `top1_none`: what the paper's literal removal would
-    have scored; or {eval_skipped: why} when the test set is not on disk."""
-    try:
-        test_set = TestSet(cfg, device, data_root, batch_size=batch_size)
-    except SlimctlError as exc:
-        return {"eval_skipped": str(exc)}
-    loss, top1 = test_set.top1(pruned)
-    scores = {"loss": loss, "top1": top1}
-    if compensate != "none":
-        scores["top1_none"] = test_set.top1(apply_plan(model, plan, compensate="none").eval())[1]
+def _pruned_scores(model: nn.Module, plan, pruned: nn.Module, compensate: str, test_set: TestSet | None,
+                   recalibrator: Callable[[nn.Module], int] | None) -> dict[str, Any]:
+    """{loss, top1} of the pruned model and `top1_none`, what the paper's literal removal would have
+    scored (when there is a test set); with a recalibrator, its BN statistics are re-estimated
+    (`recalibrated_images`) and {loss, top1} are those after it, `top1_not_recalibrated` before."""
+    scores: dict[str, Any] = {}
+    if test_set is not None:
+        scores["loss"], scores["top1"] = test_set.top1(pruned)
+        if compensate != "none":
+            scores["top1_none"] = test_set.top1(apply_plan(model, plan, compensate="none").eval())[1]
+    if recalibrator is not None:
+        scores["recalibrated_images"] = recalibrator(pruned)
+        if test_set is not None:
+            scores["top1_not_recalibrated"] = scores["top1"]
+            scores["loss"], scores["top1"] = test_set.top1(pruned)
     return scores
+
+
+def _recalibrator(cfg: Config | None, source: str, images: int, device: torch.device,
+                  data_root: str | None) -> Callable[[nn.Module], int]:
+    """model → images seen: its BN statistics re-estimated on `images` training images (a fixed,
+    data.seed-chosen subset with the training augmentation), the loader built once."""
+    if images < 1:
+        raise SlimctlError(f"--recalibrate must be >= 1 training images (0 = off), got {images}")
+    if cfg is None:
+        raise SlimctlError(f"{source} records no config, so slimctl does not know its training data; "
+                           "--recalibrate needs it")
+    data = cfg.data if data_root is None else dataclasses.replace(cfg.data, root=data_root)
+    try:
+        loader = build_loader(dataclasses.replace(data, download=False), train=True, device=device, subset=images)
+    except SlimctlError as exc:
+        raise SlimctlError(f"--recalibrate needs the training split: {exc} (point at it with --data-root DIR)") from None
+    dtype = resolve_precision(cfg.train.precision, device)
+    return lambda model: recalibrate_bn(model.to(device), loader, device=device, dtype=dtype)
 
 
 def _check_output(out: Path, checkpoint: Path, force: bool) -> None:

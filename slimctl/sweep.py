@@ -42,8 +42,11 @@ def sweep_model(
     min_channels: int = 1,
     round_to: int = 1,
     on_ratio: Callable[[float], None] | None = None,
+    recalibrate: Callable[[nn.Module], int] | None = None,
 ) -> list[dict[str, Any]]:
-    """One row per ratio: threshold, params, FLOPs, and top-1 right after pruning per mode."""
+    """One row per ratio: threshold, params, FLOPs, and top-1 right after pruning per mode; with
+    `recalibrate` (slimctl.recalibrate), also the first mode's top-1 once its BN statistics are
+    re-estimated, as top1_<mode>_recal."""
     rows = []
     for ratio in ratios:
         plan = make_plan(model, groups, ratio, min_channels=min_channels, round_to=round_to)
@@ -54,6 +57,9 @@ def sweep_model(
             if mode == modes[0]:
                 row.update(params=count_params(pruned), flops=count_flops(pruned))
             row[f"top1_{mode}"] = top1(pruned)
+            if mode == modes[0] and recalibrate is not None:
+                recalibrate(pruned)
+                row[f"top1_{mode}_recal"] = top1(pruned)
         rows.append(row)
         if on_ratio is not None:
             on_ratio(ratio)
@@ -61,7 +67,7 @@ def sweep_model(
 
 
 def largest_safe_ratio(rows: list[dict[str, Any]], unpruned_top1: float, tolerance: float, mode: str) -> float | None:
-    """The largest ratio whose top-1 (in `mode`) is within `tolerance` points of the unpruned model's,
+    """The largest ratio whose top-1 (in `mode`, e.g. exact or exact_recal) is within `tolerance` points of the unpruned model's,
     with every smaller ratio within it too (a curve that dips and recovers does not count past the dip)."""
     best = None
     for row in sorted(rows, key=lambda r: r["ratio"]):
