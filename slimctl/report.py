@@ -180,7 +180,8 @@ def plot_sweep(curves: dict[str, dict[str, Any]], path: Path, *, modes: tuple[st
         label = Path(name).parent.name or Path(name).name
         ratios = [r["ratio"] for r in curve["rows"]]
         for mode, style in zip(modes, ("-o", ":x", "--s")):
-            ax.plot(ratios, [r[f"top1_{mode}"] for r in curve["rows"]], style, color=colour, label=f"{label}, {mode}")
+            ax.plot(ratios, [r[f"top1_{mode}"] for r in curve["rows"]], style, color=colour,
+                    label=f"{label}, {mode.replace('_recal', ' + BN recalibration')}")
         ax.axhline(curve["top1_unpruned"], color=colour, linestyle="--", linewidth=0.8)
     ax.set_xlabel("ratio of BN channels removed")
     ax.set_ylabel("test top-1 % (before fine-tuning)")
