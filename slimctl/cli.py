@@ -272,7 +272,8 @@ def sweep_cmd(checkpoint: Path, ratios: str, compare: Path | None, tolerance: fl
     ratio_list = parse_ratios(ratios)
     result = sweep_checkpoint(checkpoint, ratios=ratio_list, compare=compare, tolerance=tolerance, subset=subset,
                               compensate=compensate, recalibrate=recalibrate, min_channels=min_channels,
-                              round_to=round_to, coupled=coupled, data_root=data_root, batch_size=batch_size, device=device, png=png)
+                              round_to=round_to, coupled=coupled, data_root=data_root, batch_size=batch_size,
+                              device=device, png=png)
     if as_json:
         print_json(result)
         return

@@ -48,3 +48,15 @@ def recalibrate_bn(model: nn.Module, loader, *, device: torch.device, dtype: tor
             layer.momentum = momentum
         model.eval()
     return images
+
+
+class Recalibrator:
+    """`recalibrate_bn` over one fixed loader (built once, used for every model it is called on);
+    `images` is how many images it holds (fewer than asked when the split is smaller)."""
+
+    def __init__(self, loader, device: torch.device, dtype: torch.dtype | None) -> None:
+        self.loader, self.device, self.dtype = loader, device, dtype
+        self.images = loader.dataset_size
+
+    def __call__(self, model: nn.Module) -> int:
+        return recalibrate_bn(model.to(self.device), self.loader, device=self.device, dtype=self.dtype)

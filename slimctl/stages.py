@@ -29,7 +29,7 @@ from slimctl.models import create_model, is_known_arch, list_models, module_widt
 from slimctl.models.layers import init_paper_weights
 from slimctl.registry import TIMM, TORCHVISION, import_timm
 from slimctl.plan import group_scores, make_plan, validate_ratio
-from slimctl.recalibrate import recalibrate_bn
+from slimctl.recalibrate import Recalibrator
 from slimctl.report import plot_gamma_histogram, plot_sweep
 from slimctl.sparsity import bn_scales, budget_warning, gamma_stats, l1_budget, sparsity_for_budget
 from slimctl.compensate import COMPENSATE_MODES
@@ -612,7 +612,8 @@ def sweep_checkpoint(
             "rows": rows, "largest_safe_ratio": largest_safe_ratio(rows, unpruned, tolerance, safe_by),
         }
     result = {"checkpoint": str(checkpoint), "compare": None if compare is None else str(compare),
-              "compensate": compensate, "recalibrated_images": recalibrate, "safe_by": safe_by,
+              "compensate": compensate, "recalibrated_images": recalibrator.images if recalibrate else 0,
+              "safe_by": safe_by,
               "tolerance": tolerance, "subset": subset, "images": test_set.loader.dataset_size, "curves": curves}
     if png is not None:
         plot_sweep(curves, png, modes=modes + ((safe_by,) if recalibrate else ()),
@@ -638,7 +639,7 @@ def _plan_for(model: nn.Module, groups, cfg: Config | None, *, ratio: float | No
 
 
 def _pruned_scores(model: nn.Module, plan, pruned: nn.Module, compensate: str, test_set: TestSet | None,
-                   recalibrator: Callable[[nn.Module], int] | None) -> dict[str, Any]:
+                   recalibrator: Recalibrator | None) -> dict[str, Any]:
     """{loss, top1} of the pruned model and `top1_none`, what the paper's literal removal would have
     scored (when there is a test set); with a recalibrator, its BN statistics are re-estimated
     (`recalibrated_images`) and {loss, top1} are those after it, `top1_not_recalibrated` before."""
@@ -656,9 +657,9 @@ def _pruned_scores(model: nn.Module, plan, pruned: nn.Module, compensate: str, t
 
 
 def _recalibrator(cfg: Config | None, source: str, images: int, device: torch.device,
-                  data_root: str | None) -> Callable[[nn.Module], int]:
-    """model → images seen: its BN statistics re-estimated on `images` training images (a fixed,
-    data.seed-chosen subset with the training augmentation), the loader built once."""
+                  data_root: str | None) -> Recalibrator:
+    """The recalibrator of `images` training images (a fixed, data.seed-chosen subset with the
+    training augmentation) from the training split `cfg` names."""
     if images < 1:
         raise SlimctlError(f"--recalibrate must be >= 1 training images (0 = off), got {images}")
     if cfg is None:
@@ -669,8 +670,7 @@ def _recalibrator(cfg: Config | None, source: str, images: int, device: torch.de
         loader = build_loader(dataclasses.replace(data, download=False), train=True, device=device, subset=images)
     except SlimctlError as exc:
         raise SlimctlError(f"--recalibrate needs the training split: {exc} (point at it with --data-root DIR)") from None
-    dtype = resolve_precision(cfg.train.precision, device)
-    return lambda model: recalibrate_bn(model.to(device), loader, device=device, dtype=dtype)
+    return Recalibrator(loader, device, resolve_precision(cfg.train.precision, device))
 
 
 def _check_output(out: Path, checkpoint: Path, force: bool) -> None:
