@@ -6,7 +6,8 @@
 #   make multipass ARCH=vgg19 DATASET=cifar10 PASSES=3 RATIO=0.3
 #   make imagenet-resnet50 DATA=/data/imagenet   a pretrained torchvision ResNet-50, slimmed
 # RUNS= and DATA= choose where runs and data sets live; SET="train.epochs=2 data.subset=512" adds
-# config overrides to every training stage (smoke runs). Every stage is incremental: a finished
+# config overrides to every training stage (smoke runs); RECALIBRATE=2000 re-estimates the BN
+# statistics of every pruned model on that many training images (prune/sweep --recalibrate). Every stage is incremental: a finished
 # stage (marked by a .done file) is not re-run, and an interrupted one resumes from its last.pt.
 
 PY ?= python3
@@ -16,6 +17,7 @@ SLIMCTL := $(BIN)/slimctl
 RUNS ?= runs
 DATA ?= data
 DEMO_RATIO ?= 0.6
+RECALIBRATE ?= 0
 
 .PHONY: install demo test clean table multipass
 .DELETE_ON_ERROR:
@@ -67,10 +69,11 @@ $(RUNS)/$(1)-$(2)/baseline/.done: | install
 # Top-1 right after pruning at ratios 0.1 … 0.9, sparse vs baseline, compensated vs literal removal.
 $(RUNS)/$(1)-$(2)/sweep.json: $(RUNS)/$(1)-$(2)/sparse/.done $(RUNS)/$(1)-$(2)/baseline/.done
 	$(SLIMCTL) sweep $(RUNS)/$(1)-$(2)/sparse/best.pt --compare $(RUNS)/$(1)-$(2)/baseline/best.pt \
-	  --data-root $(DATA) --png $(RUNS)/$(1)-$(2)/sweep.png --json > $$@.tmp && mv $$@.tmp $$@
+	  --data-root $(DATA) --recalibrate $(RECALIBRATE) --png $(RUNS)/$(1)-$(2)/sweep.png --json > $$@.tmp && mv $$@.tmp $$@
 
 $(RUNS)/$(1)-$(2)/pruned-%.pt: $(RUNS)/$(1)-$(2)/sparse/.done
-	$(SLIMCTL) prune $(RUNS)/$(1)-$(2)/sparse/best.pt --ratio $$* -o $$@ --data-root $(DATA) --force
+	$(SLIMCTL) prune $(RUNS)/$(1)-$(2)/sparse/best.pt --ratio $$* -o $$@ --data-root $(DATA) \
+	  --recalibrate $(RECALIBRATE) --force
 
 # Resume an interrupted fine-tune only if its pruned input has not been remade since.
 $(RUNS)/$(1)-$(2)/finetune-%/.done: $(RUNS)/$(1)-$(2)/pruned-%.pt
