@@ -37,8 +37,11 @@ demo: install
 	$(SLIMCTL) finetune $(RUNS)/demo/pruned.pt -c configs/demo.yaml -o $(RUNS)/demo/finetune --force
 	$(SLIMCTL) report $(RUNS)/demo/finetune/best.pt
 
+# The suite in TEST_WORKERS processes (pytest-xdist), one torch thread each: the tests are many
+# small models, so processes use the cores better than torch's threads do.
+TEST_WORKERS ?= 2
 test: install
-	$(BIN)/python -m pytest
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n $(TEST_WORKERS)
 
 table: install
 	$(BIN)/python scripts/collect_results.py $(RUNS) -o $(RUNS)/table.md
