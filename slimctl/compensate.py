@@ -90,6 +90,9 @@ def compensation(model: nn.Module, plan: ChannelPlan, mode: str) -> Compensation
         return result
     inputs = _consumer_inputs(gamma_zeroed(model, plan), sorted(reads))
     for name, columns in reads.items():
+        if name not in inputs:  # it never ran: a training-only branch such as GoogLeNet's auxiliary heads
+            result.notes.append(f"{name!r} not compensated: it does not run in eval mode")
+            continue
         term, why = _term(model.get_submodule(name), inputs[name], columns, mode)
         if why is not None:
             result.notes.append(f"{name!r} not compensated: {why}")

@@ -159,6 +159,37 @@ def test_a_consumer_not_reached_by_a_constant_is_left_alone_and_named():
     assert response_of(pruned.conv2) is None and any("not constant" in n for n in notes)
 
 
+class TrainingOnlyHead(nn.Module):
+    """A consumer that runs only in training mode, like GoogLeNet's auxiliary classifiers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 4, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(4)
+        self.aux = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x: torch.Tensor):
+        y = torch.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(y)).mean((2, 3))
+        return (out, self.aux(y).mean((2, 3))) if self.training else out
+
+    def channel_groups(self) -> list[ChannelGroup]:
+        return [ChannelGroup("bn1", ("conv1", "bn1"), (Consumer("conv2"), Consumer("aux")))]
+
+
+def test_a_consumer_that_never_runs_in_eval_is_named_not_a_crash():
+    model = strongly_sparse(TrainingOnlyHead())
+    model.arch_spec = {"input_size": [3, 16, 16]}
+    plan = make_plan(model, model.channel_groups(), 0.5)
+    pruned, notes = apply_plan_with_notes(model, plan, compensate="exact")
+    assert any("'aux'" in n and "eval mode" in n for n in notes)
+    assert response_of(pruned.conv2) is not None  # the consumer that runs is still compensated
+    ref = masked_reference(model, plan, zero_beta=False)
+    assert rel_err(outputs(pruned, 16), outputs(ref, 16)) < 1e-5
+
+
 def test_the_response_keeps_channels_last_and_matches_contiguous():
     model = strongly_sparse(create_model("vgg11", 10, width=0.25))
     pruned, _ = prune_model(model, 0.5)
