@@ -7,8 +7,9 @@
 #   make imagenet-resnet50 DATA=/data/imagenet   a pretrained torchvision ResNet-50, slimmed
 # RUNS= and DATA= choose where runs and data sets live; SET="train.epochs=2 data.subset=512" adds
 # config overrides to every training stage (smoke runs); RECALIBRATE=2000 re-estimates the BN
-# statistics of every pruned model on that many training images (prune/sweep --recalibrate). Every stage is incremental: a finished
-# stage (marked by a .done file) is not re-run, and an interrupted one resumes from its last.pt.
+# statistics of every pruned model on that many training images (prune/sweep --recalibrate).
+# Every stage is incremental: a finished stage (marked by a .done file) is not re-run, and an
+# interrupted one resumes from its last.pt.
 
 PY ?= python3
 VENV ?= .venv

@@ -17,7 +17,7 @@ from torch import nn
 from slimctl import distributed
 from slimctl._version import __version__
 from slimctl.checkpoint import load_checkpoint, make_checkpoint, model_from_checkpoint, save_checkpoint
-from slimctl.config import Config, TrainConfig, config_from_dict, save_config
+from slimctl.config import Config, DataConfig, TrainConfig, config_from_dict, save_config
 from slimctl.data import DATASETS, build_loader, build_loaders, input_size_of, num_classes_of
 from slimctl.device import compile_mode, environment, resolve_device, resolve_precision
 from slimctl.errors import SlimctlError, out_of_memory_as_error
@@ -456,16 +456,23 @@ def _recorded_config(ckpt: dict[str, Any], source: str) -> Config | None:
         raise SlimctlError(f"{source}: its recorded config is invalid ({exc})") from None
 
 
+def _data_on_disk(cfg: Config, data_root: str | None) -> DataConfig:
+    """The checkpoint config's data section, at `data_root` if given, never downloading: prune,
+    sweep and eval read what is on disk or say where to point them."""
+    data = cfg.data if data_root is None else dataclasses.replace(cfg.data, root=data_root)
+    return dataclasses.replace(data, download=False)
+
+
 class TestSet:
     """The test split a checkpoint's config names, loaded once and evaluated on any model, in
     batches of `batch_size` images (default: the config's data.test_batch_size)."""
 
     def __init__(self, cfg: Config, device: torch.device, data_root: str | None, subset: int | None = None,
                  batch_size: int | None = None) -> None:
-        data = cfg.data if data_root is None else dataclasses.replace(cfg.data, root=data_root)
+        data = _data_on_disk(cfg, data_root)
         if batch_size is not None:  # >= 1, checked by the CLI
             data = dataclasses.replace(data, test_batch_size=batch_size)
-        self.loader = build_loader(dataclasses.replace(data, download=False), train=False, device=device,
+        self.loader = build_loader(data, train=False, device=device,
                                    subset=subset)
         self.device = device
         self.dtype = resolve_precision(cfg.train.precision, device)
@@ -536,6 +543,7 @@ def prune_checkpoint(
         "top1_before": (ckpt.get("metrics") or {}).get("top1"),
         "top1": None,
         "compensate": compensate,
+        "recalibrated_images": 0,
         "not_compensated": notes,
         "target": None if target is None else {"kind": target.kind, "value": target.text},
         "layers": plan.layers(),
@@ -548,7 +556,6 @@ def prune_checkpoint(
             result["eval_skipped"] = str(exc)
     result.update(_pruned_scores(model, plan, pruned, compensate, test_set, recalibrator))
     result["coupled"] = coupled
-    result["recalibrated_images"] = result.get("recalibrated_images", 0)
     prune_info = {k: result[k] for k in ("ratio", "threshold", "min_channels", "round_to", "coupled", "compensate",
                                          "recalibrated_images", "target", "layers")}
     metrics = {k: result[k] for k in ("params", "flops", "top1") if result[k] is not None}
@@ -665,9 +672,8 @@ def _recalibrator(cfg: Config | None, source: str, images: int, device: torch.de
     if cfg is None:
         raise SlimctlError(f"{source} records no config, so slimctl does not know its training data; "
                            "--recalibrate needs it")
-    data = cfg.data if data_root is None else dataclasses.replace(cfg.data, root=data_root)
     try:
-        loader = build_loader(dataclasses.replace(data, download=False), train=True, device=device, subset=images)
+        loader = build_loader(_data_on_disk(cfg, data_root), train=True, device=device, subset=images)
     except SlimctlError as exc:
         raise SlimctlError(f"--recalibrate needs the training split: {exc} (point at it with --data-root DIR)") from None
     return Recalibrator(loader, device, resolve_precision(cfg.train.precision, device))

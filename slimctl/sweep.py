@@ -67,8 +67,9 @@ def sweep_model(
 
 
 def largest_safe_ratio(rows: list[dict[str, Any]], unpruned_top1: float, tolerance: float, mode: str) -> float | None:
-    """The largest ratio whose top-1 (in `mode`, e.g. exact or exact_recal) is within `tolerance` points of the unpruned model's,
-    with every smaller ratio within it too (a curve that dips and recovers does not count past the dip)."""
+    """The largest ratio whose top-1 (in `mode`, e.g. exact or exact_recal) is within `tolerance`
+    points of the unpruned model's, with every smaller ratio within it too (a curve that dips and
+    recovers does not count past the dip)."""
     best = None
     for row in sorted(rows, key=lambda r: r["ratio"]):
         if row[f"top1_{mode}"] < unpruned_top1 - tolerance:
