@@ -1,6 +1,7 @@
 """What β compensation costs at inference: the same prune with --compensate exact, bias and none.
 
     python scripts/bench_compensate.py runs/cifar10-vgg19_w025/e60/sparse-b2.0/best.pt --ratio 0.7
+    python scripts/bench_compensate.py --arch torchvision.resnet50 --ratio 0.5 --runtime onnxruntime
 
 One sparse checkpoint is pruned in memory at `--ratio` three times, once per compensation mode, so
 the three models have the same widths and differ only in the added terms (`none`, the paper's
@@ -18,6 +19,7 @@ import statistics
 from pathlib import Path
 
 import click
+import torch
 
 from slimctl.bench import latency_ms, onnxruntime_latency_ms, onnxruntime_session
 from slimctl.checkpoint import load_checkpoint, model_from_checkpoint
@@ -25,12 +27,31 @@ from slimctl.compensate import COMPENSATE_MODES
 from slimctl.device import environment, machine_label, resolve_device, resolve_precision
 from slimctl.flops import count_flops
 from slimctl.fold import fold_bn
+from slimctl.models import create_model
 from slimctl.registry import input_size
-from slimctl.surgery import prune_model
+from slimctl.surgery import apply_plan, prune_model
+
+
+def synthetic_sparse(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Random BN state with γ ≈ 0 on half of each BN's channels and β kept (what sparse training
+    leaves): for timing, a model's structure matters, not its accuracy."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                n = m.num_features
+                m.weight.copy_(torch.rand(n, generator=gen) * (torch.rand(n, generator=gen) < 0.5))
+                m.bias.copy_(torch.randn(n, generator=gen) * 0.1 + 0.5)
+                m.running_mean.copy_(torch.randn(n, generator=gen) * 0.1)
+                m.running_var.copy_(torch.rand(n, generator=gen) + 0.5)
+    return model.eval()
 
 
 @click.command()
-@click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=False)
+@click.option("--arch", default=None, help="Instead of CHECKPOINT: this arch (e.g. vgg19, torchvision.resnet50) "
+                                            "with random weights, half of each BN's γ ≈ 0.")
+@click.option("--width", type=float, default=1.0, show_default=True, help="With --arch: slimctl families' width.")
 @click.option("--ratio", type=click.FloatRange(0, 1, max_open=True), default=0.7, show_default=True)
 @click.option("--batch-sizes", default="1,64", show_default=True, help="Comma-separated.")
 @click.option("--device", default="cpu", show_default=True)
@@ -39,16 +60,24 @@ from slimctl.surgery import prune_model
 @click.option("--rounds", type=int, default=5, show_default=True, help="Alternating rounds; the median is shown.")
 @click.option("--runtime", type=click.Choice(["torch", "onnxruntime"]), default="torch", show_default=True,
               help="onnxruntime: each model exported to ONNX, fp32, CPU (pip install 'slimctl[export]').")
-def main(checkpoint: Path, ratio: float, batch_sizes: str, device: str, precision: str, repeats: int,
-         rounds: int, runtime: str) -> None:
+def main(checkpoint: Path | None, arch: str | None, width: float, ratio: float, batch_sizes: str, device: str,
+         precision: str, repeats: int, rounds: int, runtime: str) -> None:
     sizes = [int(b) for b in batch_sizes.split(",")]
     dev = resolve_device(device)
     dtype = resolve_precision(precision, dev)
-    ckpt = load_checkpoint(checkpoint)
-    model = model_from_checkpoint(ckpt, source=str(checkpoint)).eval()
+    if (checkpoint is None) == (arch is None):
+        raise click.UsageError("give a CHECKPOINT or --arch, not both")
+    if arch is not None:
+        args = {} if arch.startswith(("torchvision.", "timm.")) else {"width": width}
+        model, checkpoint = synthetic_sparse(create_model(arch, 10, **args)), f"{arch} (random, half γ ≈ 0)"
+    else:
+        model = model_from_checkpoint(load_checkpoint(checkpoint), source=str(checkpoint)).eval()
     size = input_size(model)
     modes = ("none",) + tuple(m for m in COMPENSATE_MODES if m != "none")
-    pruned = {mode: prune_model(model, ratio, compensate=mode)[0].eval() for mode in modes}
+    # One plan for all three (exact's: it keeps whole any group it cannot compensate), so the models
+    # have the same widths and differ only in the added terms.
+    plan = prune_model(model, ratio, compensate="exact").plan
+    pruned = {mode: apply_plan(model, plan, compensate=mode).eval() for mode in modes}
     folded = {mode: fold_bn(m) for mode, m in pruned.items()}
     flops = count_flops(pruned["none"])
     timings: dict[tuple[str, int], list[float]] = {(mode, b): [] for mode in modes for b in sizes}

@@ -3,7 +3,7 @@
 Python API:
     load_model(path, device="cpu")           the eval-mode model stored in a checkpoint
     save_checkpoint(path, checkpoint)        atomic write of a checkpoint dict (see make_checkpoint)
-    prune_model(model, ratio, ...)           (narrower model, channel plan)
+    prune_model(model, ratio, ...)           (narrower model, plan, exactness, notes)
     fold_bn(model)                           an eval-mode copy with each BN folded into its conv where exact
 """
 

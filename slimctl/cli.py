@@ -231,6 +231,14 @@ def prune_cmd(checkpoint: Path, ratio: float | None, out: Path | None, min_chann
                           + (f": test top-1 {before:.2f}% → {result['top1']:.2f}%" if before is not None else ""))
     for note in result["not_compensated"]:
         err_console.print(f"[yellow]note:[/] {note}")
+    exactness = result["exactness"]
+    if result["exactness_warning"]:
+        err_console.print(f"[yellow]warning:[/] {result['exactness_warning']}")
+    else:
+        reference = {"exact": "with only the removed γ zeroed", "none": "with the removed γ and β zeroed",
+                     "bias": "with only the removed γ zeroed (bias mode keeps a mean only)"}[result["compensate"]]
+        out_console.print(f"checked: the pruned model computes the original {reference} to "
+                          f"{exactness['max_rel_diff']:.1e} (relative, on a random {exactness['input_size']} probe)")
     if result["target"] is not None:
         out_console.print(f"ratio {result['ratio']:.4g} meets --target-{result['target']['kind']} "
                           f"{result['target']['value']}")
@@ -267,7 +275,7 @@ def sweep_cmd(checkpoint: Path, ratios: str, compare: Path | None, tolerance: fl
     """
     from slimctl.report import sweep_table
     from slimctl.stages import sweep_checkpoint
-    from slimctl.sweep import parse_ratios
+    from slimctl.sweep import parse_ratios, sweep_warnings
 
     ratio_list = parse_ratios(ratios)
     result = sweep_checkpoint(checkpoint, ratios=ratio_list, compare=compare, tolerance=tolerance, subset=subset,
@@ -278,6 +286,8 @@ def sweep_cmd(checkpoint: Path, ratios: str, compare: Path | None, tolerance: fl
         print_json(result)
         return
     out_console.print(sweep_table(result))
+    for warning in sweep_warnings(result):
+        err_console.print(f"[yellow]warning:[/] {warning}")
     for name, curve in result["curves"].items():
         safe = curve["largest_safe_ratio"]
         out_console.print(f"{name}: largest ratio within {tolerance:g} points of {curve['top1_unpruned']:.2f}%: "

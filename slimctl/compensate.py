@@ -1,24 +1,28 @@
 """β-compensated removal: what a removed channel still emitted is carried into the layers that read it.
 
-After sparse training a channel with γ ≈ 0 outputs the constant β (its BN: γ·x̂ + β). Through
-constant-preserving ops (ReLU, pooling, dropout, …) it reaches its consumers as a constant
-c = act(β), which they read as a bias. Literal removal (the paper's, `none`) drops that bias and
-shifts every later activation; strongly sparsified networks use such channels as biases, so the
-accuracy right after pruning collapses. Here the consumer keeps the constant's response:
+After sparse training a channel with γ ≈ 0 outputs the constant β (its BN: γ·x̂ + β). Literal
+removal (the paper's, `none`) drops what the next layers read of it and shifts every later
+activation; strongly sparsified networks use such channels as biases, so the accuracy right after
+pruning collapses. Here each consumer keeps that input's response. A consumer reads a removed channel as
 
-- `exact`: a Linear (or an unpadded conv) reads c everywhere, so its response is a per-channel
-  bias W[:, removed]·c, folded into the layer's own bias where it has one. A zero-padded k×k conv
-  sees fewer constant taps near its borders, so its response is position-dependent: the reduced
-  kernel Σ_c W[o, c]·c_c, applied to an all-ones map of the input's size (`inserted.ConstantResponse`).
-  The pruned model then equals the original with only the removed channels' γ zeroed.
-- `bias`: only the spatial mean of that response, at the model's input size (a plain bias; exact
-  for Linear and unpadded consumers, lossy near padded borders).
-- `none`: nothing is carried (the pruned model equals the original with γ and β zeroed).
+- c, a constant (after activations, max pools, concatenations, …): its response is the layer's own
+  operator applied to c over the map (`inserted.layer_operator`: groups, stride, dilation, padding
+  mode, run-time 'same' padding) — a per-channel bias for a Linear or a conv that reads it alike
+  everywhere, a per-position map near zero-padded borders;
+- c·P, after stride-1 average pools that count zero padding (P: those pools on an all-ones map,
+  smaller at the borders): the same, with P for the ones;
+- c·g(x), after a squeeze-and-excitation gate g: the gate's layer keeps its removed rows
+  (`inserted.GateRows`) and the consumer adds W[:, removed]·(c ⊙ g_removed(x)) every forward.
 
-The constants are measured, not derived: a forward pass of the original with the removed
-channels' γ zeroed records what each consumer reads at the removed columns. A consumer the
-channel groups mark as non-constant (`Consumer.constant`), or whose recorded columns are not
-constant over batch and space, is left uncompensated and named in the notes.
+Modes: `exact` keeps all of it, so the pruned model equals the original with only the removed
+channels' γ zeroed; `bias` keeps the spatial mean at the model's input size (a plain bias: exact for
+Linear and unpadded consumers, lossy near padded borders; gates stay exact); `none` nothing (the
+pruned model equals the original with γ and β zeroed).
+
+Nothing is taken on trust: c (and P, g) are what a forward pass of the γ-zeroed original feeds
+each consumer, and every term is checked against it (same over the batch, the expected shape over
+space). A group whose removed channels some consumer reads in a way no term reproduces is kept
+whole, with the reason in the notes (`Compensation.keep`).
 """
 
 from __future__ import annotations
@@ -29,11 +33,25 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from slimctl.inserted import attach_response
+from slimctl.groups import Consumer
+from slimctl.inserted import (
+    GATE_CODES,
+    GATE_OPS,
+    GateRows,
+    attach_gate_rows,
+    attach_response,
+    gate_rows_of,
+    layer_operator,
+    link_gates,
+    profile_map,
+    response_of,
+    zero_padded,
+)
 from slimctl.plan import ChannelPlan
 from slimctl.registry import input_size
 
 COMPENSATE_MODES = ("exact", "bias", "none")
+TOLERANCE = 1e-4  # relative: a measured input agrees with its term's model (float32 rounding is ~1e-7)
 
 
 @dataclass
@@ -41,13 +59,39 @@ class Term:
     """What one layer gains from the removed channels it read, over all of its output channels."""
 
     bias: torch.Tensor  # [out]
-    kernel: torch.Tensor | None = None  # [out, kh, kw]: the per-position part (exact mode, padded convs)
+    kernel: torch.Tensor | None = None  # [out, kh, kw]: on an all-ones map (exact mode, padded convs)
+    pkernel: torch.Tensor | None = None  # [out, kh, kw]: on the profile map
+    profile: torch.Tensor | None = None  # [n, 4]
+    gate_weight: torch.Tensor | None = None  # [out, k, kh, kw]: on the gate values
+    gate_source: str | None = None
+
+
+@dataclass
+class GateTerm:
+    """The rows of a gate's logits layer for its removed channels (`inserted.GateRows`)."""
+
+    weight: torch.Tensor  # [k, in, kh, kw] or [k, in]
+    bias: torch.Tensor  # [k]
+    ops: torch.Tensor  # [n, 3]
+    sink: str  # the consumer that reads c·g
 
 
 @dataclass
 class Compensation:
     terms: dict[str, Term] = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)  # consumers left uncompensated, and why
+    gates: dict[str, GateTerm] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # consumers that could not be compensated, and why
+    keep: set[int] = field(default_factory=set)  # plan.groups indices to keep whole (not compensable)
+
+
+@dataclass(frozen=True)
+class _Read:
+    """Removed channels of one plan group that one consumer reads the same way."""
+
+    group: int  # index in plan.groups
+    columns: torch.Tensor  # the consumer's input columns
+    positions: torch.Tensor  # the channels' positions in their space (a gate layer's rows)
+    consumer: Consumer
 
 
 def removed_positions(model: nn.Module, plan: ChannelPlan) -> dict[str, torch.Tensor]:
@@ -64,12 +108,16 @@ def removed_positions(model: nn.Module, plan: ChannelPlan) -> dict[str, torch.Te
     return {bn: torch.cat(p).unique() for bn, p in removed.items()}
 
 
-def gamma_zeroed(model: nn.Module, plan: ChannelPlan) -> nn.Module:
-    """A copy of `model` with γ zeroed at every removed channel: what `exact` pruning must equal."""
+def gamma_zeroed(model: nn.Module, plan: ChannelPlan, *, beta: bool = False) -> nn.Module:
+    """A copy of `model` with γ (and with `beta`, β) zeroed at every removed channel: what `exact`
+    (`none`) pruning must equal."""
     ref = copy.deepcopy(model)
     with torch.no_grad():
         for bn, positions in removed_positions(model, plan).items():
-            ref.get_submodule(bn).weight[positions.to(ref.get_submodule(bn).weight.device)] = 0
+            module = ref.get_submodule(bn)
+            module.weight[positions.to(module.weight.device)] = 0
+            if beta:
+                module.bias[positions.to(module.bias.device)] = 0
     return ref
 
 
@@ -80,70 +128,96 @@ def compensation(model: nn.Module, plan: ChannelPlan, mode: str) -> Compensation
     result = Compensation()
     if mode == "none":
         return result
-    for gp in plan.groups:
-        for consumer in gp.group.consumers:
-            if not consumer.constant and gp.kept < gp.total:
-                result.notes.append(f"{consumer.module!r} not compensated: removed channels of {gp.group.bn!r} reach "
-                                    "it through an op that does not keep a constant constant")
-    reads = _removed_reads(plan)
+    reads = _removed_reads(plan, result)
     if not reads:
         return result
-    inputs = _consumer_inputs(gamma_zeroed(model, plan), sorted(reads))
-    for name, columns in reads.items():
-        if name not in inputs:  # it never ran: a training-only branch such as GoogLeNet's auxiliary heads
+    gate_layers = sorted({r.consumer.gate[0] for rs in reads.values() for r in rs if r.consumer.gate})
+    captured = _captured(gamma_zeroed(model, plan), sorted(reads), gate_layers)
+    for name, layer_reads in reads.items():
+        if name not in captured:  # it never ran: a training-only branch such as GoogLeNet's auxiliary heads
             result.notes.append(f"{name!r} not compensated: it does not run in eval mode")
             continue
-        term, why = _term(model.get_submodule(name), inputs[name], columns, mode)
+        why = _add_term(result, model, name, layer_reads, captured, mode)
         if why is not None:
-            result.notes.append(f"{name!r} not compensated: {why}")
-        elif term is not None:
-            result.terms[name] = term
+            result.keep.update(r.group for r in layer_reads)
+            result.notes.append(f"{name!r} cannot be compensated ({why}): the channels it would lose are kept")
     return result
 
 
 def apply_compensation(pruned: nn.Module, comp: Compensation, out_keep: dict[str, torch.Tensor]) -> None:
-    """Add each term to its (already resized) layer, keeping the rows of its surviving outputs."""
+    """Add each term to its (already resized) layer, keeping the rows of its surviving outputs, and
+    each gate's removed rows to its layer (after the rows an earlier prune left there)."""
     for name, term in comp.terms.items():
         layer = pruned.get_submodule(name)
         rows = out_keep.get(name)
-        bias = term.bias if rows is None else term.bias[rows]
-        kernel = term.kernel if rows is None or term.kernel is None else term.kernel[rows]
-        if kernel is None and layer.bias is not None:  # a per-channel term is the layer's own bias
+        take = (lambda t: t) if rows is None else (lambda t: t[rows.to(t.device)])
+        per_channel = term.kernel is None and term.pkernel is None and term.gate_weight is None
+        if per_channel and layer.bias is not None and response_of(layer) is None:  # the layer's own bias
             with torch.no_grad():
-                layer.bias.add_(bias.to(layer.bias))
-        else:
-            attach_response(layer, bias=bias, kernel=kernel)
+                layer.bias.add_(take(term.bias).to(layer.bias))
+            continue
+        attach_response(layer, bias=take(term.bias),
+                        kernel=None if term.kernel is None else take(term.kernel),
+                        pkernel=None if term.pkernel is None else take(term.pkernel), profile=term.profile,
+                        gate_weight=None if term.gate_weight is None else take(term.gate_weight),
+                        gate_source=term.gate_source)
+    for name, gate in comp.gates.items():
+        layer = pruned.get_submodule(name)
+        old = gate_rows_of(layer)
+        weight, bias = gate.weight, gate.bias
+        if old is not None:  # an earlier prune's rows first: the consumer's gated columns are in that order
+            weight, bias = torch.cat([old.weight, weight.to(old.weight)]), torch.cat([old.bias, bias.to(old.bias)])
+        rows = GateRows(weight.shape[0], weight.shape[1], *(weight.shape[2:] if weight.dim() == 4 else (0, 0)),
+                        gate.ops.shape[0], *gate.sink.encode())
+        with torch.no_grad():
+            rows.weight.copy_(weight)
+            rows.bias.copy_(bias)
+            rows.ops.copy_(gate.ops)
+        attach_gate_rows(layer, rows.to(layer.weight.dtype))
+    link_gates(pruned)
 
 
-# --------------------------------------------------------------------------- measuring the constants
+# --------------------------------------------------------------------------- what each consumer reads
 
 
-def _removed_reads(plan: ChannelPlan) -> dict[str, torch.Tensor]:
-    """Consumer name → the input columns at which it reads removed channels (constant consumers only)."""
-    reads: dict[str, list[torch.Tensor]] = {}
-    for gp in plan.groups:
+def _removed_reads(plan: ChannelPlan, result: Compensation) -> dict[str, list[_Read]]:
+    """Consumer name → its reads of removed channels; a consumer that reads them as a plain
+    non-constant (no gate either) keeps its group whole (noted in `result`)."""
+    reads: dict[str, list[_Read]] = {}
+    for i, gp in enumerate(plan.groups):
         if gp.kept == gp.total:
             continue
         removed = gp.removed
         for consumer in gp.group.consumers:
-            if not consumer.constant:
+            if not consumer.constant and consumer.gate is None:
+                result.keep.add(i)
+                result.notes.append(f"{consumer.module!r} cannot be compensated (removed channels of "
+                                    f"{gp.group.bn!r} reach it through an op that does not keep a constant "
+                                    "constant): the channels it would lose are kept")
                 continue
             cols = (consumer.offset + removed[:, None] * consumer.repeat + torch.arange(consumer.repeat)).flatten()
-            reads.setdefault(consumer.module, []).append(cols)
-    return {name: torch.cat(c).unique() for name, c in reads.items()}
+            reads.setdefault(consumer.module, []).append(_Read(i, cols, removed, consumer))
+    return reads
 
 
 @torch.no_grad()
-def _consumer_inputs(ref: nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
-    """What each named layer reads in one eval forward pass of `ref` (batch 2, random input)."""
+def _captured(ref: nn.Module, consumers: list[str], gate_layers: list[str]) -> dict[str, torch.Tensor]:
+    """In one eval forward pass of `ref` (batch 2, random input at the model's size): what each
+    consumer reads (its input) and what each gate layer computes (its output, `<name>:out`)."""
     captured: dict[str, torch.Tensor] = {}
 
-    def hook_for(name: str):
+    def reads(name: str):
         def hook(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-            captured[name] = args[0].detach()  # in the model's own dtype: float64 stays exact
+            captured[name] = args[0].detach().clone()  # in the model's own dtype: float64 stays exact
         return hook
 
-    handles = [ref.get_submodule(n).register_forward_pre_hook(hook_for(n)) for n in names]
+    def computes(name: str):
+        def hook(_module: nn.Module, _args: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+            captured[f"{name}:out"] = output.detach().clone()
+        return hook
+
+    handles = [ref.get_submodule(n).register_forward_pre_hook(reads(n)) for n in consumers]
+    handles += [ref.get_submodule(n).register_forward_hook(computes(n)) for n in gate_layers]
     weight = next(ref.parameters())  # the probe matches the model's device and dtype
     generator = torch.Generator().manual_seed(0)
     try:
@@ -154,37 +228,127 @@ def _consumer_inputs(ref: nn.Module, names: list[str]) -> dict[str, torch.Tensor
     return captured
 
 
-def _term(layer: nn.Module, x: torch.Tensor, columns: torch.Tensor, mode: str) -> tuple[Term | None, str | None]:
-    """(the term, None), or (None, why not)."""
-    values = x[:, columns.to(x.device)]
+def _add_term(result: Compensation, model: nn.Module, name: str, reads: list[_Read],
+              captured: dict[str, torch.Tensor], mode: str) -> str | None:
+    """Measure what `name` reads at the removed columns, fit each read's model (c, c·P, c·g) and add
+    the layer's term (and gate rows) to `result`; or why that is not possible."""
+    layer, x = model.get_submodule(name), captured[name]
     if isinstance(layer, nn.Linear):
-        const = values[0]
-        if not _constant(values, const.unsqueeze(0)):
-            return None, "the removed columns it reads differ between inputs"
+        if any(r.consumer.gate for r in reads):
+            return "a gated input read by a Linear"
+        columns = torch.cat([r.columns for r in reads]).to(x.device)
+        values = x[:, columns]
+        if not _close(values, values[:1]):
+            return "the removed columns it reads differ between inputs"
         weight = layer.weight.detach()[:, columns.to(layer.weight.device)]
-        return Term(bias=(weight @ const.to(weight)).cpu()), None
-    if not isinstance(layer, nn.Conv2d) or values.dim() != 4:
-        return None, f"a {type(layer).__name__} consumer"
-    if layer.groups != 1:
-        return None, "a grouped conv consumer"
-    if layer.padding_mode != "zeros":
-        return None, f"padding_mode {layer.padding_mode!r}"
-    const = values[0, :, 0, 0]
-    if not _constant(values, const[None, :, None, None]):
-        return None, "the removed channels it reads are not constant over the batch and the map"
-    weight = layer.weight.detach()[:, columns.to(layer.weight.device)]
-    kernel = (weight * const.to(weight)[None, :, None, None]).sum(1).cpu()  # [out, kh, kw]
-    if all(p == 0 for p in layer.padding):  # every output position sees every tap: uniform
-        return Term(bias=kernel.sum((1, 2))), None
+        result.terms[name] = Term(bias=(weight @ values[0].to(weight)).cpu())
+        return None
+    if not isinstance(layer, nn.Conv2d) or x.dim() != 4:
+        return f"a {type(layer).__name__} consumer"
+    existing = response_of(layer)
+    term = Term(bias=torch.zeros(layer.out_channels, dtype=layer.weight.dtype))
+    for read in reads:
+        values = x[:, read.columns.to(x.device)]
+        if read.consumer.gate is not None:
+            why = _gate_term(result, term, model, name, read, values, captured)
+        elif read.consumer.profile:
+            why = _profile_term(term, layer, read, values, existing, mode)
+        else:
+            why = _constant_term(term, layer, read, values, mode)
+        if why is not None:
+            return why
+    result.terms[name] = term
+    return None
+
+
+def _constant_term(term: Term, layer: nn.Conv2d, read: _Read, values: torch.Tensor, mode: str) -> str | None:
+    """c read alike everywhere: a bias where the layer reads a constant alike, else the kernel term."""
+    const = values[0, :, :1, :1]
+    if not _close(values, const.unsqueeze(0)):
+        return "the removed channels it reads are not constant over the batch and the map"
+    kernel = _reduced_kernel(layer, read.columns, const.flatten())
+    if not zero_padded(layer):
+        term.bias += kernel.sum((1, 2))
+    elif mode == "exact":
+        term.kernel = kernel if term.kernel is None else term.kernel + kernel
+    else:
+        term.bias += _response(layer, kernel, torch.ones(1, 1, *values.shape[-2:], dtype=kernel.dtype)).mean((1, 2))
+    return None
+
+
+def _profile_term(term: Term, layer: nn.Conv2d, read: _Read, values: torch.Tensor, existing, mode: str) -> str | None:
+    """c·P after zero-padded stride-1 average pools: fit c against P, then a kernel on P."""
+    profile = torch.tensor(read.consumer.profile, dtype=torch.long)
+    if term.profile is not None and not torch.equal(term.profile, profile) or (
+            existing is not None and "profile" in existing._buffers and not torch.equal(existing.profile, profile)):
+        return "inputs after different zero-padded average pools"
+    shape = profile_map(profile, tuple(values.shape[-2:]), values)[0, 0]  # [H, W]
+    const = (values[0] * shape).sum((1, 2)) / (shape * shape).sum()  # least squares, per channel
+    if not _close(values, const[None, :, None, None] * shape):
+        return "the removed channels it reads do not follow the average pools' profile"
+    kernel = _reduced_kernel(layer, read.columns, const)
     if mode == "exact":
-        return Term(bias=torch.zeros(kernel.shape[0], dtype=kernel.dtype), kernel=kernel), None
-    # bias: the spatial mean of the exact map at the size this layer reads
-    ones = torch.ones(1, 1, *x.shape[-2:], dtype=kernel.dtype)
-    response = nn.functional.conv2d(ones, kernel.unsqueeze(1), stride=layer.stride, padding=layer.padding,
-                                    dilation=layer.dilation)[0]
-    return Term(bias=response.mean((1, 2))), None
+        term.pkernel = kernel if term.pkernel is None else term.pkernel + kernel
+        term.profile = profile
+    else:
+        term.bias += _response(layer, kernel, shape[None, None]).mean((1, 2))
+    return None
 
 
-def _constant(values: torch.Tensor, const: torch.Tensor) -> bool:
-    scale = 1.0 + float(const.abs().max()) if const.numel() else 1.0
-    return bool(((values - const).abs().max() <= 1e-4 * scale).item()) if values.numel() else True
+def _gate_term(result: Compensation, term: Term, model: nn.Module, name: str, read: _Read, values: torch.Tensor,
+               captured: dict[str, torch.Tensor]) -> str | None:
+    """c·g(x): fit c against the gate values the γ-zeroed original computed, keep the gate layer's
+    removed rows, and W[:, removed]·c as the consumer's gated columns."""
+    source, ops = read.consumer.gate
+    layer, gate_layer = model.get_submodule(name), model.get_submodule(source)
+    if layer.groups != 1:
+        return "a gated input read by a grouped conv"
+    if source in result.gates or term.gate_source not in (None, source):
+        return f"gate {source!r} read by more than one consumer, or several gates read by one"
+    codes = torch.tensor([[GATE_CODES.index(op), a, b] for op, a, b in ops], dtype=torch.float64).reshape(-1, 3)
+    logits = captured[f"{source}:out"][:, read.positions.to(values.device)]
+    gate = logits.to(torch.float64)
+    for code, a, b in codes.tolist():
+        gate = GATE_OPS[GATE_CODES[int(code)]](gate, a, b)
+    if gate.dim() == 2:  # a Linear's logits: one value per sample and channel
+        gate = gate.reshape(*gate.shape, *([1] * (values.dim() - 2)))
+    gate = gate.to(values.dtype).expand_as(values)
+    spread = (gate * gate).sum((0, 2, 3))
+    if bool((spread <= 1e-12).any()):
+        return f"gate {source!r} is zero for a removed channel on the probe batch"
+    const = (values * gate).sum((0, 2, 3)) / spread  # least squares, per channel
+    if not _close(values, const[None, :, None, None] * gate):
+        return f"the removed channels it reads are not a constant times gate {source!r}"
+    weight = layer.weight.detach()[:, read.columns.to(layer.weight.device)]
+    term.gate_weight = weight * const.to(weight)[None, :, None, None]
+    term.gate_source = source
+    rows = gate_layer.weight.detach()[read.positions.to(gate_layer.weight.device)]
+    bias = gate_layer.bias.detach()[read.positions] if gate_layer.bias is not None else torch.zeros(rows.shape[0])
+    result.gates[source] = GateTerm(weight=rows.cpu(), bias=bias.cpu(), ops=codes.float(), sink=name)
+    return None
+
+
+def _reduced_kernel(layer: nn.Conv2d, columns: torch.Tensor, const: torch.Tensor) -> torch.Tensor:
+    """[out, kh, kw]: Σ over the removed input columns c that output o reads (its group's) of
+    W[o, c]·const_c — the layer's response to the constants is this kernel on an all-ones map."""
+    weight = layer.weight.detach()
+    groups, per_group = layer.groups, weight.shape[1]
+    coeff = torch.zeros(groups, per_group, dtype=weight.dtype, device=weight.device)
+    columns = columns.to(weight.device)
+    coeff[columns // per_group, columns % per_group] = const.to(weight)
+    coeff = coeff.repeat_interleave(weight.shape[0] // groups, dim=0)  # [out, in per group]
+    return (weight * coeff[:, :, None, None]).sum(1).cpu()
+
+
+def _response(layer: nn.Conv2d, kernel: torch.Tensor, shape: torch.Tensor) -> torch.Tensor:
+    """[out, H_out, W_out]: the layer's own operator on `shape` ([1, 1, H, W]) with the reduced kernel."""
+    weight = kernel.unsqueeze(1).to(layer.weight)
+    return layer_operator(layer, weight, shape.to(weight).expand(1, layer.groups, *shape.shape[-2:]))[0].cpu()
+
+
+def _close(values: torch.Tensor, model: torch.Tensor) -> bool:
+    """`values` agree with their model everywhere (relative to the model's scale)."""
+    if not values.numel():
+        return True
+    scale = 1.0 + float(model.abs().max())
+    return bool(((values - model).abs().max() <= TOLERANCE * scale).item())

@@ -3,7 +3,7 @@
 Forward hooks on leaf modules, one 1×3×32×32 input; a multiply and an add count as two FLOPs:
 conv (2·k²·C_in/groups + bias)·C_out·H_out·W_out; BN 2 per element; ReLU 1 per element; pooling
 k² per output element; Linear 2·in·out + out; a pruning compensation term 1 per output element (an
-add). Other leaves (channel selection, dropout) count 0.
+add), plus its gate's rows where it has one. Other leaves (channel selection, dropout) count 0.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from slimctl.inserted import response_of
+from slimctl.inserted import gate_rows_of, response_of
 from slimctl.registry import input_size as recorded_input_size
 
 
@@ -42,8 +42,15 @@ def _module_flops(module: nn.Module, output: torch.Tensor) -> int:
 
 def _response_flops(module: nn.Module, output: torch.Tensor) -> int:
     """A pruning compensation term on a conv or Linear: one add per output element (the per-size
-    map is cached, so computing it does not count)."""
-    return output.numel() if response_of(module) is not None else 0
+    map is cached, so computing it does not count); a gated term adds, per sample, its gate rows
+    (2·k·in) and its gated columns (2·k·out) for k removed channels (1×1 gates, the usual case)."""
+    response, rows = response_of(module), gate_rows_of(module)
+    flops = output.numel() if response is not None else 0
+    if response is not None and "gate_weight" in response._buffers:
+        flops += 2 * response.gate_weight.shape[0] * response.gate_weight.shape[1]
+    if rows is not None:
+        flops += 2 * rows.weight.shape[0] * rows.weight.shape[1]
+    return flops
 
 
 def count_flops(model: nn.Module, input_size: tuple[int, int, int] | None = None) -> int:

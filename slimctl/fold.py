@@ -176,9 +176,7 @@ def _fold_into(layer: nn.Conv2d | nn.Linear, bn: _BatchNorm) -> None:
     layer.weight = nn.Parameter((weight.to(f64) * per_row).to(weight.dtype), requires_grad=weight.requires_grad)
     layer.bias = nn.Parameter(((bias - mean) * scale + beta).to(weight.dtype), requires_grad=weight.requires_grad)
     if response is not None and not per_channel:  # added to the output before the BN saw it: scaled like it
-        response.bias.copy_(response.bias.to(f64) * scale)
-        response.kernel.copy_(response.kernel.to(f64) * scale.view(-1, 1, 1))
-        response._last = None
+        response.scale_rows(scale)
 
 
 def _after_fold(bn: nn.Module) -> nn.Module:

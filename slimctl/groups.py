@@ -30,6 +30,13 @@ class Consumer:
     # Whether a removed channel reaches this consumer as a constant (its BN emits β once γ ≈ 0, and
     # only constant-preserving ops lie between): then pruning can add that constant's response.
     constant: bool = True
+    # Stride-1 average pools that count zero padding, met on the way (each (kh, kw, ph, pw)): the
+    # constant arrives as c·P, P the pools applied to an all-ones map (smaller near the borders).
+    profile: tuple[tuple[int, int, int, int], ...] = ()
+    # An input-dependent gate met on the way (squeeze-and-excitation: x · act(fc(…))): the removed
+    # channel arrives as c·g(x) (then `constant` is False). (module name of the layer computing the
+    # gate's logits, its elementwise ops in order as (op, a, b); see `slimctl.inserted.GATE_OPS`).
+    gate: tuple[str, tuple[tuple[str, float, float], ...]] | None = None
 
 
 @dataclass(frozen=True)

@@ -17,10 +17,13 @@ activations. Recorded and recreated the same way (`<layer>.compensate`).
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
 from torch import nn
+
+from slimctl.errors import SlimctlError
 
 SELECT = "select"  # the child name of an inserted ChannelSelection: `<bn>.select`
 COMPENSATE = "compensate"  # the child name of a ConstantResponse: `<conv or linear>.compensate`
@@ -46,27 +49,97 @@ class ChannelSelection(nn.Module):
         return f"keeps={self.indices.numel()}"
 
 
-class ConstantResponse(nn.Module):
-    """The response of a layer to the constants its removed input channels emitted, added to its output.
+def layer_operator(layer: nn.Module, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """What `layer` computes on `x` with `weight` in place of its own and no bias, by its own forward
+    (groups, stride, dilation, padding and padding mode, timm's run-time 'same' padding), its hooks
+    left out. How compensation computes a removed constant's response: no per-op formula to keep."""
+    if isinstance(layer, nn.Linear):
+        return nn.functional.linear(x, weight)
+    if type(layer).forward is nn.Conv2d.forward:
+        return layer._conv_forward(x, weight, None)
+    twin = copy.copy(layer)  # a subclass with a forward of its own: run it on a twin holding `weight`
+    object.__setattr__(twin, "_parameters", {"weight": weight, "bias": None})
+    return type(layer).forward(twin, x)
 
-    Two buffers: `bias` [out], a per-channel term (exact for Linear and unpadded convs, or the
-    spatial mean of the exact term in `--compensate bias`), and `kernel` [out, kh, kw], the reduced
-    kernel Σ_c W[o, c]·const_c over the removed channels c (empty, 0×0, when unused). Near a
-    zero-padded border fewer taps see the constant, so the exact response varies with position: it
-    is a conv of an all-ones map with the parent conv's stride, padding and dilation, computed for
-    the output's size and cached per size, so any input size stays exact.
+
+def zero_padded(layer: nn.Module) -> bool:
+    """Whether a constant input map can leave `layer` uneven over space: a conv whose zero padding
+    (static, 'same', or timm's run-time 'same') reaches the kernel. Other padding modes repeat the
+    constant; a Linear or an unpadded conv reads it everywhere alike."""
+    if not isinstance(layer, nn.Conv2d) or all(k == 1 for k in layer.kernel_size):
+        return False
+    if type(layer).__name__ == "Conv2dSame":
+        return True
+    if layer.padding_mode != "zeros":
+        return False
+    return layer.padding == "same" or any(p != 0 for p in layer.padding)
+
+
+def profile_map(profile: torch.Tensor, out_hw: tuple[int, int], like: torch.Tensor) -> torch.Tensor:
+    """[1, 1, H, W]: the stride-1 zero-padded average pools `profile` ([n, 4]: kh, kw, ph, pw, in
+    order) applied to an all-ones map, for pools whose last output is `out_hw` (a stride-1 pool's
+    input is its output plus 2p − k + 1 smaller, so the start size follows)."""
+    rows = [tuple(int(v) for v in row) for row in profile.tolist()]
+    h, w = out_hw
+    for kh, kw, ph, pw in rows:
+        h, w = h - 2 * ph + kh - 1, w - 2 * pw + kw - 1
+    result = torch.ones(1, 1, h, w, device=like.device, dtype=like.dtype)
+    for kh, kw, ph, pw in rows:
+        result = nn.functional.avg_pool2d(result, (kh, kw), 1, (ph, pw), count_include_pad=True)
+    return result
+
+
+_ROW_TERMS = ("bias", "kernel", "pkernel", "gate_weight")  # ConstantResponse buffers indexed by output
+
+
+class ConstantResponse(nn.Module):
+    """The response of a layer to what its removed input channels still emitted, added to its output.
+
+    A removed channel (γ ≈ 0) emits the constant β; what the layer reads of it is c (after
+    activations), c·P (after stride-1 average pools that count zero padding: P those pools applied
+    to an all-ones map), or c·g(x) (after a squeeze-and-excitation gate g). Buffers:
+    - `bias` [out]: a per-channel term (the whole term for a Linear or a conv that reads a constant
+      alike everywhere; `--compensate bias` keeps only this);
+    - `kernel` [out, kh, kw]: the reduced kernel Σ_c W[o, c]·c_c (each output over its own group's
+      removed inputs), applied with the layer's own operator (`layer_operator`) to an all-ones map:
+      exact near zero-padded borders and at any input size; 0×0 when unused;
+    - `pkernel` [out, kh, kw] and `profile` [n, 4]: the same for the c·P inputs;
+    - `gate_weight` [out, k, kh, kw]: W[:, removed]·c for k gated inputs, applied each forward to the
+      gate values g_removed(x) that the gate's `GateRows` hands over (`gate_source`: its layer's name,
+      as bytes).
+    The constant maps are computed once per input size, dtype and layout, and kept.
     """
 
-    def __init__(self, out: int, kh: int = 0, kw: int = 0) -> None:
+    def __init__(self, out: int, kh: int = 0, kw: int = 0, profiles: int = 0, gated: int = 0,
+                 source: int = 0) -> None:
         super().__init__()
         self.register_buffer("bias", torch.zeros(out))
         self.register_buffer("kernel", torch.zeros(out, kh, kw))
+        if profiles:
+            self.register_buffer("pkernel", torch.zeros(out, kh, kw))
+            self.register_buffer("profile", torch.zeros(profiles, 4, dtype=torch.long))
+        if gated:
+            self.register_buffer("gate_weight", torch.zeros(out, gated, kh, kw))
+            self.register_buffer("gate_source", torch.zeros(source, dtype=torch.uint8))
         self._last: tuple[tuple, torch.Tensor] | None = None  # (key, map) of the last position_map
+        self._gate: torch.Tensor | None = None  # this forward's g_removed(x), set by the gate's GateRows
 
     @property
     def shape(self) -> list[int]:
-        """[out, kh, kw]: what a checkpoint records to recreate it (kh = kw = 0: per channel only)."""
-        return list(self.kernel.shape)
+        """What a checkpoint records to recreate it: [out, kh, kw] (kh = kw = 0: per channel only),
+        then [profiles, gated inputs, length of the gate's name] when it has either."""
+        base = list(self.kernel.shape)
+        if "profile" not in self._buffers and "gate_weight" not in self._buffers:
+            return base
+        profiles = self.profile.shape[0] if "profile" in self._buffers else 0
+        gated = self.gate_weight.shape[1] if "gate_weight" in self._buffers else 0
+        source = self.gate_source.numel() if gated else 0
+        return base + [profiles, gated, source]
+
+    @property
+    def source(self) -> str | None:
+        """The name of the layer whose GateRows computes this response's gate values, if any."""
+        return bytes(self.gate_source.tolist()).decode() if "gate_source" in self._buffers else None
 
     def forward(self, output: torch.Tensor, layer: nn.Module, input_hw: tuple[int, int] | None = None) -> torch.Tensor:
         """`output` of `layer` plus the response; `input_hw`: the layer's input H, W (per-position term).
@@ -74,24 +147,33 @@ class ConstantResponse(nn.Module):
         Added in place: the output keeps its memory format (channels_last stays channels_last) and
         no second feature map is allocated; the conv's backward does not need its output."""
         if self._buffers["kernel"].numel():
-            return output.add_(self.position_map(layer, tuple(input_hw), output))
-        return output.add_(self.bias.view((1, -1) + (1,) * (output.dim() - 2)).to(output.dtype))
+            output = output.add_(self.position_map(layer, tuple(input_hw), output))
+        else:
+            output = output.add_(self.bias.view((1, -1) + (1,) * (output.dim() - 2)).to(output.dtype))
+        if "gate_weight" in self._buffers:
+            output = output.add_(self.gate_response(layer, tuple(input_hw), output))
+        return output
 
     def position_map(self, conv: nn.Module, input_hw: tuple[int, int], like: torch.Tensor) -> torch.Tensor:
-        """[1, out, H_out, W_out]: bias plus the kernel term at each output position, for an input of
+        """[1, out, H_out, W_out]: bias plus the kernel terms at each output position, for an input of
         `input_hw`, in the dtype and memory format of `like` (the layer's output; adding a map laid out
         like it is one aligned pass). Computed once per size, dtype and layout, then kept until any of
         those, or the buffers, change. This runs on every forward of every compensated layer, so the
         check reads plain attributes and dicts only (a buffer read through nn.Module costs ~1 µs)."""
-        kernel, bias = self._buffers["kernel"], self._buffers["bias"]
+        buffers = self._buffers
+        kernel, bias = buffers["kernel"], buffers["bias"]
         channels_last = like.dim() == 4 and like.is_contiguous(memory_format=torch.channels_last)
-        key = (input_hw, like.dtype, channels_last, kernel.device, kernel._version, bias._version)
+        key = (input_hw, like.dtype, channels_last, kernel.device, kernel._version, bias._version,
+               buffers["pkernel"]._version if "pkernel" in buffers else 0)
         compiling = torch.compiler.is_compiling()
         if not compiling and self._last is not None and self._last[0] == key:
             return self._last[1]
-        ones = torch.ones(1, 1, *input_hw, device=kernel.device, dtype=kernel.dtype)
-        result = nn.functional.conv2d(ones, kernel.unsqueeze(1), stride=conv.stride, padding=conv.padding,
-                                      dilation=conv.dilation)[0]
+        groups = getattr(conv, "groups", 1)  # each output reads its own group's (identical) ones channel
+        ones = torch.ones(1, groups, *input_hw, device=kernel.device, dtype=kernel.dtype)
+        result = layer_operator(conv, kernel.unsqueeze(1), ones)[0]
+        if "pkernel" in buffers:
+            profile = profile_map(buffers["profile"], input_hw, kernel).expand(1, groups, *input_hw)
+            result = result + layer_operator(conv, buffers["pkernel"].unsqueeze(1), profile)[0]
         result = (result + bias[:, None, None]).to(like.dtype).unsqueeze(0)
         if channels_last:
             result = result.contiguous(memory_format=torch.channels_last)
@@ -99,8 +181,136 @@ class ConstantResponse(nn.Module):
             self._last = (key, result)
         return result
 
+    def gate_response(self, layer: nn.Module, input_hw: tuple[int, int], like: torch.Tensor) -> torch.Tensor:
+        """W[:, removed]·(c ⊙ g_removed(x)) for this forward's gate values: [N, out, 1, 1] when the
+        layer reads a spatially constant map alike everywhere, else the layer's operator on the map."""
+        gate, self._gate = self._gate, None
+        if gate is None:
+            raise RuntimeError(f"the gate values of {self.source!r} were not computed before this layer ran")
+        weight = self._buffers["gate_weight"].to(like.dtype)
+        gate = gate.reshape(gate.shape[0], gate.shape[1], *([1] * (like.dim() - 2))).to(like.dtype)
+        if not zero_padded(layer) and all(d == 1 for d in gate.shape[2:]):
+            reduced = weight.sum((2, 3)) if weight.dim() == 4 and weight.shape[-1] else weight.flatten(1)
+            return (gate.flatten(1) @ reduced.t()).reshape(gate.shape[0], -1, *([1] * (like.dim() - 2)))
+        return layer_operator(layer, weight, gate.expand(*gate.shape[:2], *input_hw))
+
+    def take_rows(self, rows: torch.Tensor) -> ConstantResponse:
+        """A copy holding the terms of the outputs `rows` only (its layer lost the other outputs)."""
+        shape = self.shape
+        new = ConstantResponse(len(rows), *shape[1:])
+        with torch.no_grad():
+            for name, value in self._buffers.items():
+                new._buffers[name].copy_(value[rows.to(value.device)] if name in _ROW_TERMS else value)
+        return new
+
+    @torch.no_grad()
+    def scale_rows(self, scale: torch.Tensor) -> None:
+        """Every term × `scale` [out] per output (a BN folded into the layer: it scaled the response too)."""
+        for name in _ROW_TERMS:
+            if name in self._buffers:
+                term = self._buffers[name]
+                term.copy_(term.to(scale.dtype) * scale.view(-1, *(1,) * (term.dim() - 1)))
+        self._last = None
+
+    def zero_(self) -> None:
+        """No removed channel: every term zero (a network trained from scratch)."""
+        for name, buffer in self._buffers.items():
+            if buffer.is_floating_point():
+                buffer.zero_()
+        self._last = None
+
     def extra_repr(self) -> str:
-        return f"out={self.kernel.shape[0]}" + (", per position" if self.kernel.numel() else ", per channel")
+        kind = ", per position" if self.kernel.numel() else ", per channel"
+        kind += ", profiled" if "profile" in self._buffers else ""
+        return f"out={self.kernel.shape[0]}" + kind + (f", gated by {self.source!r}" if self.source else "")
+
+
+GATE = "gate_rows"  # the child name of a GateRows: `<layer computing a gate's logits>.gate_rows`
+# The elementwise ops a gate chain may contain (`slimctl.trace.rules.gate_module_op` reads them off
+# the graph), as op → f(x, a, b). The code a GateRows stores is the op's index here.
+GATE_OPS = {
+    "sigmoid": lambda x, a, b: torch.sigmoid(x),
+    "hardsigmoid": lambda x, a, b: nn.functional.hardsigmoid(x),
+    "relu": lambda x, a, b: torch.relu(x),
+    "tanh": lambda x, a, b: torch.tanh(x),
+    "hardtanh": lambda x, a, b: nn.functional.hardtanh(x, a, b),
+    "add": lambda x, a, b: x + a,
+    "rsub": lambda x, a, b: a - x,
+    "mul": lambda x, a, b: x * a,
+    "div": lambda x, a, b: x / a,
+}
+GATE_CODES = tuple(GATE_OPS)
+
+
+class GateRows(nn.Module):
+    """The rows a gate's logits layer lost when its channels were removed, kept to compute
+    g_removed(x) = act(W_removed · h + b_removed) for the consumer that reads c·g(x) (a squeeze-and-
+    excitation block: x · sigmoid(fc2(…))). Child `gate_rows` of that layer, run by a forward hook on
+    its input h; the values go to the consumer's ConstantResponse (`sink`: the consumer's name),
+    which adds W_consumer[:, removed]·(c ⊙ g) — a cost proportional to the removed channels.
+    Buffers: `weight` [k, in, kh, kw] (a conv's rows) or [k, in] (a Linear's), `bias` [k], `ops`
+    [n, 3] (code in GATE_CODES, a, b). The sink is part of its recorded shape (as bytes), so a model
+    rebuilt from a checkpoint's widths is linked before any weight is loaded."""
+
+    def __init__(self, rows: int, inputs: int, kh: int = 0, kw: int = 0, ops: int = 0, *sink: int) -> None:
+        super().__init__()
+        self.register_buffer("weight", torch.zeros(rows, inputs, kh, kw) if kh else torch.zeros(rows, inputs))
+        self.register_buffer("bias", torch.zeros(rows))
+        self.register_buffer("ops", torch.zeros(ops, 3))
+        self.sink = bytes(sink).decode()
+        object.__setattr__(self, "_sink", None)  # the sink's ConstantResponse (`link_gates`), not a child
+
+    @property
+    def shape(self) -> list[int]:
+        """[rows, inputs, kh, kw, ops, *the sink's name as bytes]: what a checkpoint records to recreate it."""
+        w = self.weight.shape
+        return [w[0], w[1], *(w[2:] if len(w) == 4 else (0, 0)), self.ops.shape[0], *self.sink.encode()]
+
+    def forward(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """g_removed for the layer's input `x`: its removed rows, then the gate's elementwise ops."""
+        z = layer_operator(layer, self.weight.to(x.dtype), x)
+        z = z + self.bias.to(z.dtype).view((1, -1) + (1,) * (z.dim() - 2))
+        for code, a, b in self.ops.tolist():
+            z = GATE_OPS[GATE_CODES[int(code)]](z, a, b)
+        return z
+
+    def extra_repr(self) -> str:
+        return f"rows={self.weight.shape[0]}, sink={self.sink!r}"
+
+
+def _gate_hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+    rows = module._modules[GATE]
+    if rows._sink is not None:
+        rows._sink._gate = rows.forward(module, inputs[0])
+
+
+def gate_rows_of(layer: nn.Module) -> GateRows | None:
+    child = getattr(layer, GATE, None)
+    return child if isinstance(child, GateRows) else None
+
+
+def attach_gate_rows(layer: nn.Module, rows: GateRows) -> GateRows:
+    """`rows` as the layer's child `gate_rows` (on its device), hooked once."""
+    rows = rows.to(layer.weight.device)
+    layer.add_module(GATE, rows)
+    if _gate_hook not in layer._forward_hooks.values():
+        layer.register_forward_hook(_gate_hook)
+    return rows
+
+
+def link_gates(model: nn.Module) -> nn.Module:
+    """Point every GateRows at the ConstantResponse its `sink` names (after a load, a copy or a swap
+    of the consumer), so the gate values reach it each forward."""
+    for name, rows in model.named_modules():
+        if isinstance(rows, GateRows):
+            try:
+                sink = response_of(model.get_submodule(rows.sink))
+            except AttributeError:
+                sink = None
+            if sink is None:
+                raise SlimctlError(f"gate rows {name!r} feed {rows.sink!r}, which has no constant response")
+            object.__setattr__(rows, "_sink", sink)
+    return model
 
 
 def _is_bn(module: nn.Module) -> bool:
@@ -139,21 +349,41 @@ def response_of(layer: nn.Module) -> ConstantResponse | None:
     return child if isinstance(child, ConstantResponse) else None
 
 
-def attach_response(layer: nn.Module, *, bias: torch.Tensor | None = None, kernel: torch.Tensor | None = None) -> None:
-    """Add a per-channel `bias` [out] and/or a per-position `kernel` [out, kh, kw] to the layer's
-    ConstantResponse, attaching one (and its forward hook) if it has none."""
+def attach_response(layer: nn.Module, *, bias: torch.Tensor | None = None, kernel: torch.Tensor | None = None,
+                    pkernel: torch.Tensor | None = None, profile: torch.Tensor | None = None,
+                    gate_weight: torch.Tensor | None = None, gate_source: str | None = None) -> ConstantResponse:
+    """Add terms to the layer's ConstantResponse (attaching one, and its forward hook, if it has none):
+    a per-channel `bias` [out], a per-position `kernel` [out, kh, kw], a profiled `pkernel` with its
+    `profile`, gated columns `gate_weight` [out, k, kh, kw] fed by `gate_source`'s GateRows (appended
+    after the ones it has). A term it had (an earlier prune's) is kept; a profile must be the same."""
     out = layer.weight.shape[0]
-    existing = response_of(layer)
-    kh, kw = kernel.shape[-2:] if kernel is not None else (existing.shape[1:] if existing is not None else (0, 0))
-    if existing is None or (kernel is not None and existing.shape != [out, kh, kw]):
-        new = _attached(layer, ConstantResponse(out, kh, kw))
-        if existing is not None:  # it had only a per-channel term: keep it
-            new.bias.copy_(existing.bias)
-        existing = new
-    if bias is not None:
-        existing.bias.add_(bias.to(existing.bias))
-    if kernel is not None:
-        existing.kernel.add_(kernel.to(existing.kernel))
+    old = response_of(layer)
+    had = dict(old._buffers) if old is not None else {}
+    per_position = any(t is not None for t in (kernel, pkernel, gate_weight)) or bool(had and had["kernel"].numel())
+    kh, kw = layer.kernel_size if per_position else (0, 0)
+    profile = profile if profile is not None else had.get("profile")
+    old_gated = had["gate_weight"].shape[1] if "gate_weight" in had else 0
+    gated = old_gated + (gate_weight.shape[1] if gate_weight is not None else 0)
+    source = (gate_source or (old.source if old is not None else None) or "").encode()
+    new = ConstantResponse(out, kh, kw, 0 if profile is None else profile.shape[0], gated, len(source) if gated else 0)
+    new = new.to(layer.weight)  # the layer's device and float dtype before any term is written (float64 stays)
+    terms = new._buffers
+    with torch.no_grad():
+        for name, value in had.items():  # what it had (profile and gate_source too)
+            if name == "gate_weight":
+                terms[name][:, :old_gated] = value
+            elif name != "kernel" or value.numel():
+                terms[name].copy_(value)
+        for name, value in (("bias", bias), ("kernel", kernel), ("pkernel", pkernel)):
+            if value is not None:
+                terms[name].add_(value.to(terms[name]))
+        if profile is not None:
+            terms["profile"].copy_(profile)
+        if gate_weight is not None:
+            terms["gate_weight"][:, old_gated:] = gate_weight.to(terms["gate_weight"])
+        if gated:
+            terms["gate_source"].copy_(torch.tensor(list(source), dtype=torch.uint8))
+    return attach(layer, new)
 
 
 def detach_response(layer: nn.Module) -> None:
@@ -165,7 +395,7 @@ def detach_response(layer: nn.Module) -> None:
             layer._forward_hooks_always_called.pop(key, None)
 
 
-def _attached(layer: nn.Module, response: ConstantResponse) -> ConstantResponse:
+def attach(layer: nn.Module, response: ConstantResponse) -> ConstantResponse:
     """`response` as the layer's child `compensate` (on its device, in its dtype), hooked once."""
     response = response.to(layer.weight)
     layer.add_module(COMPENSATE, response)
@@ -176,8 +406,8 @@ def _attached(layer: nn.Module, response: ConstantResponse) -> ConstantResponse:
 
 def has_foreign_hooks(module: nn.Module) -> bool:
     """Whether `module` has forward or forward-pre hooks other than the ones slimctl inserts (a
-    selection's, a constant response's): code that may read or change its output unseen."""
-    ours = (_select_hook, _response_hook)
+    selection's, a constant response's, a gate's rows'): code that may read or change its output unseen."""
+    ours = (_select_hook, _response_hook, _gate_hook)
     return bool(module._forward_pre_hooks) or any(h not in ours for h in module._forward_hooks.values())
 
 
@@ -189,12 +419,14 @@ def is_inserted(model: nn.Module, name: str) -> bool:
         parent = model.get_submodule(parent_name)
     except AttributeError:
         return False
-    return (child == SELECT and _is_bn(parent)) or (child == COMPENSATE and isinstance(parent, (nn.Conv2d, nn.Linear)))
+    return (child == SELECT and _is_bn(parent)) or \
+        (child in (COMPENSATE, GATE) and isinstance(parent, (nn.Conv2d, nn.Linear)))
 
 
 def insert_recorded(model: nn.Module, widths: dict[str, list[int]]) -> None:
-    """Recreate the selections (`<bn>.select`) and constant responses (`<layer>.compensate`) a
-    checkpoint's widths record but `model` lacks (call after resizing their parents)."""
+    """Recreate the selections (`<bn>.select`), constant responses (`<layer>.compensate`) and gate
+    rows (`<layer>.gate_rows`, linked to their consumers) a checkpoint's widths record but `model`
+    lacks (call after resizing their parents)."""
     for name, shape in widths.items():
         if not is_inserted(model, name):
             continue
@@ -202,8 +434,11 @@ def insert_recorded(model: nn.Module, widths: dict[str, list[int]]) -> None:
         parent = model.get_submodule(parent_name)
         if child == SELECT:
             insert_selections(model, [parent_name])
-        elif response_of(parent) is None:
-            _attached(parent, ConstantResponse(*shape))
+        elif child == COMPENSATE and response_of(parent) is None:
+            attach(parent, ConstantResponse(*shape))
+        elif child == GATE and gate_rows_of(parent) is None:
+            attach_gate_rows(parent, GateRows(*shape))
+    link_gates(model)
 
 
 def reattach_selections(model: nn.Module) -> nn.Module:

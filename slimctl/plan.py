@@ -48,6 +48,12 @@ class ChannelPlan:
     def kept(self) -> int:
         return sum(g.kept for g in self.groups)
 
+    def keeping(self, indices: set[int]) -> ChannelPlan:
+        """This plan with the groups at `indices` kept whole."""
+        groups = tuple(GroupPlan(g.group, torch.arange(g.total), g.total) if i in indices else g
+                       for i, g in enumerate(self.groups))
+        return ChannelPlan(self.ratio, self.threshold, groups)
+
     @property
     def total(self) -> int:
         return sum(g.total for g in self.groups)
@@ -129,3 +135,37 @@ def _keep_per_division(score: torch.Tensor, n_keep: int, divisions: int) -> torc
         order = torch.sort(score[d * size : (d + 1) * size], descending=True, stable=True).indices
         keep.append(torch.sort(order[:per]).values + d * size)
     return torch.cat(keep)
+
+
+def plan_masks(modules: dict[str, nn.Module], plan: ChannelPlan
+               ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """By module name (`modules`: the unpruned model's): the output rows each producer keeps, the
+    input columns each consumer keeps as a boolean mask (several spaces may share one input), and
+    the indices each selection keeps."""
+    out_keep: dict[str, torch.Tensor] = {}
+    in_mask: dict[str, torch.Tensor] = {}
+    selections: dict[str, torch.Tensor] = {}
+    for gp in plan.groups:
+        if gp.kept == gp.total:
+            continue
+        group = gp.group
+        for name in group.producers:
+            out_keep[name] = gp.keep
+        if group.selection is not None:
+            selections[group.selection] = gp.keep
+        space = torch.zeros(gp.total, dtype=torch.bool)
+        space[gp.keep] = True
+        for consumer in group.consumers:
+            if consumer.module not in in_mask:
+                in_mask[consumer.module] = torch.ones(_in_width(modules[consumer.module]), dtype=torch.bool)
+            columns = space.repeat_interleave(consumer.repeat)
+            in_mask[consumer.module][consumer.offset : consumer.offset + columns.numel()] = columns
+    return out_keep, in_mask, selections
+
+
+def _in_width(module: nn.Module) -> int:
+    if isinstance(module, nn.Conv2d):
+        return module.in_channels
+    if isinstance(module, nn.Linear):
+        return module.in_features
+    raise TypeError(f"a {type(module).__name__} cannot consume channels")

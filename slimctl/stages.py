@@ -33,7 +33,8 @@ from slimctl.recalibrate import Recalibrator
 from slimctl.report import plot_gamma_histogram, plot_sweep
 from slimctl.sparsity import bn_scales, budget_warning, gamma_stats, l1_budget, sparsity_for_budget
 from slimctl.compensate import COMPENSATE_MODES
-from slimctl.surgery import apply_plan, apply_plan_with_notes
+from slimctl.exactness import measure_exactness
+from slimctl.surgery import applied_plan, apply_plan
 from slimctl.sweep import largest_safe_ratio, sweep_model
 from slimctl.targets import Target, plan_for_target
 from slimctl.trace import channel_groups, space_rows, trace_model
@@ -397,8 +398,7 @@ def fresh_like(ckpt: dict[str, Any]) -> nn.Module:
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, ConstantResponse):
-                module.bias.zero_()
-                module.kernel.zero_()
+                module.zero_()
     return model
 
 
@@ -526,8 +526,9 @@ def prune_checkpoint(
     if out is None:
         out = checkpoint.with_name(f"pruned-r{ratio:g}.pt")
         _check_output(out, checkpoint, force)
-    pruned, notes = apply_plan_with_notes(model, plan, compensate=compensate)
+    pruned, notes, plan = applied_plan(model, plan, compensate=compensate)  # groups it could not compensate kept
     pruned.eval()
+    exactness = measure_exactness(model, pruned, plan, compensate)
 
     result: dict[str, Any] = {
         "ratio": ratio,
@@ -545,6 +546,8 @@ def prune_checkpoint(
         "compensate": compensate,
         "recalibrated_images": 0,
         "not_compensated": notes,
+        "exactness": exactness.as_dict(),
+        "exactness_warning": exactness.warning(),
         "target": None if target is None else {"kind": target.kind, "value": target.text},
         "layers": plan.layers(),
     }
@@ -557,7 +560,7 @@ def prune_checkpoint(
     result.update(_pruned_scores(model, plan, pruned, compensate, test_set, recalibrator))
     result["coupled"] = coupled
     prune_info = {k: result[k] for k in ("ratio", "threshold", "min_channels", "round_to", "coupled", "compensate",
-                                         "recalibrated_images", "target", "layers")}
+                                         "recalibrated_images", "target", "layers", "exactness")}
     metrics = {k: result[k] for k in ("params", "flops", "top1") if result[k] is not None}
     save_checkpoint(out, make_checkpoint(pruned.cpu(), stage="prune", config=ckpt.get("config"), parent=checkpoint,
                                          metrics=metrics, prune=prune_info))

@@ -12,14 +12,16 @@ them to); with `compensate="none"` (the paper's literal removal), what it comput
 from __future__ import annotations
 
 import copy
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from slimctl.compensate import apply_compensation, compensation
-from slimctl.inserted import COMPENSATE, ChannelSelection, attach_response
+from slimctl.exactness import Exactness, measure_exactness
+from slimctl.inserted import COMPENSATE, GATE, ChannelSelection, attach, attach_gate_rows
 from slimctl.models.layers import replace_module, resized
-from slimctl.plan import ChannelPlan, make_plan
+from slimctl.plan import ChannelPlan, make_plan, plan_masks
 from slimctl.trace import channel_groups
 
 
@@ -29,30 +31,24 @@ def apply_plan(model: nn.Module, plan: ChannelPlan, *, compensate: str = "exact"
 
 
 def apply_plan_with_notes(model: nn.Module, plan: ChannelPlan, *, compensate: str = "exact") -> tuple[nn.Module, list[str]]:
-    """`apply_plan`, plus the consumers that could not be compensated and why."""
+    """`apply_plan`, plus what could not be compensated and why."""
+    return applied_plan(model, plan, compensate=compensate)[:2]
+
+
+def applied_plan(model: nn.Module, plan: ChannelPlan, *, compensate: str = "exact"
+                 ) -> tuple[nn.Module, list[str], ChannelPlan]:
+    """(the narrower model, what could not be compensated and why, the plan applied). A group whose
+    removed channels some consumer cannot be compensated for is kept whole (in `exact` and `bias`
+    modes), so the pruned model stays what the mode promises; the plan applied says so."""
     comp = compensation(model, plan, compensate)
+    notes = list(comp.notes)
+    while comp.keep:  # keeping a group changes no other group's reads, but re-measure all the same
+        plan = plan.keeping(comp.keep)
+        comp = compensation(model, plan, compensate)
+        notes += [n for n in comp.notes if n not in notes]
     pruned = copy.deepcopy(model)
     modules = dict(pruned.named_modules())
-    out_keep: dict[str, torch.Tensor] = {}
-    # Input columns to keep, as a boolean mask per consumer (several spaces may share one input).
-    in_mask: dict[str, torch.Tensor] = {}
-    selections: dict[str, torch.Tensor] = {}
-
-    for gp in plan.groups:
-        if gp.kept == gp.total:
-            continue
-        group = gp.group
-        for name in group.producers:
-            out_keep[name] = gp.keep
-        if group.selection is not None:
-            selections[group.selection] = gp.keep
-        space = torch.zeros(gp.total, dtype=torch.bool)
-        space[gp.keep] = True
-        for consumer in group.consumers:
-            if consumer.module not in in_mask:
-                in_mask[consumer.module] = torch.ones(_in_width(modules[consumer.module]), dtype=torch.bool)
-            columns = space.repeat_interleave(consumer.repeat)
-            in_mask[consumer.module][consumer.offset : consumer.offset + columns.numel()] = columns
+    out_keep, in_mask, selections = plan_masks(modules, plan)
 
     for name, keep in selections.items():
         selection = modules[name]
@@ -64,28 +60,25 @@ def apply_plan_with_notes(model: nn.Module, plan: ChannelPlan, *, compensate: st
         new = _sliced(modules[name], out_keep.get(name), in_idx)
         replace_module(pruned, name, new.train(modules[name].training))  # a fresh module is in train mode
     apply_compensation(pruned, comp, out_keep)
-    return pruned, comp.notes
-
-
-def _in_width(module: nn.Module) -> int:
-    if isinstance(module, nn.Conv2d):
-        return module.in_channels
-    if isinstance(module, nn.Linear):
-        return module.in_features
-    raise TypeError(f"a {type(module).__name__} cannot consume channels")
+    return pruned, notes, plan
 
 
 def _sliced(module: nn.Module, out_idx: torch.Tensor | None, in_idx: torch.Tensor | None) -> nn.Module:
-    """A resized copy of `module` holding only the rows `out_idx` and the columns `in_idx`; a
-    constant response it carries (an earlier prune's) keeps the rows of its surviving outputs."""
-    prefix = f"{COMPENSATE}."
-    state = {k: v.detach() for k, v in module.state_dict().items()}
-    carried = {k[len(prefix):]: state.pop(k) for k in list(state) if k.startswith(prefix)}
+    """A resized copy of `module` holding only the rows `out_idx` and the columns `in_idx`; what an
+    earlier prune inserted into it comes along: a constant response keeps the rows of its surviving
+    outputs, a gate's removed rows read the surviving inputs."""
+    inserted = {child: module._modules[child] for child in (COMPENSATE, GATE) if child in module._modules}
+    state = {k: v.detach() for k, v in module.state_dict().items() if k.split(".")[0] not in inserted}
     new = _sliced_layer(module, state, out_idx, in_idx)
-    if carried:
-        rows = slice(None) if out_idx is None else out_idx.to(carried["bias"].device)
-        kernel = carried["kernel"][rows]
-        attach_response(new, bias=carried["bias"][rows], kernel=kernel if kernel.numel() else None)
+    response = inserted.get(COMPENSATE)
+    if response is not None:
+        attach(new, response if out_idx is None else response.take_rows(out_idx))
+    rows = inserted.get(GATE)
+    if rows is not None:
+        rows = copy.deepcopy(rows)
+        if in_idx is not None:
+            rows.weight = rows.weight[:, in_idx.to(rows.weight.device)]
+        attach_gate_rows(new, rows)
     return new
 
 
@@ -140,9 +133,21 @@ def _loaded(new: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
     return new
 
 
+class Pruned(NamedTuple):
+    model: nn.Module  # the narrower model (in the input model's train/eval mode)
+    plan: ChannelPlan  # the plan applied (groups that could not be compensated are kept whole)
+    exactness: Exactness  # the pruned model against its promise, measured on a probe batch
+    notes: list[str]  # what could not be compensated, and why
+
+
 def prune_model(
-    model: nn.Module, ratio: float, *, min_channels: int = 1, round_to: int = 1, compensate: str = "exact"
-) -> tuple[nn.Module, ChannelPlan]:
-    """Network slimming in one call: the model's channel groups → global-threshold plan → surgery."""
-    plan = make_plan(model, channel_groups(model), ratio, min_channels=min_channels, round_to=round_to)
-    return apply_plan(model, plan, compensate=compensate), plan
+    model: nn.Module, ratio: float, *, min_channels: int = 1, round_to: int = 1, compensate: str = "exact",
+    coupled: str = "keep",
+) -> Pruned:
+    """Network slimming in one call: the model's channel groups (`coupled`: residual-coupled spaces
+    kept, or pruned together ranked by max / mean / sum) → global-threshold plan → surgery, then the
+    result measured against what `compensate` promises (`slimctl.exactness`)."""
+    groups = channel_groups(model, coupled=coupled)
+    plan = make_plan(model, groups, ratio, min_channels=min_channels, round_to=round_to)
+    pruned, notes, plan = applied_plan(model, plan, compensate=compensate)
+    return Pruned(pruned, plan, measure_exactness(model, pruned, plan, compensate), notes)

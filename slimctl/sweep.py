@@ -14,7 +14,8 @@ from slimctl.errors import SlimctlError
 from slimctl.flops import count_flops, count_params
 from slimctl.groups import ChannelGroup
 from slimctl.plan import make_plan, validate_ratio
-from slimctl.surgery import apply_plan
+from slimctl.exactness import THRESHOLD, measure_exactness
+from slimctl.surgery import applied_plan
 
 DEFAULT_RATIOS = tuple(round(0.1 * i, 1) for i in range(1, 10))  # 0.1 … 0.9
 
@@ -44,18 +45,21 @@ def sweep_model(
     on_ratio: Callable[[float], None] | None = None,
     recalibrate: Callable[[nn.Module], int] | None = None,
 ) -> list[dict[str, Any]]:
-    """One row per ratio: threshold, params, FLOPs, and top-1 right after pruning per mode; with
-    `recalibrate` (slimctl.recalibrate), also the first mode's top-1 once its BN statistics are
-    re-estimated, as top1_<mode>_recal."""
+    """One row per ratio: threshold, params, FLOPs, and top-1 right after pruning per mode, with the
+    pruned model's measured distance to what its mode promises (`max_rel_diff_<mode>`,
+    slimctl.exactness); with `recalibrate` (slimctl.recalibrate), also the first mode's top-1 once
+    its BN statistics are re-estimated, as top1_<mode>_recal. Channels kept, params and FLOPs are the
+    first mode's (which keeps whole the groups it cannot compensate)."""
     rows = []
     for ratio in ratios:
         plan = make_plan(model, groups, ratio, min_channels=min_channels, round_to=round_to)
-        row: dict[str, Any] = {"ratio": ratio, "threshold": plan.threshold, "channels_kept": plan.kept,
-                               "channels_total": plan.total}
+        row: dict[str, Any] = {"ratio": ratio, "threshold": plan.threshold, "channels_total": plan.total}
         for mode in modes:
-            pruned = apply_plan(model, plan, compensate=mode).eval()
+            pruned, _, applied = applied_plan(model, plan, compensate=mode)
+            pruned.eval()
             if mode == modes[0]:
-                row.update(params=count_params(pruned), flops=count_flops(pruned))
+                row.update(channels_kept=applied.kept, params=count_params(pruned), flops=count_flops(pruned))
+            row[f"max_rel_diff_{mode}"] = measure_exactness(model, pruned, applied, mode).max_rel_diff
             row[f"top1_{mode}"] = top1(pruned)
             if mode == modes[0] and recalibrate is not None:
                 recalibrate(pruned)
@@ -76,3 +80,19 @@ def largest_safe_ratio(rows: list[dict[str, Any]], unpruned_top1: float, toleran
             break
         best = row["ratio"]
     return best
+
+
+def sweep_warnings(result: dict[str, Any]) -> list[str]:
+    """One line per curve and mode whose pruned models missed what the mode promises (`exact`: the
+    γ-zeroed original, `none`: the γβ-zeroed one) by more than slimctl.exactness.THRESHOLD."""
+    lines = []
+    for name, curve in result["curves"].items():
+        for mode in ("exact", "none"):
+            bad = [r for r in curve["rows"] if r.get(f"max_rel_diff_{mode}", 0.0) >= THRESHOLD]
+            if bad:
+                worst = max(r[f"max_rel_diff_{mode}"] for r in bad)
+                ratios = ", ".join(f"{r['ratio']:g}" for r in bad)
+                lines.append(f"{name}: with --compensate {mode} the pruned model differs from its reference by up "
+                             f"to {worst:.1e} at ratios {ratios}; "
+                             "`slimctl prune` at one of them names the layers")
+    return lines

@@ -2,6 +2,7 @@
 
 Helpers used by several test files live here, once:
 - `randomize_bn`: random γ, β and running statistics, so every channel matters and differs;
+- `strongly_sparse`: that, then γ ≈ 0 on a fraction of each BN's channels (what sparse training does);
 - `masked_reference` (over `removed_channels` + `zero_channels`): the original model with γ (and by
   default β) zeroed at every removed channel, which is what a pruned model must compute
   (docs/design.md, "Channel groups");
@@ -57,6 +58,19 @@ def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
                 m.running_mean.copy_(torch.randn(n, generator=gen) * 0.1)
                 m.running_var.copy_(torch.rand(n, generator=gen) + 0.5)
     return model
+
+
+def strongly_sparse(model: nn.Module, fraction: float = 0.5, seed: int = 0) -> nn.Module:
+    """Random BN state, then γ ≈ 0 on `fraction` of each BN's channels (what sparse training does)
+    while β stays: the removed channels emit a constant that matters."""
+    randomize_bn(model, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            small = torch.rand(m.num_features, generator=g) < fraction
+            m.weight.data[small] = 1e-4 * torch.rand(int(small.sum()), generator=g)
+            m.bias.data += 0.5  # biases that survive a ReLU
+    return model.eval()
 
 
 def removed_channels(

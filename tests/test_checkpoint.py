@@ -10,7 +10,7 @@ from slimctl.models import create_model
 
 def _pruned_checkpoint(tmp_path):
     model = randomize_bn(create_model("vgg11", 10, width=0.25)).eval()
-    pruned, _ = prune_model(model, 0.5)
+    pruned, _, *_ = prune_model(model, 0.5)
     path = tmp_path / "p.pt"
     save_checkpoint(path, make_checkpoint(pruned, stage="prune", metrics={"top1": 50.0}))
     return path, pruned

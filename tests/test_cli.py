@@ -49,6 +49,24 @@ def test_prune_json_and_outputs(pipeline):
     assert (root / "pruned_gamma.png").stat().st_size > 1000
     ckpt = load_checkpoint(root / "pruned.pt")
     assert ckpt["stage"] == "prune" and ckpt["parent"]["sha256"] and ckpt["prune"]["ratio"] == 0.5
+    # exactness measured on every prune: in the JSON and in the checkpoint's prune record
+    assert result["exactness"]["mode"] == "exact" and result["exactness"]["exact"]
+    assert 0 <= result["exactness"]["max_rel_diff"] < 1e-4 and result["exactness_warning"] is None
+    assert ckpt["prune"]["exactness"] == result["exactness"]
+
+
+def test_prune_says_what_it_checked_and_warns_when_the_promise_fails(pipeline, monkeypatch):
+    root, _, _ = pipeline
+    checked = run("prune", root / "sparse" / "best.pt", "--ratio", "0.5", "-o", root / "checked.pt", "--no-eval")
+    assert "checked: the pruned model computes the original with only the removed γ zeroed" in checked.output
+    # a compensation that silently does nothing: the measurement names it, the run still succeeds
+    monkeypatch.setattr("slimctl.surgery.apply_compensation", lambda *args: None)
+    broken = run("prune", root / "sparse" / "best.pt", "--ratio", "0.5", "-o", root / "broken.pt", "--json")
+    exactness = json.loads(broken.output)["exactness"]
+    assert not exactness["exact"] and exactness["max_rel_diff"] > 1e-4 and exactness["consumers"]
+    warned = run("prune", root / "sparse" / "best.pt", "--ratio", "0.5", "-o", root / "broken.pt", "--force",
+                 "--no-eval")
+    assert "warning:" in warned.output and "first at" in warned.output
 
 
 def test_finetune_and_second_pass(pipeline):

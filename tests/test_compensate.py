@@ -8,30 +8,17 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import masked_reference, randomize_bn
+from conftest import masked_reference, randomize_bn, strongly_sparse
 from slimctl import load_model, make_checkpoint, save_checkpoint
 from slimctl.flops import count_flops
 from slimctl.groups import ChannelGroup, Consumer
 from slimctl.inserted import response_of
 from slimctl.models import create_model
 from slimctl.plan import make_plan
-from slimctl.surgery import apply_plan, apply_plan_with_notes, prune_model
+from slimctl.surgery import apply_plan, apply_plan_with_notes, applied_plan, prune_model
 
 FAMILIES = [("vgg11", {"width": 0.25}), ("preresnet", {"depth": 11}), ("densenet", {"depth": 10, "growth": 4})]
 TRACED = ["torchvision.resnet18", "torchvision.mobilenet_v2"]
-
-
-def strongly_sparse(model: nn.Module, fraction: float = 0.5, seed: int = 0) -> nn.Module:
-    """Random BN state, then γ ≈ 0 on `fraction` of each BN's channels (what sparse training does)
-    while β stays: the removed channels emit a constant that matters."""
-    randomize_bn(model, seed)
-    g = torch.Generator().manual_seed(seed + 1)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            small = torch.rand(m.num_features, generator=g) < fraction
-            m.weight.data[small] = 1e-4 * torch.rand(int(small.sum()), generator=g)
-            m.bias.data += 0.5  # biases that survive a ReLU
-    return model.eval()
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -47,19 +34,19 @@ def outputs(model: nn.Module, size: int, seed: int = 3) -> torch.Tensor:
 @pytest.mark.parametrize("arch, args", FAMILIES, ids=[a for a, _ in FAMILIES])
 def test_exact_equals_gamma_zeroed_original_on_every_family(arch, args):
     model = strongly_sparse(create_model(arch, 10, **args))
-    pruned, plan = prune_model(model, 0.5, compensate="exact")
+    pruned, plan, *_ = prune_model(model, 0.5, compensate="exact")
     ref = masked_reference(model, plan, zero_beta=False)
     for size in (32, 40):  # the per-position terms follow the input size
         assert rel_err(outputs(pruned, size), outputs(ref, size)) < 1e-5
     # … and the literal removal does not: the removed channels' constants mattered
-    literal, _ = prune_model(model, 0.5, compensate="none")
+    literal, _, *_ = prune_model(model, 0.5, compensate="none")
     assert rel_err(outputs(literal, 32), outputs(ref, 32)) > 1e-3
 
 
 @pytest.mark.parametrize("arch", TRACED)
 def test_exact_on_traced_torchvision_models(arch, one_thread):
     model = strongly_sparse(create_model(arch, 10, input_size=(3, 64, 64)))
-    pruned, plan = prune_model(model, 0.5, compensate="exact")
+    pruned, plan, *_ = prune_model(model, 0.5, compensate="exact")
     ref = masked_reference(model, plan, zero_beta=False)
     for size in (64, 72):
         assert rel_err(outputs(pruned, size), outputs(ref, size)) < 1e-5
@@ -67,7 +54,7 @@ def test_exact_on_traced_torchvision_models(arch, one_thread):
 
 def test_none_equals_gamma_and_beta_zeroed():
     model = strongly_sparse(create_model("vgg11", 10, width=0.25))
-    pruned, plan = prune_model(model, 0.5, compensate="none")
+    pruned, plan, *_ = prune_model(model, 0.5, compensate="none")
     assert rel_err(outputs(pruned, 32), outputs(masked_reference(model, plan), 32)) < 1e-5
     assert not any(response_of(m) is not None for m in pruned.modules())
 
@@ -83,22 +70,22 @@ def pointwise_net() -> nn.Module:
 
 def test_bias_is_exact_for_linear_and_pointwise_consumers_and_lossy_for_padded_ones():
     model = strongly_sparse(pointwise_net())
-    pruned, plan = prune_model(model, 0.5, compensate="bias")
+    pruned, plan, *_ = prune_model(model, 0.5, compensate="bias")
     ref = masked_reference(model, plan, zero_beta=False)
     assert rel_err(outputs(pruned, 16), outputs(ref, 16)) < 1e-5
     assert not any(response_of(m) is not None and response_of(m).kernel.numel() for m in pruned.modules())
 
     vgg = strongly_sparse(create_model("vgg11", 10, width=0.25))
-    biased, plan = prune_model(vgg, 0.5, compensate="bias")
+    biased, plan, *_ = prune_model(vgg, 0.5, compensate="bias")
     ref = masked_reference(vgg, plan, zero_beta=False)
-    literal, _ = prune_model(vgg, 0.5, compensate="none")
+    literal, _, *_ = prune_model(vgg, 0.5, compensate="none")
     error = rel_err(outputs(biased, 32), outputs(ref, 32))
     assert 1e-5 < error < rel_err(outputs(literal, 32), outputs(ref, 32))  # lossy, but better than none
 
 
 def test_a_linear_with_a_bias_absorbs_its_term():
     model = strongly_sparse(create_model("vgg11", 10, width=0.25))
-    pruned, _ = prune_model(model, 0.5)
+    pruned, _, *_ = prune_model(model, 0.5)
     assert response_of(pruned.classifier) is None  # folded into classifier.bias: a plain Linear
     assert not torch.equal(pruned.classifier.bias, model.classifier.bias)
     assert response_of(pruned.features.conv1) is not None  # a padded 3×3 consumer: per position
@@ -106,8 +93,8 @@ def test_a_linear_with_a_bias_absorbs_its_term():
 
 def test_multipass_and_checkpoint_round_trip_keep_the_responses(tmp_path):
     model = strongly_sparse(create_model("preresnet", 10, depth=11))
-    once, plan1 = prune_model(model, 0.4)
-    twice, plan2 = prune_model(once, 0.3)
+    once, plan1, *_ = prune_model(model, 0.4)
+    twice, plan2, *_ = prune_model(once, 0.3)
     ref = masked_reference(once, plan2, zero_beta=False)
     assert rel_err(outputs(twice, 32), outputs(ref, 32)) < 1e-5
     save_checkpoint(tmp_path / "p.pt", make_checkpoint(twice, stage="prune"))
@@ -118,7 +105,7 @@ def test_multipass_and_checkpoint_round_trip_keep_the_responses(tmp_path):
 
 def test_compensation_adds_one_flop_per_output_element():
     model = strongly_sparse(create_model("vgg11", 10, width=0.25))
-    _, plan = prune_model(model, 0.5)
+    _, plan, *_ = prune_model(model, 0.5)
     exact, none = apply_plan(model, plan, compensate="exact"), apply_plan(model, plan, compensate="none")
     responses = [m for m in exact.modules() if response_of(m) is not None]
     assert responses
@@ -145,18 +132,22 @@ class DeclaredNonConstant(nn.Module):
         return [ChannelGroup("bn1", ("conv1", "bn1"), (Consumer("conv2", constant=False),))]
 
 
-def test_a_consumer_not_reached_by_a_constant_is_left_alone_and_named():
+def test_a_consumer_not_reached_by_a_constant_keeps_its_channels_and_is_named():
     model = strongly_sparse(DeclaredNonConstant())
     model.arch_spec = {"input_size": [3, 16, 16]}
     plan = make_plan(model, model.channel_groups(), 0.5)
-    pruned, notes = apply_plan_with_notes(model, plan, compensate="exact")
-    assert response_of(pruned.conv2) is None
-    assert any("'conv2'" in n for n in notes)
-    # and the safety net: declared constant although it is not → measured, refused, named
+    assert plan.kept < plan.total
+    pruned, notes, applied = applied_plan(model, plan, compensate="exact")
+    assert applied.kept == applied.total and pruned.conv2.in_channels == 8  # kept whole: exact stays exact
+    assert any("'conv2'" in n and "kept" in n for n in notes)
+    # … while literal removal, which promises only the γβ-zeroed original, still prunes
+    assert apply_plan(model, plan, compensate="none").conv2.in_channels < 8
+    # and the safety net: declared constant although it is not → measured, refused, kept, named
     model.channel_groups = lambda: [ChannelGroup("bn1", ("conv1", "bn1"), (Consumer("conv2"),))]
     plan = make_plan(model, model.channel_groups(), 0.5)
-    pruned, notes = apply_plan_with_notes(model, plan, compensate="exact")
-    assert response_of(pruned.conv2) is None and any("not constant" in n for n in notes)
+    pruned, notes, applied = applied_plan(model, plan, compensate="exact")
+    assert pruned.conv2.in_channels == 8 and any("not constant" in n for n in notes)
+    assert rel_err(outputs(pruned, 16), outputs(model, 16)) < 1e-6
 
 
 class TrainingOnlyHead(nn.Module):
@@ -192,7 +183,7 @@ def test_a_consumer_that_never_runs_in_eval_is_named_not_a_crash():
 
 def test_the_response_keeps_channels_last_and_matches_contiguous():
     model = strongly_sparse(create_model("vgg11", 10, width=0.25))
-    pruned, _ = prune_model(model, 0.5)
+    pruned, _, *_ = prune_model(model, 0.5)
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(5))
     seen = []
     pruned.features.conv1.register_forward_hook(lambda m, i, o: seen.append(o.is_contiguous(memory_format=torch.channels_last)))
@@ -205,7 +196,7 @@ def test_the_response_keeps_channels_last_and_matches_contiguous():
 
 def test_a_float64_model_stays_exact_to_float64_precision():
     model = strongly_sparse(create_model("vgg11", 10, width=0.25)).double()
-    pruned, plan = prune_model(model, 0.5)
+    pruned, plan, *_ = prune_model(model, 0.5)
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         error = rel_err(pruned.eval()(x), masked_reference(model, plan, zero_beta=False)(x))

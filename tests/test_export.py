@@ -20,7 +20,7 @@ def pruned_checkpoint(tmp_path, arch: str, *, ratio: float = 0.5, **kwargs):
     """A pruned (β-compensated) checkpoint of `arch` with random BN statistics."""
     torch.manual_seed(0)
     model = randomize_bn(create_model(arch, 10, input_size=(3, 32, 32), **kwargs)).eval()
-    pruned, _ = prune_model(model, ratio)
+    pruned, _, *_ = prune_model(model, ratio)
     path = tmp_path / "pruned.pt"
     save_checkpoint(path, make_checkpoint(pruned, stage="prune", metrics={"top1": 61.5}))
     return path

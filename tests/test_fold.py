@@ -61,7 +61,7 @@ def _built(name: str, pruned: bool) -> nn.Module:
     torch.manual_seed(0)
     model = randomize_bn(create_model(arch, 10, input_size=(3, sizes[0], sizes[0]), **kwargs)).eval()
     if pruned:  # compensate="exact": ConstantResponse on the consumers, per position where padded
-        model, _ = prune_model(model, 0.5)
+        model, _, *_ = prune_model(model, 0.5)
         randomize_bn(model, seed=1)  # the kept BNs' statistics differ from the original's too
     return model.eval()
 

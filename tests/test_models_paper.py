@@ -117,7 +117,7 @@ def test_width_scales_every_stream() -> None:
 
 
 def test_training_step_leaves_selection_indices_alone() -> None:
-    model, plan = prune_model(randomize_bn(create_model("preresnet", 10, depth=11)).eval(), 0.5)
+    model, plan, *_ = prune_model(randomize_bn(create_model("preresnet", 10, depth=11)).eval(), 0.5)
     assert any(gp.group.selection and gp.kept < gp.total for gp in plan.groups)  # indices are a true subset
     selections = {n: m for n, m in model.named_modules() if isinstance(m, ChannelSelection)}
     before = {n: m.indices.clone() for n, m in selections.items()}
@@ -166,7 +166,7 @@ def _in_width(module: nn.Module) -> int:
 def test_pruned_equals_masked_original(family: str, ratio: float) -> None:
     arch, args = SMALL[family]
     model = randomize_bn(create_model(arch, 10, **args)).eval()
-    pruned, plan = prune_model(model, ratio, compensate="none")  # literal removal
+    pruned, plan, *_ = prune_model(model, ratio, compensate="none")  # literal removal
     assert plan.kept < plan.total
     assert all(g.kept >= 1 for g in plan.groups)
     assert count_params(pruned) < count_params(model)
@@ -191,7 +191,7 @@ def test_resnet164_at_90_percent_keeps_every_block_alive() -> None:
     with torch.no_grad():
         for bn in (block.bn1, block.bn2, block.bn3):
             bn.weight.mul_(1e-3)
-    pruned, plan = prune_model(model, 0.9, compensate="none")
+    pruned, plan, *_ = prune_model(model, 0.9, compensate="none")
     kept = {g.group.bn: g.kept for g in plan.groups}
     assert kept["layer2.3.bn1"] == kept["layer2.3.bn2"] == kept["layer2.3.bn3"] == 1
     for m in pruned.modules():
@@ -206,8 +206,8 @@ def test_resnet164_at_90_percent_keeps_every_block_alive() -> None:
 def test_two_passes_equal_the_masked_original(family: str) -> None:
     arch, args = SMALL[family]
     model = randomize_bn(create_model(arch, 10, **args)).eval()
-    once, plan1 = prune_model(model, 0.5, compensate="none")
-    twice, plan2 = prune_model(once, 0.5, compensate="none")
+    once, plan1, *_ = prune_model(model, 0.5, compensate="none")
+    twice, plan2, *_ = prune_model(once, 0.5, compensate="none")
     removed, removed2 = removed_channels(model, plan1), removed_channels(once, plan2)
     # Map pass-2 positions back to the original's channels: a free BN was sliced to plan1's keep;
     # a selection BN kept its width, and its selection indices already name original channels.
@@ -223,7 +223,7 @@ def test_two_passes_equal_the_masked_original(family: str) -> None:
 def test_pruned_model_rebuilds_from_widths(family: str) -> None:
     arch, args = SMALL[family]
     model = randomize_bn(create_model(arch, 10, **args)).eval()
-    pruned, _ = prune_model(model, 0.6)
+    pruned, _, *_ = prune_model(model, 0.6)
     rebuilt = create_model(arch, 10, widths=module_widths(pruned), **args)
     rebuilt.load_state_dict(pruned.state_dict())  # strict: every shape, incl. selection indices, matches
     assert module_widths(rebuilt) == module_widths(pruned)

@@ -25,7 +25,7 @@ from slimctl.models import create_model
 from slimctl.models.layers import module_widths
 from slimctl.plan import make_plan
 from slimctl.stages import load_pretrained
-from slimctl.surgery import apply_plan, apply_plan_with_notes
+from slimctl.surgery import apply_plan, apply_plan_with_notes, applied_plan
 from slimctl.trace import derive_groups
 
 timm = pytest.importorskip("timm")
@@ -88,12 +88,12 @@ def test_timm_pruned_equals_masked_original(name: str) -> None:
     ref = masked_reference(model, plan)
     assert rel_err(outputs(literal, x), outputs(ref, x)) < 1e-5
     assert rel_err(outputs(ref, x), out_orig) > 1e-3  # otherwise the comparison above could not fail
-    # β compensation (the default): the original with only γ zeroed, where nothing is left uncompensated.
-    exact, notes = apply_plan_with_notes(model, plan, compensate="exact")
-    if not notes:
-        assert rel_err(outputs(exact, x), outputs(masked_reference(model, plan, zero_beta=False), x)) < 1e-5
-    else:
-        assert all("not compensated" in n for n in notes)
+    # β compensation (the default): the original with only γ zeroed, for the plan applied (a group
+    # whose removed channels some consumer cannot be compensated for is kept whole, and named).
+    exact, notes, applied = applied_plan(model, plan, compensate="exact")
+    assert rel_err(outputs(exact, x), outputs(masked_reference(model, applied, zero_beta=False), x)) < 1e-5
+    assert all("cannot be compensated" in n and "kept" in n for n in notes)
+    assert (applied.kept > plan.kept) is bool(notes)
     # The pruned model trains.
     literal.train()
     literal(x).square().mean().backward()
@@ -122,17 +122,22 @@ def test_conv2d_same_keeps_its_padding_and_is_not_compensated_blindly() -> None:
     resized = [n for n, m in pruned.named_modules() if type(m).__name__ == "Conv2dSame"
                and m.out_channels < model.get_submodule(n).out_channels]
     assert resized  # depthwise Conv2dSame convs shrank and stayed Conv2dSame
-    # A Conv2dSame consumer: its padding is decided at run time, so no β response is derived for it.
+    # A Conv2dSame consumer: its padding is decided at run time (and differs with the input's parity),
+    # so its β response is its own forward's: exact at odd and even sizes.
     net = _Net(nn.BatchNorm2d(8))
     net.conv2 = timm.layers.Conv2dSame(8, 16, 3, stride=2, bias=False)
     x = image(15)
     result = derive_groups(net, x)
     result.prepare(net)
     randomize_bn(net)
+    with torch.no_grad():
+        net.bn1.bias += 0.5  # constants that survive the ReLU
     plan = make_plan(net.eval(), result.groups, 0.5)
     pruned, notes = apply_plan_with_notes(net, plan)
-    assert any("'conv2' not compensated" in n for n in notes)
-    assert type(pruned.conv2).__name__ == "Conv2dSame"
+    assert not notes and type(pruned.conv2).__name__ == "Conv2dSame"
+    for size in (15, 16):
+        reference = masked_reference(net, plan, zero_beta=False)
+        assert rel_err(outputs(pruned, image(size)), outputs(reference, image(size))) < 1e-5
     literal = apply_plan(net, plan, compensate="none")
     assert rel_err(outputs(literal, x), outputs(masked_reference(net, plan), x)) < 1e-5
 

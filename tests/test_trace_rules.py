@@ -15,6 +15,7 @@ from torch.nn import functional as F
 
 from conftest import randomize_bn
 from slimctl.groups import ChannelGroup, Consumer
+from slimctl.inserted import profile_map
 from slimctl.trace import derive_groups, space_rows
 from slimctl.trace.rules import Op, call_counts, classify
 from slimctl.trace.walk import trace_graph
@@ -112,8 +113,11 @@ HEADS = {
     "sum_flatten_linear": (lambda x: torch.flatten(x.sum(3, keepdim=True), 1), lambda: nn.Linear(8 * 8, 4), True),
     "maxpool_flatten_linear": (lambda x: torch.flatten(F.max_pool2d(x, 2), 1), lambda: nn.Linear(8 * 16, 4), True),
     "relu6_conv": (F.relu6, lambda: nn.Conv2d(8, 4, 1), True),
-    # zero-preserving but not constant-preserving: both reach the head with constant=False
+    # a stride-1 pool counting zero padding: the constant arrives as c·P (a profile both follow) ...
     "avgpool_padded_conv": (nn.AvgPool2d(3, stride=1, padding=1), lambda: nn.Conv2d(8, 4, 1), True),
+    # ... but not strided, nor through an activation after it: both reach the head with constant=False
+    "avgpool_padded_strided_conv": (nn.AvgPool2d(3, stride=2, padding=1), lambda: nn.Conv2d(8, 4, 1), True),
+    "avgpool_padded_then_relu6_conv": (lambda x: F.relu6(F.avg_pool2d(x, 3, 1, 1)), lambda: nn.Conv2d(8, 4, 1), True),
     "sigmoid_conv": (torch.sigmoid, lambda: nn.Conv2d(8, 4, 1), False),  # f(0) ≠ 0
     "channel_sum_conv": (lambda x: x.sum(dim=1, keepdim=True), lambda: nn.Conv2d(1, 4, 1), False),  # not spatial
 }
@@ -131,9 +135,11 @@ def test_the_walk_and_selection_detection_share_the_op_table(case: str) -> None:
     if passes:  # and they read the same columns, as a constant or not alike
         assert selection[0].selection == "bn2.select" and selection[0].consumers == tuple(heads_walked)
         assert selected.selections == ("bn2",)
-        assert heads_walked[0].constant is not case.startswith("avgpool_padded")
+        assert heads_walked[0].constant is (case not in ("avgpool_padded_strided_conv", "avgpool_padded_then_relu6_conv"))
+        assert heads_walked[0].profile == (((3, 3, 1, 1),) if case == "avgpool_padded_conv" else ())
         notes = [r["constant_note"] for r in space_rows(selected) if r["kind"] == "selection"]
-        assert notes == [None] if heads_walked[0].constant else "AvgPool2d 'op' with zero padding" in notes[0]
+        assert notes == [None] if heads_walked[0].constant else \
+            "with zero padding and a stride" in notes[0] or "relu6 (relu6) after a zero-padded average pool" in notes[0]
 
 
 def test_a_selection_through_a_spatial_sum_prunes_exactly() -> None:
@@ -200,7 +206,11 @@ def test_per_channel_flags_match_what_the_op_does(case: str) -> None:
     assert rule.op in (Op.PER_CHANNEL, Op.DEPTHWISE)
     with torch.no_grad():
         out, zero = model(constant), model(torch.zeros(2, 4, 7, 7))
-    assert rule.constant == is_constant(out)
+    if rule.profile is not None:  # a stride-1 pool counting zero padding: c·P, P rebuilt from the rule alone
+        shape = profile_map(torch.tensor([rule.profile]), tuple(out.shape[-2:]), out)
+        assert not is_constant(out) and torch.allclose(out, constant[:, :, :1, :1] * shape)
+    else:
+        assert rule.constant == is_constant(out)
     assert rule.zero == bool((zero == 0).all())
     assert rule.constant or rule.note  # a non-constant rule names itself for --explain
 
@@ -236,14 +246,16 @@ class Chain(nn.Module):
 
 @pytest.mark.parametrize(("pool", "constant"), [
     (nn.MaxPool2d(3, stride=1, padding=1), True),
-    (nn.AvgPool2d(3, stride=1, padding=1), False),  # count_include_pad=True: zeros in border averages
+    # count_include_pad=True: zeros in border averages. At stride 1 that is followed as a profile
+    # (c·P, test_per_channel_flags_match_what_the_op_does); strided, it is not constant.
+    (nn.AvgPool2d(3, stride=2, padding=1), False),
     (nn.AvgPool2d(3, stride=1, padding=1, count_include_pad=False), True),
 ])
 def test_consumer_constant_through_pools_and_the_explain_row(pool: nn.Module, constant: bool) -> None:
     model, x = Chain(pool), image()
     result = derive_groups(model, x)
     group = group_of(result.groups, "bn1")
-    assert consumer(group, "conv2").constant is constant
+    assert consumer(group, "conv2").constant is constant and consumer(group, "conv2").profile == ()
     assert reads_constant(model, group, "conv2", x) is constant  # the flag says what happens
     assert consumer(group_of(result.groups, "bn2"), "head").constant
     (row,) = [r for r in space_rows(result) if r["bns"] == ["bn1"]]
@@ -316,8 +328,10 @@ def test_a_gate_product_is_not_constant_but_the_squeeze_reads_a_constant() -> No
     group = group_of(result.groups, "bn1")
     assert consumer(group, "squeeze").constant and not consumer(group, "head").constant
     assert reads_constant(model, group, "squeeze", x) and not reads_constant(model, group, "head", x)
+    # … but c·g(x) for the gate the walk read off the graph, which compensation follows (no note)
+    assert consumer(group, "head").gate == ("expand", (("sigmoid", 0.0, 0.0),))
     (note,) = [r["constant_note"] for r in space_rows(result) if r["bns"] == ["bn1"]]
-    assert "'head'" in note and "mul" in note and "'squeeze'" not in note
+    assert note is None
 
 
 def test_a_residual_add_of_constants_stays_constant() -> None:

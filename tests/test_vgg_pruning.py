@@ -80,10 +80,10 @@ def test_plan_keeps_strictly_above_threshold_and_at_least_min_channels():
 def test_ratio_zero_keeps_everything_and_extreme_ratios_never_empty_a_layer():
     model = randomize_bn(create_model("vgg11", 10, width=0.125))
     total = sum(m.num_features for m in model.modules() if isinstance(m, nn.BatchNorm2d))
-    pruned, plan = prune_model(model, 0.0)
+    pruned, plan, *_ = prune_model(model, 0.0)
     assert plan.kept == total and count_params(pruned) == count_params(model)
     for ratio in (0.5, 0.9, 0.99, 0.999999):
-        pruned, plan = prune_model(model, ratio)
+        pruned, plan, *_ = prune_model(model, ratio)
         assert all(gp.kept >= 1 for gp in plan.groups)
         assert pruned.eval()(torch.randn(1, 3, 32, 32)).shape == (1, 10)
 
@@ -98,7 +98,7 @@ def test_ratio_outside_range_is_refused(ratio):
 def test_pruned_equals_masked_original(ratio):
     torch.manual_seed(0)
     model = randomize_bn(create_model("vgg13", 10, width=0.25)).eval()
-    pruned, plan = prune_model(model, ratio, compensate="none")  # literal removal
+    pruned, plan, *_ = prune_model(model, ratio, compensate="none")  # literal removal
     pruned.eval()
     ref = masked_reference(model, plan)
     x = torch.randn(4, 3, 32, 32)
@@ -111,7 +111,7 @@ def test_pruned_equals_masked_original(ratio):
 def test_zeroing_only_the_bn_scale_would_not_match():
     # Sensitivity: the equivalence needs β zeroed too (surgery drops β of removed channels).
     model = randomize_bn(create_model("vgg11", 10, width=0.25)).eval()
-    pruned, plan = prune_model(model, 0.5, compensate="none")
+    pruned, plan, *_ = prune_model(model, 0.5, compensate="none")
     ref = masked_reference(model, plan, zero_beta=False)  # only γ zeroed, β kept
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
@@ -121,7 +121,7 @@ def test_zeroing_only_the_bn_scale_would_not_match():
 
 def test_round_to_keeps_multiples_and_never_exceeds_the_layer():
     model = randomize_bn(create_model("vgg11", 10, width=0.25))
-    _, plan = prune_model(model, 0.6, round_to=8)
+    _, plan, *_ = prune_model(model, 0.6, round_to=8)
     for gp in plan.groups:
         assert gp.kept % 8 == 0 or gp.kept == gp.total
         assert gp.kept <= gp.total
@@ -135,8 +135,8 @@ def test_round_to_keeps_multiples_and_never_exceeds_the_layer():
 
 def test_second_pass_prunes_the_pruned_model():
     model = randomize_bn(create_model("vgg11", 10, width=0.25)).eval()
-    once, plan1 = prune_model(model, 0.5, compensate="none")
-    twice, plan2 = prune_model(once, 0.5, compensate="none")
+    once, plan1, *_ = prune_model(model, 0.5, compensate="none")
+    twice, plan2, *_ = prune_model(once, 0.5, compensate="none")
     assert plan2.total == plan1.kept and plan2.kept < plan1.kept
     ref = masked_reference(once, plan2)
     x = torch.randn(2, 3, 32, 32)
@@ -146,7 +146,7 @@ def test_second_pass_prunes_the_pruned_model():
 
 def test_rebuild_from_widths_reproduces_the_pruned_model():
     model = randomize_bn(create_model("vgg16", 10, width=0.25)).eval()
-    pruned, _ = prune_model(model, 0.6)
+    pruned, _, *_ = prune_model(model, 0.6)
     rebuilt = create_model("vgg16", 10, width=0.25, widths=module_widths(pruned))
     rebuilt.load_state_dict(pruned.state_dict())
     x = torch.randn(2, 3, 32, 32)
@@ -165,7 +165,7 @@ def test_the_original_model_is_untouched():
 @pytest.mark.parametrize("arch, args", [("vgg11", {}), ("preresnet", {"depth": 11}), ("densenet", {"depth": 10})])
 def test_surgery_keeps_the_models_dtype(arch, args):
     model = randomize_bn(create_model(arch, 10, width=0.25, **args)).double().eval()
-    pruned, _ = prune_model(model, 0.5)
+    pruned, _, *_ = prune_model(model, 0.5)
     assert {p.dtype for p in pruned.parameters()} == {torch.float64}
     assert pruned.eval()(torch.randn(1, 3, 32, 32, dtype=torch.float64)).dtype == torch.float64
 

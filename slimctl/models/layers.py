@@ -15,7 +15,7 @@ from torch import nn
 
 from slimctl.errors import SlimctlError
 from slimctl.groups import ChannelGroup, Consumer
-from slimctl.inserted import COMPENSATE, SELECT, ChannelSelection, ConstantResponse
+from slimctl.inserted import COMPENSATE, GATE, SELECT, ChannelSelection, ConstantResponse, GateRows
 
 
 def scale_width(channels: int, width: float) -> int:
@@ -73,13 +73,13 @@ def module_shape(module: nn.Module) -> list[int] | None:
         return [module.in_features, module.out_features]
     if isinstance(module, ChannelSelection):
         return [module.indices.numel()]
-    if isinstance(module, ConstantResponse):
+    if isinstance(module, (ConstantResponse, GateRows)):
         return module.shape
     return None
 
 
 def module_widths(model: nn.Module) -> dict[str, list[int]]:
-    """Module name → resizable shape, for every Conv2d/BatchNorm2d/Linear/ChannelSelection/ConstantResponse."""
+    """Module name → resizable shape, for every Conv2d/BatchNorm2d/Linear/ChannelSelection/ConstantResponse/GateRows."""
     widths = {}
     for name, module in model.named_modules():
         shape = module_shape(module)
@@ -96,7 +96,7 @@ def _resized_subclass(module: nn.Module, shape: list[int]) -> nn.Module:
     a copy, so what the subclass adds (its act and drop children, its padding rule) stays intact.
     Like a fresh module it has new (reset) parameters and none of slimctl's inserted children or hooks."""
     new = copy.deepcopy(module)
-    for child in (SELECT, COMPENSATE):
+    for child in (SELECT, COMPENSATE, GATE):
         new._modules.pop(child, None)
     new._forward_hooks.clear()
     new._forward_pre_hooks.clear()
@@ -142,8 +142,8 @@ def resized(module: nn.Module, shape: list[int]) -> nn.Module:
         new = nn.Linear(shape[0], shape[1], bias=module.bias is not None)
     elif isinstance(module, ChannelSelection):
         new = ChannelSelection(shape[0])
-    elif isinstance(module, ConstantResponse):
-        new = ConstantResponse(*shape)
+    elif isinstance(module, (ConstantResponse, GateRows)):
+        new = type(module)(*shape)
     else:
         raise TypeError(f"cannot resize {type(module).__name__}")
     # Same device and float dtype as the original (`.to(dtype)` leaves integer buffers alone).
@@ -168,7 +168,7 @@ def apply_widths(model: nn.Module, widths: dict[str, list[int]]) -> None:
                 f"checkpoint widths name module {name!r}, which this model does not have "
                 "(or cannot resize); the checkpoint does not match its arch"
             )
-        smallest = 0 if isinstance(module, ConstantResponse) else 1  # its kernel may be empty (0×0)
+        smallest = 0 if isinstance(module, (ConstantResponse, GateRows)) else 1  # a kernel may be empty (0×0)
         if len(shape) != len(current) or not all(isinstance(s, int) and s >= smallest for s in shape):
             raise SlimctlError(f"checkpoint widths for {name!r} are malformed: {shape!r}")
         if list(shape) != current:

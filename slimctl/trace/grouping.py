@@ -11,7 +11,7 @@ detection follows the BN's output by the walker's op table (`rules.classify`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from torch import fx, nn
 
@@ -19,7 +19,7 @@ from slimctl.errors import SlimctlError
 from slimctl.groups import ChannelGroup, Consumer
 from slimctl.inserted import SELECT, insert_selections, selection_of
 from slimctl.trace.rules import Op, columns_per_channel, shape
-from slimctl.trace.walk import Walker, not_constant_note
+from slimctl.trace.walk import Seg, Walker, through, not_constant_note
 
 
 @dataclass(frozen=True)
@@ -149,10 +149,10 @@ def find_selection(w: Walker, bn_node: fx.Node) -> tuple[str, list[Consumer], bo
         selection, existing = f"{name}.{SELECT}", False
     consumers: list[Consumer] = []
     notes: list[str] = []
-    # (node, columns per channel, a removed channel is constant there, else the op that made it vary)
-    stack: list[tuple[fx.Node, int, bool, str]] = [(start, 1, True, "")]
+    # (node, a removed channel there: columns per channel, constant or the op that made it vary, profile)
+    stack: list[tuple[fx.Node, Seg]] = [(start, Seg(-1, 0, True, const=True, why=""))]
     while stack:
-        node, repeat, const, why = stack.pop()
+        node, seg = stack.pop()
         if not node.users:
             return None
         for user in node.users:
@@ -161,22 +161,21 @@ def find_selection(w: Walker, bn_node: fx.Node) -> tuple[str, list[Consumer], bo
             if [a for a in user.all_input_nodes if w.layout.get(a) is not None] != [node] or user.args[0] is not node:
                 return None
             rule = w.rule(user)
-            if rule.op is Op.CONSUMER and (repeat == 1 or isinstance(w.modules[user.target], nn.Linear)):
-                if const and not rule.constant:
-                    const, why = False, rule.note
-                consumers.append(Consumer(user.target, 0, repeat, constant=const))
-                if not const:
-                    notes.append(not_constant_note(user.target, why))
+            if rule.op is Op.CONSUMER and (seg.repeat == 1 or isinstance(w.modules[user.target], nn.Linear)):
+                consumers.append(Consumer(user.target, 0, seg.repeat, constant=seg.const, profile=seg.profile))
+                if not seg.const:
+                    notes.append(not_constant_note(user.target, seg.why))
             elif rule.op is Op.PER_CHANNEL and rule.zero:
-                stack.append((user, repeat, const and rule.constant, why if not const else rule.note))
+                stack.append((user, through(seg, rule, w.label(user))))
             elif rule.op is Op.FLATTEN:
                 in_shape, out_shape = shape(node), shape(user)
                 columns = columns_per_channel(in_shape, out_shape, *rule.dims) if in_shape and out_shape else None
                 if columns is None:
                     return None
-                stack.append((user, repeat * columns, const, why))
+                stack.append((user, replace(seg, repeat=seg.repeat * columns)))
             elif rule.op is Op.REDUCE:
-                stack.append((user, repeat, const, why))
+                stack.append((user, seg if not seg.profile else replace(
+                    seg, const=False, profile=(), why=f"{w.label(user)} of a zero-padded average pool's output")))
             else:
                 return None
     return (selection, consumers, existing, notes) if consumers else None

@@ -66,28 +66,38 @@ class OpRule:
     # with zero padding"); REUSED / NORM / UNKNOWN: the op, as a frozen space's reason names it.
     note: str = ""
     dims: tuple[int, int] = (1, -1)  # FLATTEN: its start and end dims
+    # PER_CHANNEL: a stride-1 average pool counting zero padding, (kh, kw, ph, pw): a constant c
+    # leaves it as c·P (P: the pool of an all-ones map), which β compensation can still follow.
+    profile: tuple[int, int, int, int] | None = None
+    identity: bool = False  # PER_CHANNEL: the identity in eval mode (dropout, DropPath, identity, copies)
 
 
 # Per-channel modules that map 0 to 0 (a zeroed channel stays zero) ...
 ZERO_MODULES = (
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Hardswish, nn.Mish, nn.Tanh, nn.Hardtanh,
     nn.Dropout, nn.Dropout2d, nn.AlphaDropout, nn.Identity, nn.MaxPool2d, nn.AvgPool2d,
-    nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d,
+    nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Upsample,
 )
 # ... and those that do not (they pass channels on, but a zeroed channel is not zero after them).
 NONZERO_MODULES = (nn.Sigmoid, nn.Hardsigmoid, nn.Softplus)
 ZERO_FUNCS = {
     "relu", "relu_", "relu6", "hardtanh", "hardtanh_", "leaky_relu", "leaky_relu_", "elu", "gelu", "silu",
     "hardswish", "mish", "tanh", "dropout", "dropout2d", "max_pool2d", "avg_pool2d", "adaptive_avg_pool2d",
-    "adaptive_max_pool2d", "contiguous", "clone", "stochastic_depth", "detach",
+    "adaptive_max_pool2d", "contiguous", "clone", "stochastic_depth", "detach", "interpolate", "upsample",
+    "upsample_nearest", "upsample_bilinear",
 }
 NONZERO_FUNCS = {"sigmoid", "sigmoid_", "hardsigmoid", "softplus", "exp"}
 # Every per-channel op above maps a constant channel to a constant one (elementwise functions do
-# trivially; max-pool pads with -inf, adaptive pools average real pixels only), except an average
+# trivially; max-pool pads with -inf, adaptive pools average real pixels only, interpolation weights
+# sum to one and clamp at the borders), except an average
 # pool that counts zero padding in its divisor: see `_avg_pool_rule`.
+# Per-channel ops that are the identity in eval mode: a constant's profile or gate passes them unchanged.
+IDENTITY_MODULES = (nn.Dropout, nn.Dropout2d, nn.AlphaDropout, nn.Identity)
+IDENTITY_FUNCS = {"dropout", "dropout2d", "contiguous", "clone", "stochastic_depth", "detach"}
 NEUTRAL_FUNCS = {"size", "dim", "getattr", "numel", "_assert", "is_scripting"}
 NORMS = (nn.LayerNorm, nn.GroupNorm, nn.InstanceNorm2d, nn.BatchNorm1d, nn.BatchNorm3d, nn.LocalResponseNorm)
 ADD = {operator.add, operator.iadd, operator.sub, operator.isub, torch.add, torch.sub, "add", "add_", "sub", "sub_"}
+SUB = {operator.sub, operator.isub, torch.sub, "sub", "sub_"}
 MUL = {operator.mul, operator.imul, torch.mul, "mul", "mul_"}
 DIV = {operator.truediv, operator.itruediv, torch.div, "div", "div_"}
 CAT = {"cat", "concat", "concatenate"}
@@ -219,17 +229,25 @@ def _padded(padding: Any, kernel_size: Any) -> bool:
     return any(p != 0 for p in (padding if isinstance(padding, (tuple, list)) else (padding,)))
 
 
-def _avg_pool_rule(what: str, padding: Any, ceil_mode: bool, count_include_pad: bool,
+def _pair(value: Any) -> tuple[int, int]:
+    return (value, value) if isinstance(value, int) else tuple(value)
+
+
+def _avg_pool_rule(what: str, kernel: Any, stride: Any, padding: Any, ceil_mode: bool, count_include_pad: bool,
                    divisor_override: Any) -> OpRule:
     """An average pool maps a constant to a constant unless a window's divisor counts padding zeros
-    (border windows then average fewer real pixels), or a fixed divisor meets partial windows."""
+    (border windows then average fewer real pixels), or a fixed divisor meets partial windows. At
+    stride 1 the zero-padded case is followed as a profile: c → c·P, P the pool of an all-ones map
+    (its input size is its output size plus k − 1 − 2p, so the profile can be rebuilt at any size)."""
     padded = _padded(padding, 1)
     if divisor_override is not None:
         if padded or ceil_mode:
             return OpRule(Op.PER_CHANNEL, constant=False, note=f"{what} with divisor_override over partial windows")
         return OpRule(Op.PER_CHANNEL)
     if padded and count_include_pad:
-        return OpRule(Op.PER_CHANNEL, constant=False, note=f"{what} with zero padding")
+        if _pair(stride if stride not in (None, []) else kernel) == (1, 1) and not isinstance(padding, str):
+            return OpRule(Op.PER_CHANNEL, profile=(*_pair(kernel), *_pair(padding)), note=f"{what} with zero padding")
+        return OpRule(Op.PER_CHANNEL, constant=False, note=f"{what} with zero padding and a stride other than 1")
     return OpRule(Op.PER_CHANNEL)
 
 
@@ -258,11 +276,8 @@ def _module_rule(node: fx.Node, m: nn.Module, modules: Mapping[str, nn.Module], 
                                            "own: how it reads its input channels is unknown)")
         padded = (m.padding_mode == "zeros" and _padded(m.padding, m.kernel_size)) or \
             (same and any(k > 1 for k in m.kernel_size))
-        if m.groups == 1:
-            if same:  # the position-dependent response of a removed constant needs its run-time padding
-                return OpRule(Op.CONSUMER, constant=False,
-                              note=f"{type(m).__name__} {name!r} ('same' padding at run time)")
-            return OpRule(Op.CONSUMER)
+        if m.groups == 1:  # (a removed constant's response is computed with the layer's own forward,
+            return OpRule(Op.CONSUMER)  # so run-time 'same' padding needs no rule of its own)
         if m.groups == m.in_channels == m.out_channels:
             # Zero padding makes a constant map uneven at the borders (other padding modes do not).
             return OpRule(Op.DEPTHWISE, zero=m.bias is None, constant=not padded,
@@ -282,16 +297,16 @@ def _module_rule(node: fx.Node, m: nn.Module, modules: Mapping[str, nn.Module], 
             return OpRule(Op.NORM, note=f"{type(m).__name__} {name!r} on a {len(in_shape or ())}-d input")
         return OpRule(Op.BN)
     if type(m).__name__ == "DropPath":  # per sample: zero stays zero (identity in eval mode)
-        return OpRule(Op.PER_CHANNEL)
+        return OpRule(Op.PER_CHANNEL, identity=True)
     if isinstance(m, ChannelSelection):
         return OpRule(Op.SELECTION)
     if isinstance(m, (*ZERO_MODULES, *NONZERO_MODULES)):
         if not _keeps_channels(node):
             return OpRule(Op.UNKNOWN, note=label(node, modules))
         if isinstance(m, nn.AvgPool2d):
-            return _avg_pool_rule(label(node, modules), m.padding, m.ceil_mode, m.count_include_pad,
-                                  m.divisor_override)
-        return OpRule(Op.PER_CHANNEL, zero=isinstance(m, ZERO_MODULES))
+            return _avg_pool_rule(label(node, modules), m.kernel_size, m.stride, m.padding, m.ceil_mode,
+                                  m.count_include_pad, m.divisor_override)
+        return OpRule(Op.PER_CHANNEL, zero=isinstance(m, ZERO_MODULES), identity=isinstance(m, IDENTITY_MODULES))
     if isinstance(m, nn.Flatten):
         return OpRule(Op.FLATTEN, dims=(m.start_dim, m.end_dim))
     if isinstance(m, NORMS):
@@ -315,9 +330,10 @@ def _function_rule(node: fx.Node, modules: Mapping[str, nn.Module]) -> OpRule:
         if not _keeps_channels(node):
             return OpRule(Op.UNKNOWN, note=label(node, modules))
         if name == "avg_pool2d":  # (input, kernel, stride, padding, ceil_mode, count_include_pad, divisor_override)
-            return _avg_pool_rule(label(node, modules), _arg(node, 3, "padding", 0), _arg(node, 4, "ceil_mode", False),
+            return _avg_pool_rule(label(node, modules), _arg(node, 1, "kernel_size", 1), _arg(node, 2, "stride", None),
+                                  _arg(node, 3, "padding", 0), _arg(node, 4, "ceil_mode", False),
                                   _arg(node, 5, "count_include_pad", True), _arg(node, 6, "divisor_override", None))
-        return OpRule(Op.PER_CHANNEL, zero=name not in NONZERO_FUNCS)
+        return OpRule(Op.PER_CHANNEL, zero=name not in NONZERO_FUNCS, identity=name in IDENTITY_FUNCS)
     if name == "flatten":
         return OpRule(Op.FLATTEN, dims=(_arg(node, 1, "start_dim", 0), _arg(node, 2, "end_dim", -1)))
     if name in RESHAPES:
@@ -325,3 +341,58 @@ def _function_rule(node: fx.Node, modules: Mapping[str, nn.Module]) -> OpRule:
     if name in REDUCTIONS and _spatial(node):
         return OpRule(Op.REDUCE)
     return OpRule(Op.UNKNOWN, note=label(node, modules))
+
+
+# --- gates ---------------------------------------------------------------------------------------
+# The elementwise ops of a gate's chain (squeeze-and-excitation: x · act(fc(…))), as plain data
+# (op, a, b) that `slimctl.inserted.GATE_OPS` evaluates; ("same", 0, 0) for a reshape or an
+# identity that keeps the channels. None: an op a gate chain cannot contain.
+
+
+def gate_module_op(m: nn.Module) -> tuple[str, float, float] | None:
+    if isinstance(m, nn.Sigmoid):
+        return ("sigmoid", 0.0, 0.0)
+    if isinstance(m, nn.Hardsigmoid):
+        return ("hardsigmoid", 0.0, 0.0)
+    if isinstance(m, nn.ReLU):
+        return ("relu", 0.0, 0.0)
+    if isinstance(m, nn.Hardtanh):  # ReLU6 too
+        return ("hardtanh", float(m.min_val), float(m.max_val))
+    if isinstance(m, nn.Tanh):
+        return ("tanh", 0.0, 0.0)
+    if isinstance(m, IDENTITY_MODULES):
+        return ("same", 0.0, 0.0)
+    return None
+
+
+_GATE_FUNCS = {"sigmoid": "sigmoid", "hardsigmoid": "hardsigmoid", "relu": "relu", "tanh": "tanh"}
+_SHAPE_ONLY = {"view", "reshape", "flatten", "unsqueeze", "squeeze", "contiguous", "clone", "dropout", "detach"}
+
+
+def gate_function_op(node: fx.Node, modules: Mapping[str, nn.Module]) -> tuple[str, float, float] | None:
+    name = fname(node)
+    name = name[:-1] if isinstance(name, str) and name.endswith("_") and not name.endswith("__") else name
+    if name in _GATE_FUNCS:
+        return (_GATE_FUNCS[name], 0.0, 0.0)
+    if name == "relu6":
+        return ("hardtanh", 0.0, 6.0)
+    if name == "hardtanh":
+        return ("hardtanh", float(_arg(node, 1, "min_val", -1.0)), float(_arg(node, 2, "max_val", 1.0)))
+    if name in _SHAPE_ONLY:
+        in_shape, out_shape = shape(node.args[0] if node.args else None), shape(node)
+        same = in_shape is not None and out_shape is not None and math.prod(in_shape) == math.prod(out_shape)
+        return ("same", 0.0, 0.0) if same and in_shape[:2] == out_shape[:2] else None
+    numbers = [a for a in node.args if isinstance(a, (int, float)) and not isinstance(a, bool)]
+    if len(numbers) != 1 or len(node.args) != 2:
+        return None
+    value, first = float(numbers[0]), not isinstance(node.args[0], fx.Node)
+    target = node.target
+    if target in SUB or name in SUB:
+        return ("rsub", value, 0.0) if first else ("add", -value, 0.0)
+    if target in ADD or name in ADD:
+        return ("add", value, 0.0)
+    if target in MUL or name in MUL:
+        return ("mul", value, 0.0)
+    if (target in DIV or name in DIV) and not first:
+        return ("div", value, 0.0)
+    return None

@@ -30,6 +30,8 @@ from slimctl.trace.rules import (
     classify,
     columns_per_channel,
     frozen_bn_note,
+    gate_function_op,
+    gate_module_op,
     is_bn,
     is_leaf,
     label,
@@ -126,6 +128,10 @@ class Seg:
     repeat: int = 1  # columns per channel (after flatten)
     const: bool = False  # constant over batch and space once γ ≈ 0 (its BN emits β): β compensation works
     why: str = "its producer, with no BatchNorm2d after it"  # when not const: the op that made it vary
+    # const: the zero-padded stride-1 average pools met since the BN (the constant is c·P there)
+    profile: tuple[tuple[int, int, int, int], ...] = ()
+    # not const, but c·g(x) for an input-dependent gate g (Consumer.gate): compensable all the same
+    gate: tuple[str, tuple[tuple[str, float, float], ...]] | None = None
 
 
 def not_constant_note(consumer: str, why: str) -> str:
@@ -133,10 +139,23 @@ def not_constant_note(consumer: str, why: str) -> str:
     return f"{consumer!r} reads it through {why}: no β compensation"
 
 
-def _through(seg: Seg, rule: OpRule) -> Seg:
-    """`seg` after a per-channel op: zero and constant only if the op preserves them."""
-    const = seg.const and rule.constant
-    return replace(seg, zero=seg.zero and rule.zero, const=const, why=seg.why if not seg.const else rule.note)
+def through(seg: Seg, rule: OpRule, what: str) -> Seg:
+    """`seg` after the per-channel op `what`: zero and constant only if the op preserves them. A
+    constant's profile (c·P) or gate (c·g(x)) passes identities only; a padded pool adds to the profile."""
+    zero = seg.zero and rule.zero
+    if rule.identity:
+        return replace(seg, zero=zero)
+    if seg.gate is not None:
+        return replace(seg, zero=zero, gate=None)
+    if not seg.const:
+        return replace(seg, zero=zero)
+    if rule.profile is not None:
+        return replace(seg, zero=zero, profile=seg.profile + (rule.profile,))
+    if not rule.constant:
+        return replace(seg, zero=zero, const=False, profile=(), why=rule.note)
+    if seg.profile:  # f(c·P) is not a multiple of P for an activation, nor for another pool's borders
+        return replace(seg, zero=zero, const=False, profile=(), why=f"{what} after a zero-padded average pool")
+    return replace(seg, zero=zero)
 
 
 # --- the walk ------------------------------------------------------------------------------------
@@ -270,7 +289,7 @@ class Walker:
             sp = self.space(segs[0].space)
             sp.producers.append(name)
             sp.depthwise = True
-            return [replace(_through(segs[0], rule), repeat=1)]
+            return [replace(through(segs[0], rule, self.label(node)), repeat=1)]
         if rule.op is Op.GROUPED:  # equal keep counts per group on both sides
             if len(segs) != 1 or m.out_channels % m.groups:
                 return self.opaque(node, f"grouped conv {name!r} over a concatenation")
@@ -288,7 +307,7 @@ class Walker:
                         const=all(s.const for s in segs),
                         why=next((s.why for s in segs if not s.const), ""))]
         if rule.op is Op.PER_CHANNEL:
-            return [_through(s, rule) for s in segs]
+            return [through(s, rule, self.label(node)) for s in segs]
         if rule.op is Op.FLATTEN:
             return self.flattened(node, segs, *rule.dims)
         return self.opaque(node, rule.note)  # NORM, UNKNOWN
@@ -317,11 +336,12 @@ class Walker:
             if seg.const and rule is not None and not rule.constant:  # the consumer itself (run-time padding)
                 seg = replace(seg, const=False, why=rule.note)
             sp = self.space(seg.space)
-            sp.consumers.append(Consumer(name, offset, seg.repeat, constant=seg.const))
+            sp.consumers.append(Consumer(name, offset, seg.repeat, constant=seg.const, profile=seg.profile,
+                                         gate=seg.gate))
             if not seg.zero:
                 sp.reasons.append(f"reaches {name!r} without a zeroing BatchNorm2d (no BN after its producer, "
                                   "or a Sigmoid-like op on the way)")
-            if not seg.const:
+            if not seg.const and seg.gate is None:
                 sp.not_constant.append(not_constant_note(name, seg.why))
             offset += seg.width * seg.repeat
 
@@ -357,11 +377,14 @@ class Walker:
         if segs is None:
             return self.opaque(node, self.label(node))
         if rule.op is Op.PER_CHANNEL:
-            return [_through(s, rule) for s in segs]
+            return [through(s, rule, self.label(node)) for s in segs]
         if rule.op is Op.FLATTEN:
             return self.flattened(node, segs, *rule.dims)
         if rule.op is Op.REDUCE:  # a removed channel's zeros / constant average to the same
-            return list(segs)
+            return [s if not (s.profile or s.gate) else
+                    replace(s, const=False, gate=None, profile=(), why=s.why if s.gate else
+                            f"{self.label(node)} of a zero-padded average pool's output (its value depends on the size)")
+                    for s in segs]
         return self.opaque(node, rule.note)
 
     @staticmethod
@@ -393,11 +416,12 @@ class Walker:
         if out_shape is None or len(out_shape) < 2:
             return self.opaque(node, self.label(node)) if self.input_nodes(node) else None
         c = out_shape[1]
-        full, others, scalar_nonzero, varying = [], [], False, False
+        full, full_nodes, others, scalar_nonzero, varying = [], [], [], False, False
         for a in list(node.args) + list(node.kwargs.values()):
             a_shape = shape(a)
             if self.tracked(a) and a_shape and len(a_shape) >= 2 and a_shape[1] == c:
                 full.append(self.layout[a])
+                full_nodes.append(a)
             elif self.tracked(a):  # broadcast over channels
                 others.append(self.layout[a])
             elif isinstance(a, (int, float)) and a != 0:
@@ -416,7 +440,9 @@ class Walker:
             for a, b in zip(full[0], segs):
                 self.union(a.space, b.space, residual)
         other_zero = [all(s.zero for s in segs) for segs in others]
-        other_const = all(s.const for segs in others for s in segs) and not varying
+        others_const = all(s.const and not s.profile for segs in others for s in segs)
+        # x · act(fc(…)): the gate of a squeeze-and-excitation block, if one operand is one
+        gates = [None if residual or len(full) != 2 else self.gate_chain(n) for n in full_nodes]
         out = []
         for i, s in enumerate(full[0]):
             zeros = [segs[i].zero for segs in full]
@@ -424,18 +450,59 @@ class Walker:
                 zero = all(zeros) and all(other_zero) and not scalar_nonzero
             else:  # a * b: zero if any operand is
                 zero = any(zeros) or any(other_zero)
-            # a + b, a * b: constant only if every operand is (an SE gate depends on the input); when
-            # some operand is constant and another is not, this op is where the constant is lost.
-            consts = [segs[i].const for segs in full]
-            const = all(consts) and other_const
-            if const:
-                why = ""
-            elif not any(consts):
-                why = s.why
-            elif all(consts) and varying and all(x.const for segs in others for x in segs):
-                why = f"{self.label(node)} with a tensor that varies over space"
-            else:
-                why = f"{self.label(node)} " + ("with a non-constant operand" if residual else
-                                                "by an input-dependent factor")
-            out.append(Seg(s.space, s.width, zero, s.repeat, const, why))
+            out.append(replace(self.combined([segs[i] for segs in full], gates, others_const, varying, residual, node),
+                               space=s.space, width=s.width, zero=zero, repeat=s.repeat))
         return out
+
+    def combined(self, segs: list[Seg], gates: list, others_const: bool, varying: bool, residual: bool,
+                 node: fx.Node) -> Seg:
+        """The constant-related flags of one segment of a + b or a · b (`segs`: the operands' segments
+        there; `gates`: per operand, the gate it is, if any; `others_const`: the operands broadcast
+        over channels are constant; `varying`: an untracked operand varies over space). a + b and
+        a · b are constant only if every operand is (one profile, and for a sum only); a constant
+        times a gate is a gated constant."""
+        base = segs[0]
+        consts = [x.const for x in segs]
+        other_const = others_const and not varying
+        if all(consts) and other_const and len({x.profile for x in segs}) == 1 and (residual or not base.profile):
+            return replace(base, const=True, why="", gate=None)
+        if not residual and len(segs) == 2 and other_const:
+            for k in (0, 1):  # segs[k] the constant, segs[1 - k] the gate
+                if segs[k].const and not segs[k].profile and gates[1 - k] is not None and not segs[1 - k].const:
+                    return replace(segs[k], const=False, gate=gates[1 - k],
+                                   why=f"{self.label(node)} by an input-dependent factor")
+        if not any(consts):
+            why = base.why
+        elif all(consts) and varying and others_const:
+            why = f"{self.label(node)} with a tensor that varies over space"
+        elif all(consts) and other_const:
+            why = f"{self.label(node)} of constants after zero-padded average pools"
+        else:
+            why = f"{self.label(node)} " + ("with a non-constant operand" if residual else "by an input-dependent factor")
+        return replace(base, const=False, why=why, gate=None, profile=())
+
+    def gate_chain(self, node: fx.Node) -> tuple[str, tuple[tuple[str, float, float], ...]] | None:
+        """(the layer computing a gate's logits, the elementwise ops after it in order) when `node` is
+        act(…(layer(h))) through ops `slimctl.inserted.GATE_OPS` knows (and reshapes that keep the
+        channels); else None. The layer is a groups=1 Conv2d or a Linear, called once."""
+        ops: list[tuple[str, float, float]] = []
+        while isinstance(node, fx.Node):
+            if node.op == "call_module":
+                m = self.modules[node.target]
+                if isinstance(m, (nn.Conv2d, nn.Linear)):
+                    plain = isinstance(m, nn.Linear) or m.groups == 1 and self.rule(node).op is Op.CONSUMER
+                    return (node.target, tuple(reversed(ops))) if plain and self.calls[node.target] == 1 else None
+                op = gate_module_op(m)
+            elif node.op in ("call_function", "call_method"):
+                op = gate_function_op(node, self.modules)
+            else:
+                return None
+            if op is None:
+                return None
+            if op[0] != "same":
+                ops.append(op)
+            inputs = [a for a in node.args if isinstance(a, fx.Node)]
+            if len(inputs) != 1 or any(isinstance(v, fx.Node) for v in node.kwargs.values()):
+                return None
+            node = inputs[0]
+        return None
