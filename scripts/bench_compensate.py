@@ -79,6 +79,9 @@ def main(checkpoint: Path | None, arch: str | None, width: float, ratio: float, 
     plan = prune_model(model, ratio, compensate="exact").plan
     pruned = {mode: apply_plan(model, plan, compensate=mode).eval() for mode in modes}
     folded = {mode: fold_bn(m) for mode, m in pruned.items()}
+    # the exact terms as hooks that add a cached map (what fold_bn leaves where no constant channel can carry them)
+    folded["exact, hooked"] = fold_bn(pruned["exact"], carry_maps=False)
+    modes = modes + ("exact, hooked",)
     flops = count_flops(pruned["none"])
     timings: dict[tuple[str, int], list[float]] = {(mode, b): [] for mode in modes for b in sizes}
     # Exported once per (mode, batch), outside the rounds.

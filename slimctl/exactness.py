@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from slimctl.compensate import gamma_zeroed
+from slimctl.errors import SlimctlError
 from slimctl.plan import ChannelPlan, plan_masks
 from slimctl.registry import input_size
 
@@ -65,7 +66,16 @@ def measure_exactness(model: nn.Module, pruned: nn.Module, plan: ChannelPlan, mo
     training = pruned.training
     try:
         pruned.eval()
-        diff = _rel_diff(_tensors(pruned(probe)), _tensors(reference(probe)))
+        wanted = _tensors(reference(probe))
+        try:
+            got = _tensors(pruned(probe))
+        except RuntimeError as exc:  # e.g. a reshape to a channel count fixed in the model's code
+            detail = str(exc).splitlines()[0][:200]
+            raise SlimctlError(
+                f"{type(model).__name__}: the pruned model does not run ({detail}): one of its layers reads "
+                "channels in a way the traced graph does not show; declare channel_groups() by hand"
+            ) from None
+        diff = _rel_diff(got, wanted)
         consumers = () if diff < THRESHOLD else _where_it_starts(model, reference, pruned, plan, probe)
     finally:
         pruned.train(training)

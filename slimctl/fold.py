@@ -30,12 +30,20 @@ import torch
 from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from slimctl.inserted import SELECT, detach_response, has_foreign_hooks, response_of, selection_of
+from slimctl.inserted import (
+    SELECT,
+    attach,
+    detach_response,
+    gate_rows_of,
+    has_foreign_hooks,
+    response_of,
+    selection_of,
+)
 from slimctl.registry import input_size
-from slimctl.trace.rules import BN_PARTS, bn_parts, call_counts, is_bn, label, shape
+from slimctl.trace.rules import BN_PARTS, Op, bn_parts, call_counts, classify, is_bn, label, shape
 from slimctl.trace.walk import trace_graph
 
-__all__ = ["FoldPlan", "fold_bn", "fold_plan"]
+__all__ = ["FoldPlan", "carry_constant_maps", "fold_bn", "fold_plan"]
 
 
 @dataclass
@@ -61,8 +69,10 @@ def batchnorm_count(model: nn.Module) -> int:
     return sum(isinstance(m, _BatchNorm) for m in model.modules())
 
 
-def fold_bn(model: nn.Module, example_input: torch.Tensor | None = None) -> nn.Module:
-    """A copy of `model` in eval mode with every BN folded into its conv / Linear where that is exact.
+def fold_bn(model: nn.Module, example_input: torch.Tensor | None = None, *, carry_maps: bool = True) -> nn.Module:
+    """A copy of `model` in eval mode with every BN folded into its conv / Linear where that is exact,
+    and (`carry_maps`) each per-position compensation term carried by a constant channel where it
+    can be (`carry_constant_maps`: no hook and no extra op per compensated layer).
 
     The input model is not changed. The copy computes what `model.eval()` computes (to rounding; the
     folded weights are computed in float64) and is meant for inference only: a folded BN has no
@@ -72,14 +82,141 @@ def fold_bn(model: nn.Module, example_input: torch.Tensor | None = None) -> nn.M
     """
     work = copy.deepcopy(model).eval()
     bns = [n for n, m in work.named_modules() if isinstance(m, _BatchNorm)]
-    if not bns:
-        return work
-    plan = _plan(trace_graph(work, _example(work, example_input)), bns)
-    for layer_name, bn_name in plan.folds:
-        bn = work.get_submodule(bn_name)
-        _fold_into(work.get_submodule(layer_name), bn)
-        _replace(work, bn_name, _after_fold(bn))
+    example = _example(work, example_input)
+    if bns:
+        plan = _plan(trace_graph(work, example), bns)
+        for layer_name, bn_name in plan.folds:
+            bn = work.get_submodule(bn_name)
+            _fold_into(work.get_submodule(layer_name), bn)
+            _replace(work, bn_name, _after_fold(bn))
+    if carry_maps and any(_carried_map(m) for m in work.modules()):
+        carry_constant_maps(work, example)
     return work.eval()
+
+
+# --- per-position terms as a constant channel ------------------------------------------------------
+
+
+def _carried_map(layer: nn.Module) -> bool:
+    """A conv whose constant response has a per-position part that one input channel of ones,
+    zero-padded by the conv itself, reproduces (groups=1, its own zero padding; no profile, no gate)."""
+    response = response_of(layer)
+    return (response is not None and response.kernel.numel() > 0 and isinstance(layer, nn.Conv2d)
+            and layer.groups == 1 and "pkernel" not in response._buffers and "gate_weight" not in response._buffers)
+
+
+@torch.no_grad()
+def carry_constant_maps(model: nn.Module, example_input: torch.Tensor) -> list[tuple[str, str]]:
+    """In place (an inference copy): each per-position constant response of a conv L becomes one more
+    input channel of L (weight: the response's reduced kernel), fed by one more output channel of the
+    conv P that produces L's input (zero weights, bias 1, then P's activation and pools: a constant v).
+    L's own zero padding then makes the border values, so the exact term costs no separate op: a
+    forward hook and a full-map add per layer become 1/C more channels. Only where the path P → L
+    is per-channel ops with no other reader; elsewhere the response stays. Returns the (P, L) pairs."""
+    gm = trace_graph(model, example_input)
+    modules = dict(gm.named_modules())
+    calls = call_counts(gm.graph)
+    pairs = []
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and _carried_map(modules[node.target]) and calls[node.target] == 1:
+            producer = _sole_producer(node, modules, calls)
+            if producer is not None:
+                pairs.append((producer, node.target))
+    for producer, layer in pairs:
+        _widen_output(model.get_submodule(producer))
+        _widen_input(model.get_submodule(layer))
+    values = _carried_values(model, example_input, [layer for _, layer in pairs])
+    carried = []
+    for producer, layer in pairs:
+        value = values.get(layer)
+        if value is None:  # the extra channel did not arrive as one nonzero constant: undo
+            _narrow_output(model.get_submodule(producer))
+            _narrow_input(model.get_submodule(layer))
+            continue
+        _absorb_response(model.get_submodule(layer), value)
+        carried.append((producer, layer))
+    return carried
+
+
+def _sole_producer(node: fx.Node, modules: dict[str, nn.Module], calls: dict[str, int]) -> str | None:
+    """The conv whose output reaches `node` (a conv's call) through per-channel ops only, each read by
+    nothing else; None if there is none."""
+    current = node.args[0] if len(node.args) == 1 and not node.kwargs else None
+    while isinstance(current, fx.Node) and len(current.users) == 1 and current.op == "call_module":
+        module = modules[current.target]
+        if isinstance(module, nn.Conv2d):
+            plain = type(module).forward is nn.Conv2d.forward and module.groups == 1 and calls[current.target] == 1
+            return current.target if plain and not has_foreign_hooks(module) and gate_rows_of(module) is None else None
+        rule = classify(current, modules, calls)
+        if rule.op is not Op.PER_CHANNEL or not rule.constant or rule.profile is not None or len(current.args) != 1:
+            return None
+        current = current.args[0]
+    return None
+
+
+def _widen_output(conv: nn.Conv2d) -> None:
+    """One more output channel: zero weights, bias 1 (its response, if any, adds 0 there)."""
+    weight = conv.weight
+    conv.weight = nn.Parameter(torch.cat([weight, weight.new_zeros(1, *weight.shape[1:])]), requires_grad=False)
+    bias = conv.bias if conv.bias is not None else weight.new_zeros(weight.shape[0])
+    conv.bias = nn.Parameter(torch.cat([bias, bias.new_ones(1)]), requires_grad=False)
+    conv.out_channels += 1
+    response = response_of(conv)
+    if response is not None:
+        attach(conv, response.take_rows(torch.cat([torch.arange(weight.shape[0]), torch.zeros(1, dtype=torch.long)])))
+        response_of(conv).scale_rows(torch.cat([torch.ones(weight.shape[0]), torch.zeros(1)]).double())
+
+
+def _narrow_output(conv: nn.Conv2d) -> None:
+    conv.weight = nn.Parameter(conv.weight[:-1], requires_grad=False)
+    conv.bias = nn.Parameter(conv.bias[:-1], requires_grad=False)
+    conv.out_channels -= 1
+    response = response_of(conv)
+    if response is not None:
+        attach(conv, response.take_rows(torch.arange(conv.out_channels)))
+
+
+def _carried_values(model: nn.Module, example_input: torch.Tensor, layers: list[str]) -> dict[str, float]:
+    """What the extra (last) input channel of each layer carries on `example_input`, where that is one
+    nonzero constant over the batch and the map."""
+    seen: dict[str, torch.Tensor] = {}
+    hooks = [model.get_submodule(name).register_forward_pre_hook(
+        lambda _m, args, name=name: seen.__setitem__(name, args[0][:, -1].detach())) for name in layers]
+    try:
+        model(example_input)
+    finally:
+        for h in hooks:
+            h.remove()
+    values = {}
+    for name, channel in seen.items():
+        value = float(channel.flatten()[0])
+        if value != 0 and bool((channel == value).all()):
+            values[name] = value
+    return values
+
+
+def _widen_input(conv: nn.Conv2d) -> None:
+    """One more input channel, read with zero weights (until `_absorb_response`)."""
+    weight = conv.weight
+    conv.weight = nn.Parameter(torch.cat([weight, weight.new_zeros(weight.shape[0], 1, *weight.shape[2:])], dim=1),
+                               requires_grad=False)
+    conv.in_channels += 1
+
+
+def _narrow_input(conv: nn.Conv2d) -> None:
+    conv.weight = nn.Parameter(conv.weight[:, :-1], requires_grad=False)
+    conv.in_channels -= 1
+
+
+def _absorb_response(conv: nn.Conv2d, value: float) -> None:
+    """The conv's last input channel carries the constant `value`: its weight there becomes the
+    response's reduced kernel / value, and the response's per-channel part joins its bias."""
+    response = response_of(conv)
+    conv.weight[:, -1] = (response.kernel.to(torch.float64) / value).to(conv.weight.dtype)
+    bias = conv.bias if conv.bias is not None else conv.weight.new_zeros(conv.weight.shape[0])
+    conv.bias = nn.Parameter(bias + response.bias.to(bias), requires_grad=False)
+    detach_response(conv)
+
 
 
 # --- which pairs ---------------------------------------------------------------------------------

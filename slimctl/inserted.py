@@ -196,8 +196,7 @@ class ConstantResponse(nn.Module):
 
     def take_rows(self, rows: torch.Tensor) -> ConstantResponse:
         """A copy holding the terms of the outputs `rows` only (its layer lost the other outputs)."""
-        shape = self.shape
-        new = ConstantResponse(len(rows), *shape[1:])
+        new = ConstantResponse(len(rows), *self.shape[1:]).to(self.bias)  # its dtype before any copy (float64 stays)
         with torch.no_grad():
             for name, value in self._buffers.items():
                 new._buffers[name].copy_(value[rows.to(value.device)] if name in _ROW_TERMS else value)

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from conftest import strongly_sparse
+from slimctl.errors import SlimctlError
 from slimctl.exactness import THRESHOLD, measure_exactness
 from slimctl.models import create_model
 from slimctl.surgery import apply_plan, prune_model
@@ -46,3 +47,26 @@ def test_sweep_records_the_distance_per_mode_and_warns_when_it_fails(monkeypatch
     rows = sweep_model(model, channel_groups(model), [0.5], lambda m: 0.0, modes=("exact", "none"))
     (line,) = sweep_warnings({"curves": {"m.pt": {"rows": rows}}})
     assert "--compensate exact" in line and "0.5" in line
+
+
+class FixedReshape(torch.nn.Module):
+    """A layer whose code reshapes to a channel count fixed at construction (timm's LambdaLayer does):
+    the traced graph sees a view that keeps the channels, the pruned model then cannot run."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8)
+        self.head = torch.nn.Conv2d(8, 4, 1)
+        self.channels = 8
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.bn(self.conv(x)))
+        n, _, h, w = y.shape
+        return self.head(y.reshape(n, 8, h, w)).mean((2, 3))
+
+
+def test_a_pruned_model_that_cannot_run_is_a_clear_refusal_not_a_traceback() -> None:
+    model = strongly_sparse(FixedReshape())
+    model.arch_spec = {"arch": None, "input_size": (3, 8, 8)}
+    with pytest.raises(SlimctlError, match="the pruned model does not run"):
+        prune_model(model, 0.5)

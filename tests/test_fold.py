@@ -116,7 +116,7 @@ def test_response_is_scaled_with_the_layer() -> None:
     """Pruned VGG: the folded conv's ConstantResponse (bias and per-position kernel) is the original's
     times the BN's per-channel scale γ/√(var+ε)."""
     model = built("vgg", pruned=True)
-    folded = fold_bn(model)
+    folded = fold_bn(model, carry_maps=False)
     responses = [(n, response_of(m)) for n, m in model.named_modules() if response_of(m) is not None]
     convs = [(n, r) for n, r in responses if isinstance(model.get_submodule(n), nn.Conv2d)]
     assert convs and all(r.kernel.numel() for _, r in convs)  # exact compensation: per position
@@ -269,3 +269,47 @@ def test_bench_compensate_times_the_three_modes_of_one_prune(checkpoints, runtim
     assert rows["none"].startswith("| none | 0 (+0.00%) |") and rows["none"].count("(1.00×)") == 2
     assert "| bias | 0 (+0.00%) |" in rows["bias"]  # folded into the convs' biases: nothing added
     assert not rows["exact"].startswith("| exact | 0 ")  # the per-position terms stay
+
+
+@pytest.mark.parametrize("name", ["vgg", "resnet18"])
+def test_per_position_terms_are_carried_by_a_constant_channel(name: str) -> None:
+    """fold_bn turns each per-position compensation term into one more input channel of its conv
+    (fed by one more output channel of the conv before it): no hook left, the same outputs."""
+    model = built(name, pruned=True)
+    carried = fold_bn(model)
+    kept = fold_bn(model, carry_maps=False)
+    hooked = [n for n, m in kept.named_modules() if response_of(m) is not None and response_of(m).kernel.numel()]
+    assert hooked and not any(response_of(m) is not None for m in carried.modules())
+    for layer in hooked:  # one more input channel each
+        assert carried.get_submodule(layer).in_channels == kept.get_submodule(layer).in_channels + 1
+    for size in MODELS[name][2]:
+        x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(size))
+        assert rel_err(outputs(carried, x), outputs(model, x)) < 1e-5
+
+
+class TwoReaders(nn.Module):
+    """One conv's output read by two padded convs: no single producer can carry either term."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.bn = nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.a, self.b = nn.Conv2d(8, 4, 3, padding=1), nn.Conv2d(8, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.bn(self.stem(x)))
+        return (self.a(y) + self.b(y)).mean((2, 3))
+
+
+def test_a_term_with_no_sole_producer_keeps_its_hook_and_stays_exact() -> None:
+    model = randomize_bn(TwoReaders()).eval()
+    with torch.no_grad():
+        model.bn.weight[:4] = 1e-4  # four channels with γ ≈ 0 and β kept
+        model.bn.bias += 0.5
+    model.arch_spec = {"arch": None, "input_size": (3, 12, 12)}
+    pruned = prune_model(model, 0.5).model.eval()
+    folded = fold_bn(pruned)
+    assert response_of(folded.a) is not None and response_of(folded.a).kernel.numel()
+    assert folded.a.in_channels == pruned.a.in_channels
+    for size in (12, 15):
+        x = torch.randn(2, 3, size, size)
+        assert rel_err(outputs(folded, x), outputs(pruned, x)) < 1e-5
