@@ -200,15 +200,19 @@ def sweep_table(result: dict[str, Any]) -> Table:
         recal = f"; _recal: BN statistics re-estimated on {result['recalibrated_images']} training images"
     table = Table(title=f"top-1 right after pruning, compensate={result['compensate']} "
                         f"({result['images']} test images{recal})")
-    for column in ("model", "ratio", "threshold", "params", "FLOPs", *(f"top-1 {m}" for m in modes)):
+    # how far each pruned model is from what its mode promises (slimctl.exactness), for the modes swept
+    checked = list(dict.fromkeys((result["compensate"], "none")))
+    for column in ("model", "ratio", "threshold", "params", "FLOPs", *(f"top-1 {m}" for m in modes),
+                   *(f"rel. diff {m}" for m in checked)):
         table.add_column(column, justify="left" if column == "model" else "right")
     for name, curve in result["curves"].items():
         label = os.path.relpath(name)
         table.add_row(label, "0", "-", human(curve["params"]), human(curve["flops"]),
-                      *(percent(curve["top1_unpruned"]) for _ in modes))
+                      *(percent(curve["top1_unpruned"]) for _ in modes), *("-" for _ in checked))
         for r in curve["rows"]:
             table.add_row("", f"{r['ratio']:g}", f"{r['threshold']:.3g}" if r["threshold"] is not None else "-",
-                          human(r["params"]), human(r["flops"]), *(percent(r[f"top1_{m}"]) for m in modes))
+                          human(r["params"]), human(r["flops"]), *(percent(r[f"top1_{m}"]) for m in modes),
+                          *(f"{r[f'max_rel_diff_{m}']:.1e}" for m in checked))
     return table
 
 

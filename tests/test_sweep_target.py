@@ -78,9 +78,12 @@ def test_sweep_json_table_and_png(sparse):
     assert [r["ratio"] for r in rows] == [0.2, 0.6]
     assert rows[0]["params"] > rows[1]["params"] and rows[0]["threshold"] < rows[1]["threshold"]
     assert {"top1_exact", "top1_none"} <= set(rows[0])
+    # each pruned model checked against what its mode promises
+    assert all(0 <= r["max_rel_diff_exact"] < 1e-4 and 0 <= r["max_rel_diff_none"] < 1e-4 for r in rows)
     assert (root / "sweep.png").stat().st_size > 1000
     table = " ".join(run("sweep", root / "sparse" / "best.pt", "--ratios", "0.5", "--subset", "50").output.split())
     assert "largest ratio within 0.5 points" in table and "top-1" in table  # (rich wraps at 80 columns)
+    assert "rel." in table and "warning" not in table
 
 
 def test_largest_safe_ratio_stops_at_the_first_drop():
