@@ -6,7 +6,7 @@
 One sparse checkpoint is pruned in memory at `--ratio` three times, once per compensation mode, so
 the three models have the same widths and differ only in the added terms (`none`, the paper's
 literal removal, is the baseline). Each is timed as users deploy it, with its BNs folded into the
-convs where exact (`slimctl.fold.fold_bn`), by `slimctl.bench.latency_ms` (inference mode,
+convs where exact (`slimctl.core.fold.fold_bn`), by `slimctl.pipeline.bench.latency_ms` (inference mode,
 channels_last, autocast where it is the fast path). The modes alternate, round after round, so a
 noisy shared machine slows them alike; the table shows the median round and the ratio to `none`.
 FLOPs of the added terms: what `count_flops` counts beyond `none`'s (one add per output element of
@@ -21,15 +21,15 @@ from pathlib import Path
 import click
 import torch
 
-from slimctl.bench import latency_ms, onnxruntime_latency_ms, onnxruntime_session
-from slimctl.checkpoint import load_checkpoint, model_from_checkpoint
-from slimctl.compensate import COMPENSATE_MODES
-from slimctl.device import environment, machine_label, resolve_device, resolve_precision
-from slimctl.flops import count_flops
-from slimctl.fold import fold_bn
+from slimctl.pipeline.bench import latency_ms, onnxruntime_latency_ms, onnxruntime_session
+from slimctl.io.checkpoint import load_checkpoint, model_from_checkpoint
+from slimctl.core.compensate import COMPENSATE_MODES
+from slimctl.base.device import environment, machine_label, resolve_device, resolve_precision
+from slimctl.core.flops import count_flops
+from slimctl.core.fold import fold_bn
 from slimctl.models import create_model
-from slimctl.registry import input_size
-from slimctl.surgery import apply_plan, prune_model
+from slimctl.base.registry import input_size
+from slimctl.core.surgery import apply_plan, prune_model
 
 
 def synthetic_sparse(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:

@@ -34,13 +34,13 @@ from rich.console import Console
 from rich.table import Table
 from torch import nn
 
-from slimctl.bench import bench_checkpoints
-from slimctl.checkpoint import make_checkpoint, save_checkpoint
+from slimctl.pipeline.bench import bench_checkpoints
+from slimctl.io.checkpoint import make_checkpoint, save_checkpoint
 from slimctl.errors import SlimctlError
 from slimctl.models import create_model
-from slimctl.report import human
-from slimctl.stages import explain_groups, prune_checkpoint
-from slimctl.device import resolve_precision
+from slimctl.output.report import human
+from slimctl.pipeline.stages import explain_groups, prune_checkpoint
+from slimctl.base.device import resolve_precision
 
 MODELS = ("resnet18,resnet50,mobilenet_v2,mobilenet_v3_small,efficientnet_b0,densenet121,vgg16_bn,googlenet,"
           "regnet_x_400mf,resnext50_32x4d,shufflenet_v2_x1_0")

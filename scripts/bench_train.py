@@ -42,10 +42,10 @@ from torch import nn
 from torch.nn import functional as F
 
 from slimctl.data import CIFAR_MEAN, CIFAR_STD, TensorLoader, load_dataset
-from slimctl.device import COMPILE_MODES, resolve_precision
-from slimctl.flops import count_flops
+from slimctl.base.device import COMPILE_MODES, resolve_precision
+from slimctl.core.flops import count_flops
 from slimctl.models import create_model
-from slimctl.sparsity import bn_scales
+from slimctl.core.sparsity import bn_scales
 from slimctl.trace import channel_groups
 from slimctl.train import TrainStep, train_one_epoch
 

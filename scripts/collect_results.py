@@ -13,9 +13,9 @@ from pathlib import Path
 
 import click
 
-from slimctl.files import atomic_write_text
+from slimctl.base.files import atomic_write_text
 from slimctl.errors import SlimctlError
-from slimctl.results import markdown_table
+from slimctl.output.results import markdown_table
 
 
 @click.command()

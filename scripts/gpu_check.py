@@ -38,11 +38,11 @@ from pathlib import Path
 
 import click
 
-from slimctl.device import cpu_description
+from slimctl.base.device import cpu_description
 
 ROOT = Path(__file__).resolve().parent.parent
 CIFAR_TRAIN, CIFAR_TEST = 50_000, 10_000
-PAPER_L1_BUDGET = 0.66  # λ 1e-4 × Σlr of the paper's 160-epoch VGG schedule (slimctl.sparsity)
+PAPER_L1_BUDGET = 0.66  # λ 1e-4 × Σlr of the paper's 160-epoch VGG schedule (slimctl.core.sparsity)
 SECONDS_PER_EPOCH_EXTRA = 1.5  # checkpoint writes (last.pt + best.pt) and the epoch's bookkeeping
 STAGE_START_SECONDS = 20  # process start, data to the device, model build
 W025 = "configs/cifar10_vgg19_w025.yaml"  # the CPU-repro recipe: VGG-19 ×0.25, 30 epochs, budget 0.66

@@ -14,12 +14,12 @@ from pathlib import Path
 import click
 import torch
 
-from slimctl.checkpoint import load_checkpoint, model_from_checkpoint
+from slimctl.io.checkpoint import load_checkpoint, model_from_checkpoint
 from slimctl.errors import SlimctlError
-from slimctl.plan import group_scores
+from slimctl.core.plan import group_scores
 from slimctl.trace import channel_groups
-from slimctl.report import plot_gamma_comparison, plot_runs
-from slimctl.results import read_run
+from slimctl.output.report import plot_gamma_comparison, plot_runs
+from slimctl.output.results import read_run
 
 STAGES = ("baseline", "sparse")
 

@@ -14,12 +14,12 @@ import torch
 from rich.console import Console
 
 from slimctl._version import __version__
-from slimctl.device import PRECISION_NAMES, PRECISIONS
+from slimctl.base.device import PRECISION_NAMES, PRECISIONS
 from slimctl.errors import SlimctlError
-from slimctl.compensate import COMPENSATE_MODES
-from slimctl.groups import COUPLED_MODES
-from slimctl.progress import reporter
-from slimctl.sweep import DEFAULT_RATIOS
+from slimctl.core.compensate import COMPENSATE_MODES
+from slimctl.base.groups import COUPLED_MODES
+from slimctl.output.progress import reporter
+from slimctl.core.sweep import DEFAULT_RATIOS
 
 
 class UserError(click.ClickException):
@@ -86,8 +86,8 @@ def cli() -> None:
 
 def _load_config(config: Path, overrides: tuple[str, ...]):
     """The config, checked before any run folder is touched: types and ranges, then names."""
-    from slimctl.config import load_config
-    from slimctl.stages import check_names
+    from slimctl.io.config import load_config
+    from slimctl.pipeline.stages import check_names
 
     cfg = load_config(config, overrides)
     check_names(cfg)
@@ -95,7 +95,7 @@ def _load_config(config: Path, overrides: tuple[str, ...]):
 
 
 def _print_best(result: dict[str, Any]) -> None:
-    from slimctl.distributed import from_env
+    from slimctl.train.distributed import from_env
 
     if from_env().is_main:  # under torchrun, once
         out_console.print(f"best test top-1 {result['best_top1']:.2f}%  → {result['best']}")
@@ -136,7 +136,7 @@ def sparse_train_cmd(config: Path, out: Path | None, overrides: tuple[str, ...],
     Multi-GPU: `torchrun --nproc_per_node=N -m slimctl sparse-train …` (data.batch_size is the
     global batch, split over the N processes). Ctrl-C stops cleanly; --resume continues.
     """
-    from slimctl.stages import sparse_train
+    from slimctl.pipeline.stages import sparse_train
 
     cfg = _load_config(config, overrides + (("log.tensorboard=true",) if tensorboard else ()))
     run_dir = out or Path("runs") / config.stem / "sparse"
@@ -200,9 +200,9 @@ def prune_cmd(checkpoint: Path, ratio: float | None, out: Path | None, min_chann
     compensation and, for comparison, with none. With --recalibrate, also after the BN statistics
     are re-estimated on training images (the checkpoint keeps those statistics).
     """
-    from slimctl.report import before_after_table, prune_table
-    from slimctl.stages import prune_checkpoint, prune_events
-    from slimctl.targets import parse_target
+    from slimctl.output.report import before_after_table, prune_table
+    from slimctl.pipeline.stages import prune_checkpoint, prune_events
+    from slimctl.core.targets import parse_target
 
     if target_flops is not None and target_params is not None:
         raise UserError("give one of --target-flops and --target-params, not both")
@@ -273,9 +273,9 @@ def sweep_cmd(checkpoint: Path, ratios: str, compare: Path | None, tolerance: fl
     Prints threshold, params, FLOPs and top-1 per ratio (compensated and literal removal), and the
     largest ratio within --tolerance points of the unpruned top-1. Needs the checkpoint's test set.
     """
-    from slimctl.report import sweep_table
-    from slimctl.stages import sweep_checkpoint
-    from slimctl.sweep import parse_ratios, sweep_warnings
+    from slimctl.output.report import sweep_table
+    from slimctl.pipeline.stages import sweep_checkpoint
+    from slimctl.core.sweep import parse_ratios, sweep_warnings
 
     ratio_list = parse_ratios(ratios)
     result = sweep_checkpoint(checkpoint, ratios=ratio_list, compare=compare, tolerance=tolerance, subset=subset,
@@ -303,7 +303,7 @@ def sweep_cmd(checkpoint: Path, ratios: str, compare: Path | None, tolerance: fl
 def finetune_cmd(checkpoint: Path, config: Path, out: Path | None, overrides: tuple[str, ...], resume: bool,
                  force: bool, log_every: str | None, tensorboard: bool) -> None:
     """Train a pruned checkpoint's narrower model back to accuracy (no sparsity term)."""
-    from slimctl.stages import finetune
+    from slimctl.pipeline.stages import finetune
 
     cfg = _load_config(config, overrides + (("log.tensorboard=true",) if tensorboard else ()))
     run_dir = out or checkpoint.with_name(f"{checkpoint.stem}-finetune")
@@ -323,8 +323,8 @@ def compare_cmd(runs: tuple[Path, ...], png: Path | None, as_json: bool) -> None
 
     Reads each folder's metrics.jsonl and config.yaml (stage, and the machine it trained on).
     """
-    from slimctl.report import compare_table, plot_runs
-    from slimctl.results import read_run
+    from slimctl.output.report import compare_table, plot_runs
+    from slimctl.output.results import read_run
 
     compared = [read_run(folder) for folder in runs]
     if png is not None:
@@ -364,7 +364,7 @@ def export_cmd(checkpoint: Path, out: Path | None, fmt: str | None, input_size: 
     FLOPs, top-1, lineage) is stored inside; `slimctl info ARTIFACT` prints it. ONNX needs
     pip install 'slimctl[export]'.
     """
-    from slimctl.export import SUFFIXES, export_checkpoint, format_of, parse_input_size
+    from slimctl.pipeline.export import SUFFIXES, export_checkpoint, format_of, parse_input_size
 
     fmt = fmt or (format_of(out) if out is not None else None) or "onnx"
     if out is not None and format_of(out) not in (None, fmt):
@@ -399,7 +399,7 @@ def scratch_cmd(checkpoint: Path, config: Path, out: Path | None, overrides: tup
     `train` recipe with λ = 0. Recorded as stage `scratch` with the pruned checkpoint as parent, so
     `report` and `make table` show it beside the fine-tuned model.
     """
-    from slimctl.stages import scratch
+    from slimctl.pipeline.stages import scratch
 
     cfg = _load_config(config, overrides + (("log.tensorboard=true",) if tensorboard else ()))
     run_dir = out or checkpoint.with_name(f"{checkpoint.stem}-scratch-{budget}")
@@ -417,7 +417,7 @@ def scratch_cmd(checkpoint: Path, config: Path, out: Path | None, overrides: tup
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object: top1 (%), loss, params, flops.")
 def eval_cmd(checkpoint: Path, data_root: str | None, batch_size: int | None, device: str, as_json: bool) -> None:
     """Test-set top-1 of a checkpoint, on the data set its config names."""
-    from slimctl.stages import evaluate_checkpoint
+    from slimctl.pipeline.stages import evaluate_checkpoint
 
     result = evaluate_checkpoint(checkpoint, device=device, data_root=data_root, batch_size=batch_size)
     if as_json:
@@ -441,10 +441,10 @@ def info_cmd(checkpoint: Path | None, arch: str | None, num_classes: int, width:
 
     Given an exported artifact (.onnx, .ts, .pt2), the record `slimctl export` stored in it.
     """
-    from slimctl.checkpoint import load_checkpoint, model_from_checkpoint
-    from slimctl.export import format_of, read_artifact
+    from slimctl.io.checkpoint import load_checkpoint, model_from_checkpoint
+    from slimctl.pipeline.export import format_of, read_artifact
     from slimctl.models import create_model, list_models
-    from slimctl.stages import model_summary
+    from slimctl.pipeline.stages import model_summary
 
     if (checkpoint is None) == (arch is None):
         raise UserError(f"give either a CHECKPOINT or --arch NAME (one of: {', '.join(list_models())})")
@@ -453,7 +453,7 @@ def info_cmd(checkpoint: Path | None, arch: str | None, num_classes: int, width:
         if as_json:
             print_json(artifact)
         else:
-            from slimctl.report import artifact_table
+            from slimctl.output.report import artifact_table
 
             out_console.print(artifact_table(checkpoint, artifact))
         return
@@ -465,7 +465,7 @@ def info_cmd(checkpoint: Path | None, arch: str | None, num_classes: int, width:
     if as_json:
         print_json(info)
     else:
-        from slimctl.report import info_table
+        from slimctl.output.report import info_table
 
         out_console.print(info_table(info))
 
@@ -480,10 +480,10 @@ def info_cmd(checkpoint: Path | None, arch: str | None, num_classes: int, width:
 def groups_cmd(source: str, num_classes: int, coupled: str, explain: bool, as_json: bool) -> None:
     """The channel groups of a checkpoint or an arch (e.g. vgg19, torchvision.resnet50, timm.efficientnet_b0): which BN
     ranks which channels, what shrinks with it, and what keeps its width (and why)."""
-    from slimctl.checkpoint import load_checkpoint, model_from_checkpoint
+    from slimctl.io.checkpoint import load_checkpoint, model_from_checkpoint
     from slimctl.models import create_model, is_known_arch
-    from slimctl.report import groups_table
-    from slimctl.stages import explain_groups
+    from slimctl.output.report import groups_table
+    from slimctl.pipeline.stages import explain_groups
 
     if Path(source).exists():
         model = model_from_checkpoint(load_checkpoint(source), source=source)
@@ -503,8 +503,8 @@ def groups_cmd(source: str, num_classes: int, coupled: str, explain: bool, as_js
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list of stages.")
 def report_cmd(checkpoint: Path, as_json: bool) -> None:
     """Params, FLOPs and test top-1 of a checkpoint and of each ancestor it records (parent chain)."""
-    from slimctl.report import lineage_table
-    from slimctl.stages import lineage
+    from slimctl.output.report import lineage_table
+    from slimctl.pipeline.stages import lineage
 
     rows = lineage(checkpoint)
     if as_json:
@@ -543,9 +543,9 @@ def _batch_sizes(ctx: click.Context, param: click.Parameter, value: str) -> list
 def bench_cmd(checkpoints: tuple[Path, ...], batch_sizes: list[int], device: str, precision: str, repeats: int,
               fold_bn: bool, runtime: str, threads: int | None, as_json: bool) -> None:
     """Inference latency of each checkpoint (e.g. baseline then pruned), with the speed-up against the first."""
-    from slimctl.bench import bench_checkpoints
-    from slimctl.report import bench_table
-    from slimctl.device import resolve_device, resolve_precision
+    from slimctl.pipeline.bench import bench_checkpoints
+    from slimctl.output.report import bench_table
+    from slimctl.base.device import resolve_device, resolve_precision
 
     dev = resolve_device(device)
     dtype = resolve_precision(precision, dev)
@@ -563,7 +563,7 @@ def bench_cmd(checkpoints: tuple[Path, ...], batch_sizes: list[int], device: str
 
 
 def main() -> None:
-    from slimctl import distributed
+    from slimctl.train import distributed
 
     try:
         cli(prog_name="slimctl")

@@ -24,7 +24,7 @@ from torch import nn
 if TYPE_CHECKING:
     from click.testing import Result
 
-    from slimctl.plan import ChannelPlan
+    from slimctl.core.plan import ChannelPlan
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_CONFIG = ROOT / "configs" / "demo.yaml"

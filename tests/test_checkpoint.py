@@ -3,7 +3,7 @@ import torch
 
 from conftest import randomize_bn
 from slimctl import load_model, make_checkpoint, prune_model, save_checkpoint
-from slimctl.checkpoint import atomic_write_bytes, load_checkpoint, model_digest, model_from_checkpoint
+from slimctl.io.checkpoint import atomic_write_bytes, load_checkpoint, model_digest, model_from_checkpoint
 from slimctl.errors import SlimctlError
 from slimctl.models import create_model
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import DEMO_CONFIG, TINY, run, sets
-from slimctl.checkpoint import load_checkpoint
+from slimctl.io.checkpoint import load_checkpoint
 
 
 def _sets(*extra):
@@ -60,7 +60,7 @@ def test_prune_says_what_it_checked_and_warns_when_the_promise_fails(pipeline, m
     checked = run("prune", root / "sparse" / "best.pt", "--ratio", "0.5", "-o", root / "checked.pt", "--no-eval")
     assert "checked: the pruned model computes the original with only the removed γ zeroed" in checked.output
     # a compensation that silently does nothing: the measurement names it, the run still succeeds
-    monkeypatch.setattr("slimctl.surgery.apply_compensation", lambda *args: None)
+    monkeypatch.setattr("slimctl.core.surgery.apply_compensation", lambda *args: None)
     broken = run("prune", root / "sparse" / "best.pt", "--ratio", "0.5", "-o", root / "broken.pt", "--json")
     exactness = json.loads(broken.output)["exactness"]
     assert not exactness["exact"] and exactness["max_rel_diff"] > 1e-4 and exactness["consumers"]

@@ -1,4 +1,4 @@
-"""β-compensated removal (slimctl.compensate): the pruned model equals the original with only the
+"""β-compensated removal (slimctl.core.compensate): the pruned model equals the original with only the
 removed channels' γ zeroed (`exact`), a per-channel bias where that is exact (`bias`), or the
 original with γ and β zeroed (`none`)."""
 
@@ -10,12 +10,12 @@ from torch import nn
 
 from conftest import masked_reference, randomize_bn, strongly_sparse
 from slimctl import load_model, make_checkpoint, save_checkpoint
-from slimctl.flops import count_flops
-from slimctl.groups import ChannelGroup, Consumer
-from slimctl.inserted import response_of
+from slimctl.core.flops import count_flops
+from slimctl.base.groups import ChannelGroup, Consumer
+from slimctl.base.inserted import response_of
 from slimctl.models import create_model
-from slimctl.plan import make_plan
-from slimctl.surgery import apply_plan, apply_plan_with_notes, applied_plan, prune_model
+from slimctl.core.plan import make_plan
+from slimctl.core.surgery import apply_plan, apply_plan_with_notes, applied_plan, prune_model
 
 FAMILIES = [("vgg11", {"width": 0.25}), ("preresnet", {"depth": 11}), ("densenet", {"depth": 10, "growth": 4})]
 TRACED = ["torchvision.resnet18", "torchvision.mobilenet_v2"]

@@ -8,9 +8,9 @@ import torch
 from torch import nn
 
 from slimctl.data import ImageSet, TensorLoader
-from slimctl.device import COMPILE_MODES, compile_mode
+from slimctl.base.device import COMPILE_MODES, compile_mode
 from slimctl.errors import SlimctlError
-from slimctl.sparsity import bn_scales
+from slimctl.core.sparsity import bn_scales
 from slimctl.train import TrainStep, train_one_epoch
 
 from conftest import DEMO_CONFIG, TINY, run, sets

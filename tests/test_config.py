@@ -1,9 +1,9 @@
 import pytest
 
 from conftest import ROOT
-from slimctl.config import Config, load_config
+from slimctl.io.config import Config, load_config
 from slimctl.errors import SlimctlError
-from slimctl.stages import check_names
+from slimctl.pipeline.stages import check_names
 from slimctl.train import lr_at, milestone_epochs
 
 

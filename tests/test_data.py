@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import ROOT
-from slimctl.config import DataConfig
+from slimctl.io.config import DataConfig
 from slimctl.data import (
     CIFAR_MEAN,
     CIFAR_STD,

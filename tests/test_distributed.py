@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import DEMO_CONFIG, ROOT
-from slimctl.checkpoint import load_checkpoint
+from slimctl.io.checkpoint import load_checkpoint
 from slimctl.data import ImageSet, TensorLoader
 from slimctl.errors import SlimctlError
 

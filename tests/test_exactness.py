@@ -1,4 +1,4 @@
-"""Exactness measured, not assumed (slimctl.exactness): the number prune reports, where it starts
+"""Exactness measured, not assumed (slimctl.core.exactness): the number prune reports, where it starts
 when it is off, and the sweep's warning."""
 
 from __future__ import annotations
@@ -8,10 +8,10 @@ import torch
 
 from conftest import strongly_sparse
 from slimctl.errors import SlimctlError
-from slimctl.exactness import THRESHOLD, measure_exactness
+from slimctl.core.exactness import THRESHOLD, measure_exactness
 from slimctl.models import create_model
-from slimctl.surgery import apply_plan, prune_model
-from slimctl.sweep import sweep_model, sweep_warnings
+from slimctl.core.surgery import apply_plan, prune_model
+from slimctl.core.sweep import sweep_model, sweep_warnings
 from slimctl.trace import channel_groups
 
 
@@ -43,7 +43,7 @@ def test_sweep_records_the_distance_per_mode_and_warns_when_it_fails(monkeypatch
     rows = sweep_model(model, channel_groups(model), [0.3, 0.5], lambda m: 0.0, modes=("exact", "none"))
     assert all(r["max_rel_diff_exact"] < THRESHOLD and r["max_rel_diff_none"] < THRESHOLD for r in rows)
     assert sweep_warnings({"curves": {"m.pt": {"rows": rows}}}) == []
-    monkeypatch.setattr("slimctl.surgery.apply_compensation", lambda *args: None)
+    monkeypatch.setattr("slimctl.core.surgery.apply_compensation", lambda *args: None)
     rows = sweep_model(model, channel_groups(model), [0.5], lambda m: 0.0, modes=("exact", "none"))
     (line,) = sweep_warnings({"curves": {"m.pt": {"rows": rows}}})
     assert "--compensate exact" in line and "0.5" in line

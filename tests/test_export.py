@@ -111,7 +111,7 @@ def test_a_static_batch_artifact_takes_only_the_traced_batch(tmp_path):
 
 
 def test_a_parity_failure_is_exit_2_and_writes_nothing(tmp_path, monkeypatch):
-    from slimctl import export
+    from slimctl.pipeline import export
 
     checkpoint = pruned_checkpoint(tmp_path, "vgg11", width=0.25)
     monkeypatch.setitem(export.RUNNERS, "pt2", lambda path, x: torch.zeros(x.shape[0], 10))  # a broken runtime

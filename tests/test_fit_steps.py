@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from slimctl import distributed
+from slimctl.train import distributed
 from slimctl.errors import SlimctlError
 from slimctl.train import (
     EpochBar,
@@ -116,7 +116,7 @@ class FakeLoader:
 
 
 class FakeProgress:
-    """Records the calls slimctl.progress reporters get; reads the running loss at every step."""
+    """Records the calls slimctl.output.progress reporters get; reads the running loss at every step."""
 
     def __init__(self) -> None:
         self.calls = []

@@ -19,8 +19,8 @@ from torch import nn
 from conftest import randomize_bn, rel_err, run
 from slimctl import fold_bn, make_checkpoint, prune_model, save_checkpoint
 from slimctl.errors import SlimctlError
-from slimctl.fold import fold_plan
-from slimctl.inserted import ChannelSelection, response_of, selection_of
+from slimctl.core.fold import fold_plan
+from slimctl.base.inserted import ChannelSelection, response_of, selection_of
 from slimctl.models import create_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -235,11 +235,11 @@ def checkpoints(tmp_path_factory):
 
 
 def test_bench_folds_by_default(checkpoints, monkeypatch):
-    import slimctl.bench
+    import slimctl.pipeline.bench
 
     timed: list[set[str]] = []  # the BNs of each model bench times
-    real = slimctl.bench.latency_ms
-    monkeypatch.setattr(slimctl.bench, "latency_ms", lambda model, **kw: (timed.append(bn_names(model)),
+    real = slimctl.pipeline.bench.latency_ms
+    monkeypatch.setattr(slimctl.pipeline.bench, "latency_ms", lambda model, **kw: (timed.append(bn_names(model)),
                                                                            real(model, **kw))[1])
     args = ("bench", *checkpoints, "--batch-sizes", "1", "--repeats", "1", "--precision", "fp32", "--json")
     folded = json.loads(run(*args).output)

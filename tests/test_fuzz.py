@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from conftest import run
 from slimctl import make_checkpoint, save_checkpoint
-from slimctl.config import Config, config_from_dict, load_config
+from slimctl.io.config import Config, config_from_dict, load_config
 from slimctl.errors import SlimctlError
 from slimctl.models import create_model
 

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from conftest import DEMO_CONFIG, run, sets
-from slimctl.config import load_config
+from slimctl.io.config import load_config
 from slimctl.data import build_loaders
 
 

@@ -1,5 +1,6 @@
 """The package's import graph has no cycles, counting imports inside functions too (so no lazy
-import hides one), and the vocabulary modules stay leaves."""
+import hides one), every import goes to the same layer or one below it (the layers are folders),
+and the vocabulary modules stay leaves."""
 
 from __future__ import annotations
 
@@ -68,15 +69,15 @@ def test_cycle_finder_finds_a_cycle() -> None:
 
 def test_vocabulary_modules_are_leaves() -> None:
     graph = import_graph()
-    leaves = ["slimctl._version", "slimctl.errors", "slimctl.files", "slimctl.device", "slimctl.groups",
-              "slimctl.inserted", "slimctl.registry"]
+    leaves = ["slimctl._version", "slimctl.errors", "slimctl.base.files", "slimctl.base.device", "slimctl.base.groups",
+              "slimctl.base.inserted", "slimctl.base.registry"]
     for leaf in leaves:
         assert graph[leaf] <= {"slimctl.errors"}, f"{leaf} imports {sorted(graph[leaf])}"
 
 
 def test_plan_is_pure_and_trace_needs_no_family() -> None:
     graph = import_graph()
-    assert graph["slimctl.plan"] <= {"slimctl.errors", "slimctl.groups"}
+    assert graph["slimctl.core.plan"] <= {"slimctl.errors", "slimctl.base.groups"}
     # The trace package and each of its modules, and whatever they import in turn: no family.
     trace = [name for name in graph if name == "slimctl.trace" or name.startswith("slimctl.trace.")]
     assert len(trace) > 1
@@ -87,4 +88,48 @@ def test_plan_is_pure_and_trace_needs_no_family() -> None:
             reached.add(name)
             todo += graph[name]
     assert not any(m.startswith("slimctl.models") for m in reached), sorted(reached)
-    assert "slimctl.config" not in graph["slimctl.plan"]
+    assert "slimctl.io.config" not in graph["slimctl.core.plan"]
+
+
+# The layers, bottom up: a module may import its own layer's modules and any layer below.
+LAYERS = [
+    ("slimctl._version", "slimctl.errors"),
+    ("slimctl.base",),
+    ("slimctl.models", "slimctl.trace"),
+    ("slimctl.core",),
+    ("slimctl.io",),
+    ("slimctl.data",),
+    ("slimctl.train",),
+    ("slimctl.output",),
+    ("slimctl.pipeline",),
+    ("slimctl.cli", "slimctl.__main__", "slimctl"),  # the front ends, and the public API
+]
+
+
+def layer_of(module: str) -> int:
+    """The index in LAYERS of the most specific entry that is `module` or a package holding it."""
+    best = None
+    for index, prefixes in enumerate(LAYERS):
+        for prefix in prefixes:
+            if module == prefix or module.startswith(prefix + ".") and prefix != "slimctl":
+                if best is None or len(prefix) > best[1]:
+                    best = (index, len(prefix))
+    assert best is not None, f"{module} is in no layer: add its package to LAYERS"
+    return best[0]
+
+
+def test_every_import_goes_down_the_layers() -> None:
+    upward = [f"{a} ({layer_of(a)}) imports {b} ({layer_of(b)})"
+              for a, targets in import_graph().items() for b in targets if layer_of(b) > layer_of(a)]
+    assert not upward, "\n".join(upward)
+
+
+def test_the_layers_are_folders() -> None:
+    """Every module lives in a layer package, except the leaves, the CLI and the API at the top."""
+    loose = sorted(m for m in import_graph() if m.count(".") == 1 and not (PACKAGE / m.split(".")[1]).is_dir())
+    assert loose == ["slimctl.__main__", "slimctl._version", "slimctl.cli", "slimctl.errors"], loose
+
+
+def test_an_upward_import_is_caught() -> None:
+    assert layer_of("slimctl.core.plan") < layer_of("slimctl.pipeline.stages")
+    assert layer_of("slimctl.trace.walk") == layer_of("slimctl.models.vgg") < layer_of("slimctl.core.fold")

@@ -14,12 +14,12 @@ import torch
 from torch import nn
 
 from conftest import masked_reference, randomize_bn, removed_channels, zero_channels
-from slimctl.checkpoint import model_from_checkpoint
+from slimctl.io.checkpoint import model_from_checkpoint
 from slimctl.errors import SlimctlError
-from slimctl.flops import count_flops, count_params
+from slimctl.core.flops import count_flops, count_params
 from slimctl.models import ChannelSelection, create_model, module_widths
 from slimctl.trace import channel_groups
-from slimctl.surgery import prune_model
+from slimctl.core.surgery import prune_model
 
 # Small members of each family: same block structure (first blocks with a strided shortcut, later
 # ones with the identity; layers, transitions and the head through selections) at a fraction of the cost.

@@ -11,10 +11,11 @@ import torch
 from torch import nn
 
 from conftest import DEMO_CONFIG, ROOT, TINY, run, sets
-from slimctl import models, registry
-from slimctl.checkpoint import load_checkpoint
+from slimctl import models
+from slimctl.base import registry
+from slimctl.io.checkpoint import load_checkpoint
 from slimctl.errors import SlimctlError, allocation_detail, is_out_of_memory, out_of_memory_as_error
-from slimctl.files import file_sha256
+from slimctl.base.files import file_sha256
 from slimctl.models import create_model, list_models
 
 # What DefaultCPUAllocator says (torch 2.x) when malloc fails: 137.33 GiB here.
@@ -222,7 +223,7 @@ def tiny_checkpoint(tmp_path_factory):
 
 @pytest.mark.parametrize("command", [["eval"], ["sweep", "--ratios", "0.5"], ["prune", "--ratio", "0.5"]])
 def test_out_of_memory_while_evaluating_names_the_test_batch(tmp_path, monkeypatch, tiny_checkpoint, command):
-    import slimctl.stages as stages
+    import slimctl.pipeline.stages as stages
 
     def no_memory(*args, **kwargs):
         raise RuntimeError(CPU_OOM)

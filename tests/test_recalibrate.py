@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 from conftest import DEMO_CONFIG, TINY, run, sets
-from slimctl.checkpoint import load_checkpoint, save_checkpoint
+from slimctl.io.checkpoint import load_checkpoint, save_checkpoint
 from slimctl.data import load_dataset
-from slimctl.recalibrate import recalibrate_bn
+from slimctl.core.recalibrate import recalibrate_bn
 
 
 def _net() -> nn.Sequential:

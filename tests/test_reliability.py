@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import DEMO_CONFIG, ROOT, TINY, run, sets
-from slimctl.checkpoint import load_checkpoint
+from slimctl.io.checkpoint import load_checkpoint
 from slimctl.train import graceful_stop
 
 # Full digits (1437 images) in fp32 on the CPU: about a second per epoch, long enough to interrupt.
@@ -130,7 +130,7 @@ def test_keyboard_interrupt_exits_130_without_traceback(monkeypatch, tmp_path):
     def abort(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("slimctl.stages.sparse_train", abort)
+    monkeypatch.setattr("slimctl.pipeline.stages.sparse_train", abort)
     result = run("sparse-train", "-c", DEMO_CONFIG, "-o", tmp_path / "x", code=130)
     assert "Aborted" in result.output and "Traceback" not in result.output
 

@@ -9,7 +9,7 @@ from conftest import DEMO_CONFIG, ROOT, TINY, run, sets
 from slimctl import make_checkpoint, save_checkpoint
 from slimctl.errors import SlimctlError
 from slimctl.models import create_model
-from slimctl.results import markdown_table
+from slimctl.output.results import markdown_table
 
 
 def _ckpt(path, stage, **metrics):

@@ -9,14 +9,14 @@ import pytest
 import yaml
 
 from conftest import DEMO_CONFIG, TINY, run, sets
-from slimctl.checkpoint import load_checkpoint, save_checkpoint
-from slimctl.config import load_config
+from slimctl.io.checkpoint import load_checkpoint, save_checkpoint
+from slimctl.io.config import load_config
 from slimctl.errors import SlimctlError
-from slimctl.sparsity import budget_warning
+from slimctl.core.sparsity import budget_warning
 from slimctl.train import lr_sum
-from slimctl.stages import sparsity_strength
-from slimctl.sweep import largest_safe_ratio, parse_ratios
-from slimctl.targets import parse_target
+from slimctl.pipeline.stages import sparsity_strength
+from slimctl.core.sweep import largest_safe_ratio, parse_ratios
+from slimctl.core.targets import parse_target
 
 
 @pytest.fixture(scope="module")

@@ -23,9 +23,9 @@ from slimctl import load_model, make_checkpoint, save_checkpoint
 from slimctl.errors import SlimctlError
 from slimctl.models import create_model
 from slimctl.models.layers import module_widths
-from slimctl.plan import make_plan
-from slimctl.stages import load_pretrained
-from slimctl.surgery import apply_plan, apply_plan_with_notes, applied_plan
+from slimctl.core.plan import make_plan
+from slimctl.pipeline.stages import load_pretrained
+from slimctl.core.surgery import apply_plan, apply_plan_with_notes, applied_plan
 from slimctl.trace import derive_groups
 
 timm = pytest.importorskip("timm")
@@ -287,7 +287,7 @@ def test_drop_path_is_a_per_channel_leaf() -> None:
 
 
 def test_fold_keeps_the_activation_of_a_batchnorm_act() -> None:
-    from slimctl.fold import fold_bn, fold_plan
+    from slimctl.core.fold import fold_bn, fold_plan
 
     model, x = randomize_bn(timm_model("mobilenetv3_small_050")).eval(), image()
     assert ("conv_stem", "bn1") in fold_plan(model, x).folds

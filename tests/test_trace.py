@@ -20,9 +20,9 @@ from conftest import masked_reference, randomize_bn, rel_err
 from slimctl.errors import SlimctlError
 from slimctl.models import create_model
 from slimctl.models.layers import module_widths
-from slimctl.groups import ChannelGroup, Consumer
-from slimctl.plan import make_plan
-from slimctl.surgery import apply_plan
+from slimctl.base.groups import ChannelGroup, Consumer
+from slimctl.core.plan import make_plan
+from slimctl.core.surgery import apply_plan
 from slimctl.trace import TraceResult, channel_groups, derive_groups
 
 torchvision = pytest.importorskip("torchvision")
@@ -151,7 +151,7 @@ def test_pruned_torchvision_model_rebuilds_and_prunes_again() -> None:
 
 def test_sync_batchnorm_conversion_keeps_the_selections() -> None:
     """train.sync_bn swaps every BN for a SyncBatchNorm, which keeps children but drops hooks."""
-    from slimctl.inserted import reattach_selections
+    from slimctl.base.inserted import reattach_selections
 
     x = image(32)
     _, _, pruned = prune_traced(torchvision_model("densenet121"), x)

@@ -4,8 +4,8 @@ from torch import nn
 
 from slimctl.models import create_model
 from slimctl.trace import channel_groups
-from slimctl.device import resolve_precision
-from slimctl.sparsity import add_sparsity_grad, bn_scales, gamma_stats
+from slimctl.base.device import resolve_precision
+from slimctl.core.sparsity import add_sparsity_grad, bn_scales, gamma_stats
 
 
 def _model_with_grads():
@@ -56,7 +56,7 @@ def test_precision_choices():
 
 @pytest.mark.parametrize("native, expected", [(True, torch.bfloat16), (False, None)])
 def test_auto_precision_is_bf16_only_where_it_is_native(monkeypatch, native, expected):
-    monkeypatch.setattr("slimctl.device.cpu_has_native_bf16", lambda: native)
+    monkeypatch.setattr("slimctl.base.device.cpu_has_native_bf16", lambda: native)
     assert resolve_precision("auto", torch.device("cpu")) is expected
     monkeypatch.setattr("torch.cuda.is_bf16_supported", lambda *args, **kwargs: native)
     assert resolve_precision("auto", torch.device("cuda")) is expected

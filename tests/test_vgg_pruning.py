@@ -5,9 +5,9 @@ from torch import nn
 from conftest import masked_reference, randomize_bn
 from slimctl import prune_model
 from slimctl.errors import SlimctlError
-from slimctl.flops import count_flops, count_params
+from slimctl.core.flops import count_flops, count_params
 from slimctl.models import create_model, list_models, module_widths
-from slimctl.plan import global_threshold, make_plan
+from slimctl.core.plan import global_threshold, make_plan
 from slimctl.trace import channel_groups
 
 

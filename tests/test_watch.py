@@ -9,9 +9,9 @@ import pytest
 import torch
 import yaml
 
-from slimctl.device import environment, machine_label
+from slimctl.base.device import environment, machine_label
 from slimctl.errors import SlimctlError
-from slimctl.progress import Every, LineProgress, RunClock, duration, parse_every
+from slimctl.output.progress import Every, LineProgress, RunClock, duration, parse_every
 
 from conftest import DEMO_CONFIG, TINY, run, sets
 

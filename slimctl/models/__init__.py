@@ -1,4 +1,4 @@
-"""Build models: slimctl's own families (registered in `slimctl.registry`), torchvision's and timm's.
+"""Build models: slimctl's own families (registered in `slimctl.base.registry`), torchvision's and timm's.
 
 `create_model(arch, num_classes, width=1.0, widths=None, **arch_args)` builds a family member at full width;
 `widths` (module name → shape, as recorded by `module_widths`) then narrows it to a pruned shape,
@@ -18,9 +18,9 @@ from torch import nn
 # Importing the families registers them.
 from slimctl.models import densenet, preresnet, vgg  # noqa: F401
 from slimctl.errors import SlimctlError, format_bytes, out_of_memory, out_of_memory_as_error
-from slimctl.inserted import ChannelSelection, insert_recorded, is_inserted
+from slimctl.base.inserted import ChannelSelection, insert_recorded, is_inserted
 from slimctl.models.layers import apply_widths, module_widths
-from slimctl.registry import (
+from slimctl.base.registry import (
     TIMM,
     TORCHVISION,
     builder,
@@ -71,7 +71,7 @@ def create_model(
             apply_widths(model, {n: s for n, s in widths.items() if n not in inserted})
             insert_recorded(model, inserted)
             apply_widths(model, inserted)
-    # What a checkpoint records to rebuild this model (see slimctl.checkpoint).
+    # What a checkpoint records to rebuild this model (see slimctl.io.checkpoint).
     model.arch_spec = {
         "arch": arch,
         "num_classes": num_classes,

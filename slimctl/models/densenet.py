@@ -20,10 +20,10 @@ import torch
 from torch import nn
 
 from slimctl.errors import SlimctlError
-from slimctl.inserted import ChannelSelection
+from slimctl.base.inserted import ChannelSelection
 from slimctl.models.layers import PreActHead, init_paper_weights, scale_width
-from slimctl.groups import ChannelGroup, Consumer
-from slimctl.registry import register_model
+from slimctl.base.groups import ChannelGroup, Consumer
+from slimctl.base.registry import register_model
 
 STEM = 16  # the paper's DenseNet-40 (1.02M params); the official PyTorch port uses 2·growth = 24
 

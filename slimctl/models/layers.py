@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from slimctl.errors import SlimctlError
-from slimctl.groups import ChannelGroup, Consumer
-from slimctl.inserted import COMPENSATE, GATE, SELECT, ChannelSelection, ConstantResponse, GateRows
+from slimctl.base.groups import ChannelGroup, Consumer
+from slimctl.base.inserted import COMPENSATE, GATE, SELECT, ChannelSelection, ConstantResponse, GateRows
 
 
 def scale_width(channels: int, width: float) -> int:

@@ -22,10 +22,10 @@ import torch
 from torch import nn
 
 from slimctl.errors import SlimctlError
-from slimctl.inserted import ChannelSelection
+from slimctl.base.inserted import ChannelSelection
 from slimctl.models.layers import PreActHead, init_paper_weights, scale_width
-from slimctl.groups import ChannelGroup, Consumer
-from slimctl.registry import register_model
+from slimctl.base.groups import ChannelGroup, Consumer
+from slimctl.base.registry import register_model
 
 EXPANSION = 4
 PLANES = (16, 32, 64)  # bottleneck widths of the three stages; outputs are 4× these

@@ -14,8 +14,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from slimctl.models.layers import init_paper_weights, scale_width
-from slimctl.groups import ChannelGroup, Consumer
-from slimctl.registry import register_model
+from slimctl.base.groups import ChannelGroup, Consumer
+from slimctl.base.registry import register_model
 
 WIDTHS: dict[str, list[int | str]] = {
     "vgg11": [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512],

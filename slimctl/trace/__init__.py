@@ -26,7 +26,7 @@ through Sigmoid-like ops (f(0) ≠ 0) cannot shrink; *constant* — with γ ≈ 
 constant it can fold in (`Consumer.constant`; `SpaceInfo.not_constant` says where that fails).
 
 Selection in torchvision models: they have no `ChannelSelection` modules, so one is inserted into
-the BN (`slimctl.inserted`). `derive_groups` never changes the model: call
+the BN (`slimctl.base.inserted`). `derive_groups` never changes the model: call
 `TraceResult.prepare(model)` before planning (`channel_groups` does).
 """
 
@@ -38,8 +38,8 @@ import torch
 from torch import nn
 
 from slimctl.errors import SlimctlError
-from slimctl.groups import COUPLED_MODES, ChannelGroup
-from slimctl.registry import input_size
+from slimctl.base.groups import COUPLED_MODES, ChannelGroup
+from slimctl.base.registry import input_size
 from slimctl.trace.grouping import SpaceInfo, TraceResult, classify_spaces, space_rows
 from slimctl.trace.rules import NORMS, frozen_bn_note, is_bn
 from slimctl.trace.walk import Walker, trace_graph

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field, replace
 from torch import fx, nn
 
 from slimctl.errors import SlimctlError
-from slimctl.groups import ChannelGroup, Consumer
-from slimctl.inserted import SELECT, insert_selections, selection_of
+from slimctl.base.groups import ChannelGroup, Consumer
+from slimctl.base.inserted import SELECT, insert_selections, selection_of
 from slimctl.trace.rules import Op, columns_per_channel, shape
 from slimctl.trace.walk import Seg, Walker, through, not_constant_note
 

@@ -35,7 +35,7 @@ import torch
 from torch import fx, nn
 from torch.nn import functional as F
 
-from slimctl.inserted import COMPENSATE, SELECT, ChannelSelection
+from slimctl.base.inserted import COMPENSATE, SELECT, ChannelSelection
 
 
 class Op(Enum):
@@ -110,7 +110,7 @@ RESHAPES = {"view", "reshape"}
 BNS = (nn.BatchNorm2d, nn.SyncBatchNorm)  # the norms that rank channels (SyncBatchNorm: a DDP sync_bn model)
 _PLAIN_BN_FORWARDS = (nn.BatchNorm2d.forward, nn.SyncBatchNorm.forward, nn.modules.batchnorm._BatchNorm.forward)
 BN_PARTS = ("drop", "act")  # what a BN subclass may apply after normalising, in this order (timm's BatchNormAct2d)
-_INSERTED_CHILDREN = (SELECT, COMPENSATE)  # slimctl's own children (slimctl.inserted)
+_INSERTED_CHILDREN = (SELECT, COMPENSATE)  # slimctl's own children (slimctl.base.inserted)
 
 
 def is_bn(m: nn.Module) -> bool:
@@ -345,7 +345,7 @@ def _function_rule(node: fx.Node, modules: Mapping[str, nn.Module]) -> OpRule:
 
 # --- gates ---------------------------------------------------------------------------------------
 # The elementwise ops of a gate's chain (squeeze-and-excitation: x · act(fc(…))), as plain data
-# (op, a, b) that `slimctl.inserted.GATE_OPS` evaluates; ("same", 0, 0) for a reshape or an
+# (op, a, b) that `slimctl.base.inserted.GATE_OPS` evaluates; ("same", 0, 0) for a reshape or an
 # identity that keeps the channels. None: an op a gate chain cannot contain.
 
 

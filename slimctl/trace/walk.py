@@ -20,8 +20,8 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from slimctl.errors import SlimctlError
-from slimctl.groups import Consumer
-from slimctl.inserted import ChannelSelection, selection_of
+from slimctl.base.groups import Consumer
+from slimctl.base.inserted import ChannelSelection, selection_of
 from slimctl.trace.rules import (
     Op,
     OpRule,
@@ -483,7 +483,7 @@ class Walker:
 
     def gate_chain(self, node: fx.Node) -> tuple[str, tuple[tuple[str, float, float], ...]] | None:
         """(the layer computing a gate's logits, the elementwise ops after it in order) when `node` is
-        act(…(layer(h))) through ops `slimctl.inserted.GATE_OPS` knows (and reshapes that keep the
+        act(…(layer(h))) through ops `slimctl.base.inserted.GATE_OPS` knows (and reshapes that keep the
         channels); else None. The layer is a groups=1 Conv2d or a Linear, called once."""
         ops: list[tuple[str, float, float]] = []
         while isinstance(node, fx.Node):

@@ -3,7 +3,7 @@
 Median wall time of a forward pass (inference mode, eval, channels_last, autocast where it is the
 fast path) after warm-up, per batch size; the speed-up is against the first checkpoint. By default
 each model is timed as users deploy it: with its BNs folded into the convs before them where that
-is exact (`slimctl.fold.fold_bn`). Params and FLOPs are the checkpoint's, counted unfolded.
+is exact (`slimctl.core.fold.fold_bn`). Params and FLOPs are the checkpoint's, counted unfolded.
 """
 
 from __future__ import annotations
@@ -17,11 +17,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from slimctl.checkpoint import load_checkpoint, model_from_checkpoint
-from slimctl.device import autocast
+from slimctl.io.checkpoint import load_checkpoint, model_from_checkpoint
+from slimctl.base.device import autocast
 from slimctl.errors import SlimctlError
-from slimctl.flops import count_flops, count_params
-from slimctl.fold import batchnorm_count, fold_bn as fold_batchnorms
+from slimctl.core.flops import count_flops, count_params
+from slimctl.core.fold import batchnorm_count, fold_bn as fold_batchnorms
 
 
 def _sync(device: torch.device) -> None:
@@ -114,7 +114,7 @@ def onnxruntime_session(model: nn.Module, *, batch_size: int, input_size: tuple[
     """`model` exported to ONNX (fp32) and loaded in an onnxruntime CPU session (its thread count
     follows torch's, i.e. --threads), with a random input batch: (session, feed). Export once, time
     as often as needed."""
-    from slimctl.export import WRITERS, needs
+    from slimctl.pipeline.export import WRITERS, needs
 
     needs("onnx")
     import onnxruntime

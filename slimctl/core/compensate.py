@@ -33,8 +33,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from slimctl.groups import Consumer
-from slimctl.inserted import (
+from slimctl.base.groups import Consumer
+from slimctl.base.inserted import (
     GATE_CODES,
     GATE_OPS,
     GateRows,
@@ -47,8 +47,8 @@ from slimctl.inserted import (
     response_of,
     zero_padded,
 )
-from slimctl.plan import ChannelPlan
-from slimctl.registry import input_size
+from slimctl.core.plan import ChannelPlan
+from slimctl.base.registry import input_size
 
 COMPENSATE_MODES = ("exact", "bias", "none")
 TOLERANCE = 1e-4  # relative: a measured input agrees with its term's model (float32 rounding is ~1e-7)

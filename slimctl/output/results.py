@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from slimctl.checkpoint import load_checkpoint
+from slimctl.io.checkpoint import load_checkpoint
 from slimctl.errors import SlimctlError
 
 # Paper, Table 1(a) (CIFAR-10): test error %, params, FLOPs; ratio None = the unpruned baseline.

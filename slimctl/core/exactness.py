@@ -1,7 +1,7 @@
 """Is the pruned model what its mode promises? Measured on every prune, not assumed.
 
 `exact` promises the original with only the removed channels' γ zeroed, `none` the original with γ
-and β zeroed (`slimctl.compensate`); `bias` promises nothing exact (it keeps a spatial mean only).
+and β zeroed (`slimctl.core.compensate`); `bias` promises nothing exact (it keeps a spatial mean only).
 `measure_exactness` runs both on one fixed probe batch at the model's input size and reports the
 largest difference of their outputs relative to the reference's largest output. Above `THRESHOLD`
 it also names where the difference starts: the layers whose kept outputs differ while their kept
@@ -15,10 +15,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from slimctl.compensate import gamma_zeroed
+from slimctl.core.compensate import gamma_zeroed
 from slimctl.errors import SlimctlError
-from slimctl.plan import ChannelPlan, plan_masks
-from slimctl.registry import input_size
+from slimctl.core.plan import ChannelPlan, plan_masks
+from slimctl.base.registry import input_size
 
 THRESHOLD = 1e-4  # relative; float32 rounding over a deep network stays near 1e-6
 PROBE_BATCH = 2

@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from slimctl.inserted import gate_rows_of, response_of
-from slimctl.registry import input_size as recorded_input_size
+from slimctl.base.inserted import gate_rows_of, response_of
+from slimctl.base.registry import input_size as recorded_input_size
 
 
 def count_params(model: nn.Module) -> int:

@@ -11,11 +11,11 @@ from typing import Any, Callable
 from torch import nn
 
 from slimctl.errors import SlimctlError
-from slimctl.flops import count_flops, count_params
-from slimctl.groups import ChannelGroup
-from slimctl.plan import make_plan, validate_ratio
-from slimctl.exactness import THRESHOLD, measure_exactness
-from slimctl.surgery import applied_plan
+from slimctl.core.flops import count_flops, count_params
+from slimctl.base.groups import ChannelGroup
+from slimctl.core.plan import make_plan, validate_ratio
+from slimctl.core.exactness import THRESHOLD, measure_exactness
+from slimctl.core.surgery import applied_plan
 
 DEFAULT_RATIOS = tuple(round(0.1 * i, 1) for i in range(1, 10))  # 0.1 … 0.9
 
@@ -47,7 +47,7 @@ def sweep_model(
 ) -> list[dict[str, Any]]:
     """One row per ratio: threshold, params, FLOPs, and top-1 right after pruning per mode, with the
     pruned model's measured distance to what its mode promises (`max_rel_diff_<mode>`,
-    slimctl.exactness); with `recalibrate` (slimctl.recalibrate), also the first mode's top-1 once
+    slimctl.core.exactness); with `recalibrate` (slimctl.core.recalibrate), also the first mode's top-1 once
     its BN statistics are re-estimated, as top1_<mode>_recal. Channels kept, params and FLOPs are the
     first mode's (which keeps whole the groups it cannot compensate)."""
     rows = []
@@ -84,7 +84,7 @@ def largest_safe_ratio(rows: list[dict[str, Any]], unpruned_top1: float, toleran
 
 def sweep_warnings(result: dict[str, Any]) -> list[str]:
     """One line per curve and mode whose pruned models missed what the mode promises (`exact`: the
-    γ-zeroed original, `none`: the γβ-zeroed one) by more than slimctl.exactness.THRESHOLD."""
+    γ-zeroed original, `none`: the γβ-zeroed one) by more than slimctl.core.exactness.THRESHOLD."""
     lines = []
     for name, curve in result["curves"].items():
         for mode in ("exact", "none"):

@@ -10,7 +10,7 @@ applies it with a forward hook, so the BN keeps its name and its state_dict keys
 recreates the child before the weights are loaded.
 
 `ConstantResponse` carries what removed channels still contributed: a channel whose γ ≈ 0 emits
-the constant β, which the next layer reads as a bias. Pruning (`slimctl.compensate`) stores that
+the constant β, which the next layer reads as a bias. Pruning (`slimctl.core.compensate`) stores that
 constant's response and adds it to the layer's output, so removal does not shift later
 activations. Recorded and recreated the same way (`<layer>.compensate`).
 """

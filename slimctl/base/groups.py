@@ -10,7 +10,7 @@ A *channel group* is one channel space of the network, ranked by the |γ| of one
   selection's index buffer.
 
 A family declares its groups (`model.channel_groups()`); the tracer derives them for any other CNN
-(`slimctl.trace.channel_groups`). Both feed the same plan (`slimctl.plan`) and the same surgery.
+(`slimctl.trace.channel_groups`). Both feed the same plan (`slimctl.core.plan`) and the same surgery.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ class Consumer:
     profile: tuple[tuple[int, int, int, int], ...] = ()
     # An input-dependent gate met on the way (squeeze-and-excitation: x · act(fc(…))): the removed
     # channel arrives as c·g(x) (then `constant` is False). (module name of the layer computing the
-    # gate's logits, its elementwise ops in order as (op, a, b); see `slimctl.inserted.GATE_OPS`).
+    # gate's logits, its elementwise ops in order as (op, a, b); see `slimctl.base.inserted.GATE_OPS`).
     gate: tuple[str, tuple[tuple[str, float, float], ...]] | None = None
 
 

@@ -16,7 +16,7 @@ A checkpoint is one `torch.save` dict of plain types and tensors that rebuilds i
     resume      {epoch, optimizer, best_top1, rng, …} while a run can be resumed, else None
     versions    {slimctl, torch}
 
-Writes are atomic (`slimctl.files`): a crash leaves either the old file or the new one.
+Writes are atomic (`slimctl.base.files`): a crash leaves either the old file or the new one.
 """
 
 from __future__ import annotations
@@ -34,9 +34,9 @@ from torch import nn
 
 from slimctl._version import __version__
 from slimctl.errors import SlimctlError
-from slimctl.files import atomic_write_bytes, file_sha256
+from slimctl.base.files import atomic_write_bytes, file_sha256
 from slimctl.models import create_model, module_widths
-from slimctl.registry import is_known_arch, list_models
+from slimctl.base.registry import is_known_arch, list_models
 
 FORMAT = "slimctl/1"
 REQUIRED_KEYS = ("format", "arch", "num_classes", "arch_args", "widths", "state_dict", "stage", "digest")

@@ -30,7 +30,7 @@ import torch
 from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from slimctl.inserted import (
+from slimctl.base.inserted import (
     SELECT,
     attach,
     detach_response,
@@ -39,7 +39,7 @@ from slimctl.inserted import (
     response_of,
     selection_of,
 )
-from slimctl.registry import input_size
+from slimctl.base.registry import input_size
 from slimctl.trace.rules import BN_PARTS, Op, bn_parts, call_counts, classify, is_bn, label, shape
 from slimctl.trace.walk import trace_graph
 

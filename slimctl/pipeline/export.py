@@ -1,7 +1,7 @@
 """Deployable artifacts of a checkpoint: ONNX, TorchScript or torch.export (pt2), checked for parity.
 
 The eval-mode model is exported with its BatchNorms folded into the convs before them where that is
-exact (`slimctl.fold.fold_bn`); ChannelSelection stays a gather and the β compensation
+exact (`slimctl.core.fold.fold_bn`); ChannelSelection stays a gather and the β compensation
 (ConstantResponse) an added term. The artifact is written to a temp file, run in its own runtime
 (onnxruntime, torch.jit.load, torch.export.load) beside the checkpoint's unfolded model on a fixed
 random batch, and only renamed into place when the two agree. slimctl's record (version, arch,
@@ -22,10 +22,10 @@ import torch
 from torch import nn
 
 from slimctl._version import __version__
-from slimctl.checkpoint import load_checkpoint, model_from_checkpoint
+from slimctl.io.checkpoint import load_checkpoint, model_from_checkpoint
 from slimctl.errors import SlimctlError
-from slimctl.flops import count_flops, count_params
-from slimctl.fold import batchnorm_count, fold_bn
+from slimctl.core.flops import count_flops, count_params
+from slimctl.core.fold import batchnorm_count, fold_bn
 
 FORMATS = ("onnx", "torchscript", "pt2")
 SUFFIXES = {"onnx": ".onnx", "torchscript": ".ts", "pt2": ".pt2"}
@@ -85,7 +85,7 @@ def export_checkpoint(checkpoint: Path, out: Path, *, fmt: str, input_size: tupl
                       opset: int | None = None, fold: bool = True, dynamic_batch: bool = True, force: bool = False,
                       tolerance: float = TOLERANCE) -> dict[str, Any]:
     """Export `checkpoint` to `out` in `fmt`, after checking the artifact against the checkpoint."""
-    from slimctl.stages import lineage
+    from slimctl.pipeline.stages import lineage
 
     if fmt not in FORMATS:
         raise SlimctlError(f"unknown export format {fmt!r}; use one of {', '.join(FORMATS)}")

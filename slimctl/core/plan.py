@@ -1,7 +1,7 @@
 """The channel plan: which channels of which groups survive pruning (pure ranking; no model changes).
 
-`make_plan` turns channel groups (`slimctl.groups`) and a ratio into kept indices with the paper's
-single global threshold over |γ|; `slimctl.surgery` applies the plan. Both are family-agnostic:
+`make_plan` turns channel groups (`slimctl.base.groups`) and a ratio into kept indices with the paper's
+single global threshold over |γ|; `slimctl.core.surgery` applies the plan. Both are family-agnostic:
 declared and traced groups feed the same functions.
 """
 
@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from slimctl.errors import SlimctlError
-from slimctl.groups import REDUCTIONS, ChannelGroup
+from slimctl.base.groups import REDUCTIONS, ChannelGroup
 
 
 @dataclass(frozen=True)

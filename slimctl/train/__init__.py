@@ -21,11 +21,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from slimctl import distributed
-from slimctl.device import autocast
+from slimctl.train import distributed
+from slimctl.base.device import autocast
 from slimctl.errors import SlimctlError, is_out_of_memory
-from slimctl.files import atomic_write_text
-from slimctl.sparsity import add_sparsity_grad, gamma_stats
+from slimctl.base.files import atomic_write_text
+from slimctl.core.sparsity import add_sparsity_grad, gamma_stats
 
 
 # --------------------------------------------------------------------------- schedule
@@ -47,7 +47,7 @@ def lr_at(epoch: int, *, lr: float, milestones: list[int], decay: float) -> floa
 
 def lr_sum(*, lr: float, milestones: list[int], decay: float, epochs: int, steps_per_epoch: int) -> float:
     """Σ_t lr_t over every optimizer step of the schedule (lr constant within an epoch): what the
-    L1 budget multiplies λ by (`slimctl.sparsity.l1_budget`)."""
+    L1 budget multiplies λ by (`slimctl.core.sparsity.l1_budget`)."""
     return steps_per_epoch * sum(lr_at(e, lr=lr, milestones=milestones, decay=decay) for e in range(epochs))
 
 
@@ -335,7 +335,7 @@ def rank_sinks(is_main: bool, *, save, log, progress, on_epoch=None) -> Sinks:
 
 
 class EpochBar:
-    """Per-step progress (`slimctl.progress`: a bar on a terminal, plain lines elsewhere); nothing
+    """Per-step progress (`slimctl.output.progress`: a bar on a terminal, plain lines elsewhere); nothing
     without `progress`."""
 
     def __init__(self, progress, epochs: int) -> None:

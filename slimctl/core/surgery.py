@@ -6,7 +6,7 @@ nothing here knows a family. The input model is left untouched.
 Invariants (tested), in eval mode: with `compensate="exact"` (the default) the pruned model computes
 what the original computes after zeroing γ of every removed channel (what sparse training drives
 them to); with `compensate="none"` (the paper's literal removal), what it computes after zeroing
-γ and β. See `slimctl.compensate`.
+γ and β. See `slimctl.core.compensate`.
 """
 
 from __future__ import annotations
@@ -17,11 +17,11 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from slimctl.compensate import apply_compensation, compensation
-from slimctl.exactness import Exactness, measure_exactness
-from slimctl.inserted import COMPENSATE, GATE, ChannelSelection, attach, attach_gate_rows
+from slimctl.core.compensate import apply_compensation, compensation
+from slimctl.core.exactness import Exactness, measure_exactness
+from slimctl.base.inserted import COMPENSATE, GATE, ChannelSelection, attach, attach_gate_rows
 from slimctl.models.layers import replace_module, resized
-from slimctl.plan import ChannelPlan, make_plan, plan_masks
+from slimctl.core.plan import ChannelPlan, make_plan, plan_masks
 from slimctl.trace import channel_groups
 
 
@@ -146,7 +146,7 @@ def prune_model(
 ) -> Pruned:
     """Network slimming in one call: the model's channel groups (`coupled`: residual-coupled spaces
     kept, or pruned together ranked by max / mean / sum) → global-threshold plan → surgery, then the
-    result measured against what `compensate` promises (`slimctl.exactness`)."""
+    result measured against what `compensate` promises (`slimctl.core.exactness`)."""
     groups = channel_groups(model, coupled=coupled)
     plan = make_plan(model, groups, ratio, min_channels=min_channels, round_to=round_to)
     pruned, notes, plan = applied_plan(model, plan, compensate=compensate)

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from slimctl.config import DataConfig
+from slimctl.io.config import DataConfig
 from slimctl.errors import SlimctlError
 
 DATASETS: tuple[str, ...] = ("cifar10", "cifar100", "digits", "imagefolder")

@@ -10,8 +10,8 @@ from typing import Any
 import torch
 from rich.table import Table
 
-from slimctl.device import machine_label
-from slimctl.files import atomic_write_bytes
+from slimctl.base.device import machine_label
+from slimctl.base.files import atomic_write_bytes
 
 
 def human(n: float) -> str:
@@ -200,7 +200,7 @@ def sweep_table(result: dict[str, Any]) -> Table:
         recal = f"; _recal: BN statistics re-estimated on {result['recalibrated_images']} training images"
     table = Table(title=f"top-1 right after pruning, compensate={result['compensate']} "
                         f"({result['images']} test images{recal})")
-    # how far each pruned model is from what its mode promises (slimctl.exactness), for the modes swept
+    # how far each pruned model is from what its mode promises (slimctl.core.exactness), for the modes swept
     checked = list(dict.fromkeys((result["compensate"], "none")))
     for column in ("model", "ratio", "threshold", "params", "FLOPs", *(f"top-1 {m}" for m in modes),
                    *(f"rel. diff {m}" for m in checked)):

@@ -14,29 +14,29 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from slimctl import distributed
+from slimctl.train import distributed
 from slimctl._version import __version__
-from slimctl.checkpoint import load_checkpoint, make_checkpoint, model_from_checkpoint, save_checkpoint
-from slimctl.config import Config, DataConfig, TrainConfig, config_from_dict, save_config
+from slimctl.io.checkpoint import load_checkpoint, make_checkpoint, model_from_checkpoint, save_checkpoint
+from slimctl.io.config import Config, DataConfig, TrainConfig, config_from_dict, save_config
 from slimctl.data import DATASETS, build_loader, build_loaders, input_size_of, num_classes_of
-from slimctl.device import compile_mode, environment, resolve_device, resolve_precision
+from slimctl.base.device import compile_mode, environment, resolve_device, resolve_precision
 from slimctl.errors import SlimctlError, out_of_memory_as_error
-from slimctl.files import file_sha256
-from slimctl.tblog import EpochBoard, tensorboard_available, write_prune
-from slimctl.flops import count_flops, count_params
-from slimctl.inserted import ConstantResponse, reattach_selections
+from slimctl.base.files import file_sha256
+from slimctl.output.tblog import EpochBoard, tensorboard_available, write_prune
+from slimctl.core.flops import count_flops, count_params
+from slimctl.base.inserted import ConstantResponse, reattach_selections
 from slimctl.models import create_model, is_known_arch, list_models, module_widths
 from slimctl.models.layers import init_paper_weights
-from slimctl.registry import TIMM, TORCHVISION, import_timm
-from slimctl.plan import group_scores, make_plan, validate_ratio
-from slimctl.recalibrate import Recalibrator
-from slimctl.report import plot_gamma_histogram, plot_sweep
-from slimctl.sparsity import bn_scales, budget_warning, gamma_stats, l1_budget, sparsity_for_budget
-from slimctl.compensate import COMPENSATE_MODES
-from slimctl.exactness import measure_exactness
-from slimctl.surgery import applied_plan, apply_plan
-from slimctl.sweep import largest_safe_ratio, sweep_model
-from slimctl.targets import Target, plan_for_target
+from slimctl.base.registry import TIMM, TORCHVISION, import_timm
+from slimctl.core.plan import group_scores, make_plan, validate_ratio
+from slimctl.core.recalibrate import Recalibrator
+from slimctl.output.report import plot_gamma_histogram, plot_sweep
+from slimctl.core.sparsity import bn_scales, budget_warning, gamma_stats, l1_budget, sparsity_for_budget
+from slimctl.core.compensate import COMPENSATE_MODES
+from slimctl.core.exactness import measure_exactness
+from slimctl.core.surgery import applied_plan, apply_plan
+from slimctl.core.sweep import largest_safe_ratio, sweep_model
+from slimctl.core.targets import Target, plan_for_target
 from slimctl.trace import channel_groups, space_rows, trace_model
 from slimctl.train import Distill, evaluate, fit, lr_sum, milestone_epochs
 
@@ -504,9 +504,9 @@ def prune_checkpoint(
     """Global-threshold pruning of a checkpoint → a narrower checkpoint, a |γ| histogram, a summary.
 
     The ratio is `ratio`, or the smallest one that meets `target` (FLOPs or params), or the
-    checkpoint config's prune.ratio. `compensate` (exact | bias | none): see slimctl.compensate.
+    checkpoint config's prune.ratio. `compensate` (exact | bias | none): see slimctl.core.compensate.
     `recalibrate` > 0 re-estimates the pruned model's BN statistics on that many training images
-    (slimctl.recalibrate); the checkpoint keeps them, and top-1 is reported before and after.
+    (slimctl.core.recalibrate); the checkpoint keeps them, and top-1 is reported before and after.
     """
     ckpt = load_checkpoint(checkpoint)
     model = model_from_checkpoint(ckpt, source=str(checkpoint)).eval()

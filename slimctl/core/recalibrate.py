@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from slimctl.device import autocast
+from slimctl.base.device import autocast
 
 
 def recalibrate_bn(model: nn.Module, loader, *, device: torch.device, dtype: torch.dtype | None = None) -> int:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from slimctl.device import resolve_device
+from slimctl.base.device import resolve_device
 from slimctl.errors import SlimctlError
 
 

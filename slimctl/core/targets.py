@@ -13,10 +13,10 @@ from dataclasses import dataclass
 from torch import nn
 
 from slimctl.errors import SlimctlError
-from slimctl.flops import count_flops, count_params
-from slimctl.groups import ChannelGroup
-from slimctl.plan import ChannelPlan, make_plan
-from slimctl.surgery import apply_plan
+from slimctl.core.flops import count_flops, count_params
+from slimctl.base.groups import ChannelGroup
+from slimctl.core.plan import ChannelPlan, make_plan
+from slimctl.core.surgery import apply_plan
 
 UNITS = {"": 1, "k": 1e3, "K": 1e3, "M": 1e6, "G": 1e9}
 

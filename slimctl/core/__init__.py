@@ -1,0 +1,1 @@
+"""Pruning: plan, compensation, exactness, surgery, BN folding and recalibration, sparsity, FLOPs, targets, sweeps."""

@@ -1,0 +1,1 @@
+"""What runs read and write: configs and self-describing checkpoints."""

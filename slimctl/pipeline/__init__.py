@@ -1,0 +1,1 @@
+"""The stages (train, prune, sweep, fine-tune, inspect), inference benchmarks and export."""
