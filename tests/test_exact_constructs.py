@@ -109,6 +109,7 @@ CONSTRUCTS = {
     "dilated": lambda: nn.Conv2d(C, C, 3, padding=2, dilation=2),
     "strided_padded": lambda: nn.Conv2d(C, C, 3, stride=2, padding=1),
     "reflect": lambda: nn.Conv2d(C, C, 3, padding=1, padding_mode="reflect"),
+    "valid_string": lambda: nn.Conv2d(C, C, 3, padding="valid"),
     "replicate_strided": lambda: nn.Conv2d(C, C, 3, stride=2, padding=1, padding_mode="replicate"),
     "same_string_dilated": lambda: nn.Conv2d(C, C, 3, padding="same", dilation=2),
     "avg_pool_padded": lambda: Then(lambda x: F.avg_pool2d(x, 3, 1, 1), nn.Conv2d(C, C, 3, padding=1)),
@@ -181,3 +182,48 @@ def test_the_gate_term_costs_what_the_removed_channels_cost() -> None:
     assert gate_rows_of(pruned.body.fc2).weight.shape[0] == removed
     assert response_of(pruned.body.project).gate_weight.shape[1] == removed
     assert pruned.body.fc2.out_channels == space.kept
+
+
+def test_a_gated_prune_survives_a_checkpoint_round_trip_and_fine_tuning(tmp_path) -> None:
+    from slimctl import load_model, make_checkpoint, save_checkpoint
+    from slimctl.models import create_model
+
+    model = strongly_sparse(create_model("torchvision.mobilenet_v3_small", 10, input_size=(3, 64, 64)))
+    pruned, plan, exactness, _ = prune_model(model, 0.5)
+    assert exactness.exact and any(gate_rows_of(m) is not None for m in pruned.modules())
+    save_checkpoint(tmp_path / "p.pt", make_checkpoint(pruned, stage="prune"))
+    loaded = load_model(tmp_path / "p.pt")  # rebuilt from widths: gate rows linked before the weights load
+    assert torch.equal(outputs(loaded, 64), outputs(pruned.eval(), 64))
+    # fine-tuning: gradients reach the gate's input through the kept rows' term, and nothing lingers
+    loaded.train()
+    loaded(torch.randn(2, 3, 64, 64)).square().mean().backward()
+    responses = [response_of(m) for m in loaded.modules() if response_of(m) is not None]
+    assert responses and all(r._gate is None for r in responses)
+
+
+@pytest.mark.parametrize("fmt", ["pt2", "onnx"])
+def test_a_gated_prune_exports_with_parity(tmp_path, fmt: str) -> None:
+    """The gate rows run in exported programs too (no tensor is read as Python data in a forward)."""
+    if fmt == "onnx":
+        pytest.importorskip("onnxruntime")
+    from slimctl import make_checkpoint, save_checkpoint
+    from slimctl.models import create_model
+    from slimctl.pipeline.export import export_checkpoint
+
+    model = strongly_sparse(create_model("torchvision.mobilenet_v3_small", 10, input_size=(3, 64, 64)))
+    pruned = prune_model(model, 0.5).model
+    save_checkpoint(tmp_path / "p.pt", make_checkpoint(pruned, stage="prune"))
+    out = export_checkpoint(tmp_path / "p.pt", tmp_path / f"m.{fmt}", fmt=fmt)  # raises on a parity failure
+    assert (tmp_path / f"m.{fmt}").stat().st_size > 1000 and out["format"] == fmt
+
+
+@pytest.mark.parametrize("construct", ["reflect", "valid_string", "dilated"])
+def test_a_constant_read_alike_everywhere_is_a_bias_and_a_padded_read_is_per_position(construct: str) -> None:
+    model = strongly_sparse(Net(CONSTRUCTS[construct]()))
+    model.arch_spec = {"arch": None, "input_size": (3, 16, 16)}
+    pruned = prune_model(model, 0.5).model
+    response = response_of(pruned.body)
+    if construct == "dilated":  # zero padding reaches the kernel: the border values differ
+        assert response is not None and response.kernel.numel()
+    else:  # reflect and 'valid' read the constant alike everywhere: folded into the conv's own bias
+        assert response is None and not torch.equal(pruned.body.bias, model.body.bias)

@@ -72,7 +72,9 @@ def zero_padded(layer: nn.Module) -> bool:
         return True
     if layer.padding_mode != "zeros":
         return False
-    return layer.padding == "same" or any(p != 0 for p in layer.padding)
+    if isinstance(layer.padding, str):  # "valid" pads nothing
+        return layer.padding == "same"
+    return any(p != 0 for p in layer.padding)
 
 
 def profile_map(profile: torch.Tensor, out_hw: tuple[int, int], like: torch.Tensor) -> torch.Tensor:
@@ -258,6 +260,16 @@ class GateRows(nn.Module):
         self.register_buffer("ops", torch.zeros(ops, 3))
         self.sink = bytes(sink).decode()
         object.__setattr__(self, "_sink", None)  # the sink's ConstantResponse (`link_gates`), not a child
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Read the `ops` buffer into plain Python once (after it is written or loaded), so a forward
+        never reads a tensor's values (torch.export and ONNX export cannot)."""
+        self._ops = [(GATE_OPS[GATE_CODES[int(code)]], a, b) for code, a, b in self.ops.tolist()]
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
+        super()._load_from_state_dict(*args, **kwargs)
+        self.refresh()
 
     @property
     def shape(self) -> list[int]:
@@ -269,8 +281,8 @@ class GateRows(nn.Module):
         """g_removed for the layer's input `x`: its removed rows, then the gate's elementwise ops."""
         z = layer_operator(layer, self.weight.to(x.dtype), x)
         z = z + self.bias.to(z.dtype).view((1, -1) + (1,) * (z.dim() - 2))
-        for code, a, b in self.ops.tolist():
-            z = GATE_OPS[GATE_CODES[int(code)]](z, a, b)
+        for op, a, b in self._ops:
+            z = op(z, a, b)
         return z
 
     def extra_repr(self) -> str:

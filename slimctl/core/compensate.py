@@ -173,6 +173,7 @@ def apply_compensation(pruned: nn.Module, comp: Compensation, out_keep: dict[str
             rows.weight.copy_(weight)
             rows.bias.copy_(bias)
             rows.ops.copy_(gate.ops)
+        rows.refresh()
         attach_gate_rows(layer, rows.to(layer.weight.dtype))
     link_gates(pruned)
 
