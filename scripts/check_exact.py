@@ -10,7 +10,7 @@ channels zeroed, for every torchvision classification model and a broad sample o
 The contract (`slimctl.core.surgery`), in eval mode, float32:
   compensate="exact"  pruned(x) == original(x) with γ zeroed at every removed channel
   compensate="none"   pruned(x) == original(x) with γ and β zeroed at every removed channel
-The removed channels come from `slimctl.core.compensate.removed_positions`; the reference model is built
+The removed channels come from `slimctl.removed_positions`; the reference model is built
 here (a copy of the original taken before pruning, those BN entries zeroed), so the check does not
 rely on the library's own measurement. Relative difference = max|pruned − ref| / max|ref|, exact
 below 1e-4, at every size of `--sizes` (the graph is traced once, at `--trace-size`; a padded conv's
@@ -49,11 +49,7 @@ import torch
 from torch import nn
 
 import slimctl
-from slimctl.core.compensate import compensation, removed_positions
-from slimctl.errors import SlimctlError
-from slimctl.core.flops import count_flops, count_params
-from slimctl.core.plan import ChannelPlan
-from slimctl.core.surgery import prune_model
+from slimctl import SlimctlError, count_flops, count_params, prune_model, removed_positions
 
 TOLERANCE = 1e-4
 MODES = ("exact", "none")
@@ -320,7 +316,7 @@ def check_model(name: str, *, sizes: list[int], trace_size: int, ratio: float, s
             if not diff < TOLERANCE:
                 failures.append(f"{mode} @{s}: rel. diff {diff:.3g}")
         if any(not d < TOLERANCE for d in diffs[mode].values()):
-            record.setdefault("library_notes", {})[mode] = library_notes(model, plan, mode)
+            record.setdefault("library_notes", {})[mode] = [one_line(n) for n in result.notes][:20]
         if mode == "exact":
             record["params_pruned"] = count_params(pruned)
             record["flops"], record["flops_pruned"] = flops_pair(pristine, pruned, trace_size)
@@ -482,14 +478,6 @@ def flops_pair(original: nn.Module, pruned: nn.Module, size: int) -> tuple[int |
         return count_flops(original, (3, size, size)), count_flops(pruned, (3, size, size))
     except Exception:  # noqa: BLE001
         return None, None
-
-
-def library_notes(model: nn.Module, plan: ChannelPlan, mode: str) -> list[str]:
-    """For diagnosis only (not the verdict): the consumers slimctl itself says it left uncompensated."""
-    try:
-        return [one_line(n) for n in compensation(model, plan, mode).notes][:20]
-    except Exception as exc:  # noqa: BLE001 — the library's API may move; the check does not depend on it
-        return [f"(notes unavailable: {type(exc).__name__}: {one_line(str(exc))[:200]})"]
 
 
 def changed_entries(pristine: nn.Module, model: nn.Module) -> list[str]:
