@@ -15,7 +15,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from conftest import masked_reference, rel_err, strongly_sparse
-from slimctl.base.inserted import gate_rows_of, response_of
+from slimctl.base.gates import gate_rows_of
+from slimctl.base.inserted import response_of
 from slimctl.core.surgery import prune_model
 
 C = 8  # channels of the construct's space

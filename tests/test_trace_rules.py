@@ -15,7 +15,7 @@ from torch.nn import functional as F
 
 from conftest import randomize_bn
 from slimctl.base.groups import ChannelGroup, Consumer
-from slimctl.base.inserted import profile_map
+from slimctl.base.operators import profile_map
 from slimctl.trace import derive_groups, space_rows
 from slimctl.trace.rules import Op, call_counts, classify
 from slimctl.trace.walk import trace_graph

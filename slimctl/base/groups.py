@@ -35,7 +35,7 @@ class Consumer:
     profile: tuple[tuple[int, int, int, int], ...] = ()
     # An input-dependent gate met on the way (squeeze-and-excitation: x · act(fc(…))): the removed
     # channel arrives as c·g(x) (then `constant` is False). (module name of the layer computing the
-    # gate's logits, its elementwise ops in order as (op, a, b); see `slimctl.base.inserted.GATE_OPS`).
+    # gate's logits, its elementwise ops in order as (op, a, b); see `slimctl.base.gates.GATE_OPS`).
     gate: tuple[str, tuple[tuple[str, float, float], ...]] | None = None
 
 

@@ -1,6 +1,6 @@
 """Modules slimctl adds inside a network, each with one name, one way to insert it and one way to
-find it again: `ChannelSelection` (child `select` of a BN) and `ConstantResponse` (child
-`compensate` of a conv or Linear).
+find it again: `ChannelSelection` (child `select` of a BN), `ConstantResponse` (child `compensate`
+of a conv or Linear) and, from `slimctl.base.gates`, `GateRows` (child `gate_rows` of a gate's layer).
 
 `ChannelSelection` passes on only the kept channels of a BN that must keep its width (the paper's
 "channel selection"). The paper's pre-activation families hold one as an ordinary module; in any
@@ -17,12 +17,13 @@ activations. Recorded and recreated the same way (`<layer>.compensate`).
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import torch
 from torch import nn
 
+from slimctl.base.gates import GATE, GateRows, gate_hook, attach_gate_rows, gate_rows_of
+from slimctl.base.operators import layer_operator, profile_map, zero_padded
 from slimctl.errors import SlimctlError
 
 SELECT = "select"  # the child name of an inserted ChannelSelection: `<bn>.select`
@@ -47,48 +48,6 @@ class ChannelSelection(nn.Module):
 
     def extra_repr(self) -> str:
         return f"keeps={self.indices.numel()}"
-
-
-def layer_operator(layer: nn.Module, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """What `layer` computes on `x` with `weight` in place of its own and no bias, by its own forward
-    (groups, stride, dilation, padding and padding mode, timm's run-time 'same' padding), its hooks
-    left out. How compensation computes a removed constant's response: no per-op formula to keep."""
-    if isinstance(layer, nn.Linear):
-        return nn.functional.linear(x, weight)
-    if type(layer).forward is nn.Conv2d.forward:
-        return layer._conv_forward(x, weight, None)
-    twin = copy.copy(layer)  # a subclass with a forward of its own: run it on a twin holding `weight`
-    object.__setattr__(twin, "_parameters", {"weight": weight, "bias": None})
-    return type(layer).forward(twin, x)
-
-
-def zero_padded(layer: nn.Module) -> bool:
-    """Whether a constant input map can leave `layer` uneven over space: a conv whose zero padding
-    (static, 'same', or timm's run-time 'same') reaches the kernel. Other padding modes repeat the
-    constant; a Linear or an unpadded conv reads it everywhere alike."""
-    if not isinstance(layer, nn.Conv2d) or all(k == 1 for k in layer.kernel_size):
-        return False
-    if type(layer).__name__ == "Conv2dSame":
-        return True
-    if layer.padding_mode != "zeros":
-        return False
-    if isinstance(layer.padding, str):  # "valid" pads nothing
-        return layer.padding == "same"
-    return any(p != 0 for p in layer.padding)
-
-
-def profile_map(profile: torch.Tensor, out_hw: tuple[int, int], like: torch.Tensor) -> torch.Tensor:
-    """[1, 1, H, W]: the stride-1 zero-padded average pools `profile` ([n, 4]: kh, kw, ph, pw, in
-    order) applied to an all-ones map, for pools whose last output is `out_hw` (a stride-1 pool's
-    input is its output plus 2p − k + 1 smaller, so the start size follows)."""
-    rows = [tuple(int(v) for v in row) for row in profile.tolist()]
-    h, w = out_hw
-    for kh, kw, ph, pw in rows:
-        h, w = h - 2 * ph + kh - 1, w - 2 * pw + kw - 1
-    result = torch.ones(1, 1, h, w, device=like.device, dtype=like.dtype)
-    for kh, kw, ph, pw in rows:
-        result = nn.functional.avg_pool2d(result, (kh, kw), 1, (ph, pw), count_include_pad=True)
-    return result
 
 
 _ROW_TERMS = ("bias", "kernel", "pkernel", "gate_weight")  # ConstantResponse buffers indexed by output
@@ -226,89 +185,6 @@ class ConstantResponse(nn.Module):
         return f"out={self.kernel.shape[0]}" + kind + (f", gated by {self.source!r}" if self.source else "")
 
 
-GATE = "gate_rows"  # the child name of a GateRows: `<layer computing a gate's logits>.gate_rows`
-# The elementwise ops a gate chain may contain (`slimctl.trace.rules.gate_module_op` reads them off
-# the graph), as op → f(x, a, b). The code a GateRows stores is the op's index here.
-GATE_OPS = {
-    "sigmoid": lambda x, a, b: torch.sigmoid(x),
-    "hardsigmoid": lambda x, a, b: nn.functional.hardsigmoid(x),
-    "relu": lambda x, a, b: torch.relu(x),
-    "tanh": lambda x, a, b: torch.tanh(x),
-    "hardtanh": lambda x, a, b: nn.functional.hardtanh(x, a, b),
-    "add": lambda x, a, b: x + a,
-    "rsub": lambda x, a, b: a - x,
-    "mul": lambda x, a, b: x * a,
-    "div": lambda x, a, b: x / a,
-}
-GATE_CODES = tuple(GATE_OPS)
-
-
-class GateRows(nn.Module):
-    """The rows a gate's logits layer lost when its channels were removed, kept to compute
-    g_removed(x) = act(W_removed · h + b_removed) for the consumer that reads c·g(x) (a squeeze-and-
-    excitation block: x · sigmoid(fc2(…))). Child `gate_rows` of that layer, run by a forward hook on
-    its input h; the values go to the consumer's ConstantResponse (`sink`: the consumer's name),
-    which adds W_consumer[:, removed]·(c ⊙ g) — a cost proportional to the removed channels.
-    Buffers: `weight` [k, in, kh, kw] (a conv's rows) or [k, in] (a Linear's), `bias` [k], `ops`
-    [n, 3] (code in GATE_CODES, a, b). The sink is part of its recorded shape (as bytes), so a model
-    rebuilt from a checkpoint's widths is linked before any weight is loaded."""
-
-    def __init__(self, rows: int, inputs: int, kh: int = 0, kw: int = 0, ops: int = 0, *sink: int) -> None:
-        super().__init__()
-        self.register_buffer("weight", torch.zeros(rows, inputs, kh, kw) if kh else torch.zeros(rows, inputs))
-        self.register_buffer("bias", torch.zeros(rows))
-        self.register_buffer("ops", torch.zeros(ops, 3))
-        self.sink = bytes(sink).decode()
-        object.__setattr__(self, "_sink", None)  # the sink's ConstantResponse (`link_gates`), not a child
-        self.refresh()
-
-    def refresh(self) -> None:
-        """Read the `ops` buffer into plain Python once (after it is written or loaded), so a forward
-        never reads a tensor's values (torch.export and ONNX export cannot)."""
-        self._ops = [(GATE_OPS[GATE_CODES[int(code)]], a, b) for code, a, b in self.ops.tolist()]
-
-    def _load_from_state_dict(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
-        super()._load_from_state_dict(*args, **kwargs)
-        self.refresh()
-
-    @property
-    def shape(self) -> list[int]:
-        """[rows, inputs, kh, kw, ops, *the sink's name as bytes]: what a checkpoint records to recreate it."""
-        w = self.weight.shape
-        return [w[0], w[1], *(w[2:] if len(w) == 4 else (0, 0)), self.ops.shape[0], *self.sink.encode()]
-
-    def forward(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """g_removed for the layer's input `x`: its removed rows, then the gate's elementwise ops."""
-        z = layer_operator(layer, self.weight.to(x.dtype), x)
-        z = z + self.bias.to(z.dtype).view((1, -1) + (1,) * (z.dim() - 2))
-        for op, a, b in self._ops:
-            z = op(z, a, b)
-        return z
-
-    def extra_repr(self) -> str:
-        return f"rows={self.weight.shape[0]}, sink={self.sink!r}"
-
-
-def _gate_hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
-    rows = module._modules[GATE]
-    if rows._sink is not None:
-        rows._sink._gate = rows.forward(module, inputs[0])
-
-
-def gate_rows_of(layer: nn.Module) -> GateRows | None:
-    child = getattr(layer, GATE, None)
-    return child if isinstance(child, GateRows) else None
-
-
-def attach_gate_rows(layer: nn.Module, rows: GateRows) -> GateRows:
-    """`rows` as the layer's child `gate_rows` (on its device), hooked once."""
-    rows = rows.to(layer.weight.device)
-    layer.add_module(GATE, rows)
-    if _gate_hook not in layer._forward_hooks.values():
-        layer.register_forward_hook(_gate_hook)
-    return rows
-
-
 def link_gates(model: nn.Module) -> nn.Module:
     """Point every GateRows at the ConstantResponse its `sink` names (after a load, a copy or a swap
     of the consumer), so the gate values reach it each forward."""
@@ -418,7 +294,7 @@ def attach(layer: nn.Module, response: ConstantResponse) -> ConstantResponse:
 def has_foreign_hooks(module: nn.Module) -> bool:
     """Whether `module` has forward or forward-pre hooks other than the ones slimctl inserts (a
     selection's, a constant response's, a gate's rows'): code that may read or change its output unseen."""
-    ours = (_select_hook, _response_hook, _gate_hook)
+    ours = (_select_hook, _response_hook, gate_hook)
     return bool(module._forward_pre_hooks) or any(h not in ours for h in module._forward_hooks.values())
 
 

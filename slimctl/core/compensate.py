@@ -34,19 +34,9 @@ import torch
 from torch import nn
 
 from slimctl.base.groups import Consumer
-from slimctl.base.inserted import (
-    GATE_CODES,
-    GATE_OPS,
-    GateRows,
-    attach_gate_rows,
-    attach_response,
-    gate_rows_of,
-    layer_operator,
-    link_gates,
-    profile_map,
-    response_of,
-    zero_padded,
-)
+from slimctl.base.gates import GATE_CODES, GATE_OPS, GateRows, attach_gate_rows, gate_rows_of
+from slimctl.base.inserted import attach_response, link_gates, response_of
+from slimctl.base.operators import layer_operator, profile_map, zero_padded
 from slimctl.core.plan import ChannelPlan
 from slimctl.base.registry import input_size
 

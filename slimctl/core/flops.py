@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from slimctl.base.inserted import gate_rows_of, response_of
+from slimctl.base.gates import gate_rows_of
+from slimctl.base.inserted import response_of
 from slimctl.base.registry import input_size as recorded_input_size
 
 

@@ -30,15 +30,8 @@ import torch
 from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from slimctl.base.inserted import (
-    SELECT,
-    attach,
-    detach_response,
-    gate_rows_of,
-    has_foreign_hooks,
-    response_of,
-    selection_of,
-)
+from slimctl.base.gates import gate_rows_of
+from slimctl.base.inserted import SELECT, attach, detach_response, has_foreign_hooks, response_of, selection_of
 from slimctl.base.registry import input_size
 from slimctl.trace.rules import BN_PARTS, Op, bn_parts, call_counts, classify, is_bn, label, shape
 from slimctl.trace.walk import trace_graph

@@ -19,7 +19,8 @@ from torch import nn
 
 from slimctl.core.compensate import apply_compensation, compensation
 from slimctl.core.exactness import Exactness, measure_exactness
-from slimctl.base.inserted import COMPENSATE, GATE, ChannelSelection, attach, attach_gate_rows
+from slimctl.base.gates import GATE, attach_gate_rows
+from slimctl.base.inserted import COMPENSATE, ChannelSelection, attach
 from slimctl.models.layers import replace_module, resized
 from slimctl.core.plan import ChannelPlan, make_plan, plan_masks
 from slimctl.trace import channel_groups

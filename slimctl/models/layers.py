@@ -15,7 +15,8 @@ from torch import nn
 
 from slimctl.errors import SlimctlError
 from slimctl.base.groups import ChannelGroup, Consumer
-from slimctl.base.inserted import COMPENSATE, GATE, SELECT, ChannelSelection, ConstantResponse, GateRows
+from slimctl.base.gates import GATE, GateRows
+from slimctl.base.inserted import COMPENSATE, SELECT, ChannelSelection, ConstantResponse
 
 
 def scale_width(channels: int, width: float) -> int:

@@ -345,7 +345,7 @@ def _function_rule(node: fx.Node, modules: Mapping[str, nn.Module]) -> OpRule:
 
 # --- gates ---------------------------------------------------------------------------------------
 # The elementwise ops of a gate's chain (squeeze-and-excitation: x · act(fc(…))), as plain data
-# (op, a, b) that `slimctl.base.inserted.GATE_OPS` evaluates; ("same", 0, 0) for a reshape or an
+# (op, a, b) that `slimctl.base.gates.GATE_OPS` evaluates; ("same", 0, 0) for a reshape or an
 # identity that keeps the channels. None: an op a gate chain cannot contain.
 
 

@@ -483,7 +483,7 @@ class Walker:
 
     def gate_chain(self, node: fx.Node) -> tuple[str, tuple[tuple[str, float, float], ...]] | None:
         """(the layer computing a gate's logits, the elementwise ops after it in order) when `node` is
-        act(…(layer(h))) through ops `slimctl.base.inserted.GATE_OPS` knows (and reshapes that keep the
+        act(…(layer(h))) through ops `slimctl.base.gates.GATE_OPS` knows (and reshapes that keep the
         channels); else None. The layer is a groups=1 Conv2d or a Linear, called once."""
         ops: list[tuple[str, float, float]] = []
         while isinstance(node, fx.Node):

@@ -1,0 +1,97 @@
+"""Gates: what pruning keeps of a squeeze-and-excitation gate's layer for its removed channels.
+
+A removed channel c that a gate multiplies (x · act(fc(…))) reaches its consumer as c·g(x). The
+gate's logits layer keeps its rows for the removed channels in a `GateRows` child (`<layer>.gate_rows`);
+a forward hook computes g_removed(x) from the layer's input each forward and hands it to the
+consumer's ConstantResponse (`slimctl.base.inserted`, linked by `link_gates` there). The gate's
+elementwise ops are plain data (`GATE_OPS`), read off the graph by `slimctl.trace.rules`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from slimctl.base.operators import layer_operator
+
+GATE = "gate_rows"  # the child name of a GateRows: `<layer computing a gate's logits>.gate_rows`
+# The elementwise ops a gate chain may contain (`slimctl.trace.rules.gate_module_op` reads them off
+# the graph), as op → f(x, a, b). The code a GateRows stores is the op's index here.
+GATE_OPS = {
+    "sigmoid": lambda x, a, b: torch.sigmoid(x),
+    "hardsigmoid": lambda x, a, b: nn.functional.hardsigmoid(x),
+    "relu": lambda x, a, b: torch.relu(x),
+    "tanh": lambda x, a, b: torch.tanh(x),
+    "hardtanh": lambda x, a, b: nn.functional.hardtanh(x, a, b),
+    "add": lambda x, a, b: x + a,
+    "rsub": lambda x, a, b: a - x,
+    "mul": lambda x, a, b: x * a,
+    "div": lambda x, a, b: x / a,
+}
+GATE_CODES = tuple(GATE_OPS)
+
+
+class GateRows(nn.Module):
+    """The rows a gate's logits layer lost when its channels were removed, kept to compute
+    g_removed(x) = act(W_removed · h + b_removed) for the consumer that reads c·g(x) (a squeeze-and-
+    excitation block: x · sigmoid(fc2(…))). Child `gate_rows` of that layer, run by a forward hook on
+    its input h; the values go to the consumer's ConstantResponse (`sink`: the consumer's name),
+    which adds W_consumer[:, removed]·(c ⊙ g) — a cost proportional to the removed channels.
+    Buffers: `weight` [k, in, kh, kw] (a conv's rows) or [k, in] (a Linear's), `bias` [k], `ops`
+    [n, 3] (code in GATE_CODES, a, b). The sink is part of its recorded shape (as bytes), so a model
+    rebuilt from a checkpoint's widths is linked before any weight is loaded."""
+
+    def __init__(self, rows: int, inputs: int, kh: int = 0, kw: int = 0, ops: int = 0, *sink: int) -> None:
+        super().__init__()
+        self.register_buffer("weight", torch.zeros(rows, inputs, kh, kw) if kh else torch.zeros(rows, inputs))
+        self.register_buffer("bias", torch.zeros(rows))
+        self.register_buffer("ops", torch.zeros(ops, 3))
+        self.sink = bytes(sink).decode()
+        object.__setattr__(self, "_sink", None)  # the sink's ConstantResponse (`inserted.link_gates`), not a child
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Read the `ops` buffer into plain Python once (after it is written or loaded), so a forward
+        never reads a tensor's values (torch.export and ONNX export cannot)."""
+        self._ops = [(GATE_OPS[GATE_CODES[int(code)]], a, b) for code, a, b in self.ops.tolist()]
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
+        super()._load_from_state_dict(*args, **kwargs)
+        self.refresh()
+
+    @property
+    def shape(self) -> list[int]:
+        """[rows, inputs, kh, kw, ops, *the sink's name as bytes]: what a checkpoint records to recreate it."""
+        w = self.weight.shape
+        return [w[0], w[1], *(w[2:] if len(w) == 4 else (0, 0)), self.ops.shape[0], *self.sink.encode()]
+
+    def forward(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """g_removed for the layer's input `x`: its removed rows, then the gate's elementwise ops."""
+        z = layer_operator(layer, self.weight.to(x.dtype), x)
+        z = z + self.bias.to(z.dtype).view((1, -1) + (1,) * (z.dim() - 2))
+        for op, a, b in self._ops:
+            z = op(z, a, b)
+        return z
+
+    def extra_repr(self) -> str:
+        return f"rows={self.weight.shape[0]}, sink={self.sink!r}"
+
+
+def gate_hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+    rows = module._modules[GATE]
+    if rows._sink is not None:
+        rows._sink._gate = rows.forward(module, inputs[0])
+
+
+def gate_rows_of(layer: nn.Module) -> GateRows | None:
+    child = getattr(layer, GATE, None)
+    return child if isinstance(child, GateRows) else None
+
+
+def attach_gate_rows(layer: nn.Module, rows: GateRows) -> GateRows:
+    """`rows` as the layer's child `gate_rows` (on its device), hooked once."""
+    rows = rows.to(layer.weight.device)
+    layer.add_module(GATE, rows)
+    if gate_hook not in layer._forward_hooks.values():
+        layer.register_forward_hook(gate_hook)
+    return rows
