@@ -18,7 +18,7 @@ from slimctl.base.groups import ChannelGroup, Consumer
 from slimctl.base.operators import profile_map
 from slimctl.trace import derive_groups, space_rows
 from slimctl.trace.rules import Op, call_counts, classify
-from slimctl.trace.walk import trace_graph
+from slimctl.trace.graph import trace_graph
 
 
 @pytest.fixture(autouse=True)

@@ -14,7 +14,7 @@ that reads an add or a concatenation (residual streams, pre-activation blocks, d
 layer whose output something else reads too, a module called twice, a BN without running
 statistics, hooks slimctl did not put there.
 
-The pairs come from the model's torch.fx graph, traced by `slimctl.trace.walk.trace_graph` (the
+The pairs come from the model's torch.fx graph, traced by `slimctl.trace.graph.trace_graph` (the
 tracer channel grouping uses, with ChannelSelection as a leaf), with shapes propagated on one
 example input (`registry.input_size` unless given), so a BatchNorm1d is folded into a Linear only
 on a 2-d output, where both mean the same features.
@@ -34,7 +34,7 @@ from slimctl.base.gates import gate_rows_of
 from slimctl.base.inserted import SELECT, attach, detach_response, has_foreign_hooks, response_of, selection_of
 from slimctl.base.registry import input_size
 from slimctl.trace.rules import BN_PARTS, Op, bn_parts, call_counts, classify, is_bn, label, shape
-from slimctl.trace.walk import trace_graph
+from slimctl.trace.graph import trace_graph
 
 __all__ = ["FoldPlan", "carry_constant_maps", "fold_bn", "fold_plan"]
 

@@ -16,7 +16,9 @@ The package, top-down:
 
 - `rules`: the op table — for any fx node, what kind of op it is and whether it keeps a removed
   channel zero / constant. The walk and selection detection both dispatch on it.
-- `walk`: tracing (`trace_graph`) and the walk over the graph's spaces and segments (`Walker`).
+- `graph`: tracing (`trace_graph`): the fx graph with every node's shape.
+- `segments`: spaces and segments, and `through` (a per-channel op's effect on a removed channel).
+- `walk`: the walk over the graph's spaces and segments (`Walker`).
 - `grouping`: spaces → kinds and `ChannelGroup`s, selection groups, frozen BNs, refusals.
 
 A segment's two flags: *zero* — a removed channel is exactly zero wherever a consumer reads it (its
@@ -42,7 +44,8 @@ from slimctl.base.groups import COUPLED_MODES, ChannelGroup
 from slimctl.base.registry import input_size
 from slimctl.trace.grouping import SpaceInfo, TraceResult, classify_spaces, space_rows
 from slimctl.trace.rules import NORMS, frozen_bn_note, is_bn
-from slimctl.trace.walk import Walker, trace_graph
+from slimctl.trace.graph import trace_graph
+from slimctl.trace.walk import Walker
 
 __all__ = ["SpaceInfo", "TraceResult", "channel_groups", "derive_groups", "space_rows", "trace_model"]
 

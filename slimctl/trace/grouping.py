@@ -19,7 +19,8 @@ from slimctl.errors import SlimctlError
 from slimctl.base.groups import ChannelGroup, Consumer
 from slimctl.base.inserted import SELECT, insert_selections, selection_of
 from slimctl.trace.rules import Op, columns_per_channel, shape
-from slimctl.trace.walk import Seg, Walker, through, not_constant_note
+from slimctl.trace.segments import Seg, not_constant_note, through
+from slimctl.trace.walk import Walker
 
 
 @dataclass(frozen=True)

@@ -1,31 +1,27 @@
-"""Trace a model with torch.fx and follow every channel space through its graph.
+"""Follow every channel space through a traced graph.
 
-`trace_graph` traces the model (its leaves: torch.nn modules and ChannelSelection) and records every
-node's shape. `Walker` then visits the nodes in order and gives each tensor a *layout*: its channels
-as a list of segments (`Seg`: a space, its width, the flags of a removed channel there, columns per
-channel). One segment after a conv; several after `cat(dim=1)`. What each op does to a layout comes
-from the op table (`rules.classify`); the walker adds what needs the graph's state: which operands
-are tracked, how many segments reach an op, unions of spaces (union-find) at residual adds and
-gates. Anything it cannot follow *freezes* the spaces it touches, with the reason recorded.
+`Walker` visits the nodes of a graph `slimctl.trace.graph.trace_graph` made, in order, and gives
+each tensor a *layout*: its channels as a list of segments (`segments.Seg`: a space, its width, the
+flags of a removed channel there, columns per channel). One segment after a conv; several after
+`cat(dim=1)`. What each op does to a layout comes from the op table (`rules.classify`); the walker
+adds what needs the graph's state: which operands are tracked, how many segments reach an op,
+unions of spaces (union-find) at residual adds and gates. Anything it cannot follow *freezes* the
+spaces it touches, with the reason recorded.
 """
 
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any
 
-import torch
 from torch import fx, nn
-from torch.fx.passes.shape_prop import ShapeProp
 
-from slimctl.errors import SlimctlError
 from slimctl.base.groups import Consumer
-from slimctl.base.inserted import ChannelSelection, selection_of
+from slimctl.base.inserted import selection_of
 from slimctl.trace.rules import (
     Op,
     OpRule,
-    bn_parts,
     call_counts,
     classify,
     columns_per_channel,
@@ -33,130 +29,10 @@ from slimctl.trace.rules import (
     gate_function_op,
     gate_module_op,
     is_bn,
-    is_leaf,
     label,
     shape,
 )
-
-# --- tracing -------------------------------------------------------------------------------------
-
-
-class _Tracer(fx.Tracer):
-    """Leaves: torch.nn modules, ChannelSelection and the library layers `rules.is_leaf` names;
-    remembers which module it is inside.
-
-    A BatchNorm subclass that applies more after normalising (timm's BatchNormAct2d: BN → drop →
-    act) becomes one node for the BN followed by its parts as nodes of their own (`<bn>.drop`,
-    `<bn>.act`), so the op table judges its activation exactly as a separate one. (Run as a
-    GraphModule, the BN node still calls the whole module and its parts then run a second time:
-    the graph is read for its structure and shapes only, never for values.)"""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.stack: list[str] = []
-        self.failed_in: str | None = None
-
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, ChannelSelection) or is_leaf(m) or super().is_leaf_module(m, qualname)
-
-    def call_module(self, m, forward, args, kwargs):  # noqa: ANN001
-        self.stack.append(self.path_of_module(m))
-        try:
-            parts = bn_parts(m) if frozen_bn_note(m, "") is None else None
-            if parts:
-                out = self.create_proxy("call_module", self.stack[-1], args, kwargs)
-                for part in parts:
-                    out = self.call_module(part, part.forward, (out,), {})
-                return out
-            return super().call_module(m, forward, args, kwargs)
-        except Exception:
-            if self.failed_in is None:  # the innermost module: the one whose Python broke
-                self.failed_in = self.stack[-1]
-            raise
-        finally:
-            self.stack.pop()
-
-
-def trace_graph(model: nn.Module, example_input: torch.Tensor) -> fx.GraphModule:
-    """The model's fx graph with every node's shape on `example_input` (refusals name the culprit)."""
-    tracer = _Tracer()
-    try:
-        graph = tracer.trace(model)
-    except Exception as exc:  # fx raises TraceError, TypeError, … on data-dependent Python
-        where = tracer.failed_in or type(model).__name__
-        raise SlimctlError(
-            f"cannot trace {type(model).__name__}: module {where!r} ({type(exc).__name__}: {exc}). "
-            "Mark that module a leaf (it then keeps its channels) or declare channel_groups() by hand."
-        ) from exc
-    gm = fx.GraphModule(tracer.root, graph)
-    try:
-        with torch.no_grad():
-            ShapeProp(gm).propagate(example_input)
-    except Exception as exc:
-        cause = exc.__cause__ or exc
-        raise SlimctlError(
-            f"{type(model).__name__} does not run on an example input of shape {tuple(example_input.shape)}: "
-            f"{str(cause).splitlines()[0] if str(cause) else type(cause).__name__} (try a larger input size)"
-        ) from exc
-    return gm
-
-
-# --- spaces and segments -------------------------------------------------------------------------
-
-
-@dataclass
-class Space:
-    width: int
-    producers: list[str] = field(default_factory=list)
-    bns: list[str] = field(default_factory=list)
-    consumers: list[Consumer] = field(default_factory=list)
-    readers: list[str] = field(default_factory=list)  # other members (for --explain)
-    reasons: list[str] = field(default_factory=list)  # why it is frozen
-    not_constant: list[str] = field(default_factory=list)  # consumers reached non-constantly, and why
-    residual: bool = False
-    depthwise: bool = False
-    divisions: set[int] = field(default_factory=set)
-
-
-@dataclass(frozen=True)
-class Seg:
-    """Some channels of a tensor: `width` channels of one space, and what a removed one is here."""
-
-    space: int
-    width: int
-    zero: bool  # exactly zero in the γ/β-zeroed reference: pruning is exact
-    repeat: int = 1  # columns per channel (after flatten)
-    const: bool = False  # constant over batch and space once γ ≈ 0 (its BN emits β): β compensation works
-    why: str = "its producer, with no BatchNorm2d after it"  # when not const: the op that made it vary
-    # const: the zero-padded stride-1 average pools met since the BN (the constant is c·P there)
-    profile: tuple[tuple[int, int, int, int], ...] = ()
-    # not const, but c·g(x) for an input-dependent gate g (Consumer.gate): compensable all the same
-    gate: tuple[str, tuple[tuple[str, float, float], ...]] | None = None
-
-
-def not_constant_note(consumer: str, why: str) -> str:
-    """`--explain`'s line for a consumer that reads a removed channel as a non-constant."""
-    return f"{consumer!r} reads it through {why}: no β compensation"
-
-
-def through(seg: Seg, rule: OpRule, what: str) -> Seg:
-    """`seg` after the per-channel op `what`: zero and constant only if the op preserves them. A
-    constant's profile (c·P) or gate (c·g(x)) passes identities only; a padded pool adds to the profile."""
-    zero = seg.zero and rule.zero
-    if rule.identity:
-        return replace(seg, zero=zero)
-    if seg.gate is not None:
-        return replace(seg, zero=zero, gate=None)
-    if not seg.const:
-        return replace(seg, zero=zero)
-    if rule.profile is not None:
-        return replace(seg, zero=zero, profile=seg.profile + (rule.profile,))
-    if not rule.constant:
-        return replace(seg, zero=zero, const=False, profile=(), why=rule.note)
-    if seg.profile:  # f(c·P) is not a multiple of P for an activation, nor for another pool's borders
-        return replace(seg, zero=zero, const=False, profile=(), why=f"{what} after a zero-padded average pool")
-    return replace(seg, zero=zero)
-
+from slimctl.trace.segments import Seg, Space, not_constant_note, through
 
 # --- the walk ------------------------------------------------------------------------------------
 
