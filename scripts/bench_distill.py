@@ -22,7 +22,7 @@ import torch
 from slimctl.io.checkpoint import load_checkpoint, model_from_checkpoint
 from slimctl.io.config import load_config
 from slimctl.base.device import environment, machine_label, resolve_device, resolve_precision
-from slimctl.pipeline.stages import teacher_for, teacher_on_device
+from slimctl.pipeline.training import teacher_for, teacher_on_device
 from slimctl.train import TrainStep, make_optimizer
 
 

@@ -39,7 +39,8 @@ from slimctl.io.checkpoint import make_checkpoint, save_checkpoint
 from slimctl.errors import SlimctlError
 from slimctl.models import create_model
 from slimctl.output.report import human
-from slimctl.pipeline.stages import explain_groups, prune_checkpoint
+from slimctl.pipeline.inspection import explain_groups
+from slimctl.pipeline.pruning import prune_checkpoint
 from slimctl.base.device import resolve_precision
 
 MODELS = ("resnet18,resnet50,mobilenet_v2,mobilenet_v3_small,efficientnet_b0,densenet121,vgg16_bn,googlenet,"

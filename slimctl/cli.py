@@ -87,7 +87,7 @@ def cli() -> None:
 def _load_config(config: Path, overrides: tuple[str, ...]):
     """The config, checked before any run folder is touched: types and ranges, then names."""
     from slimctl.io.config import load_config
-    from slimctl.pipeline.stages import check_names
+    from slimctl.pipeline.inspection import check_names
 
     cfg = load_config(config, overrides)
     check_names(cfg)
@@ -136,7 +136,7 @@ def sparse_train_cmd(config: Path, out: Path | None, overrides: tuple[str, ...],
     Multi-GPU: `torchrun --nproc_per_node=N -m slimctl sparse-train …` (data.batch_size is the
     global batch, split over the N processes). Ctrl-C stops cleanly; --resume continues.
     """
-    from slimctl.pipeline.stages import sparse_train
+    from slimctl.pipeline.training import sparse_train
 
     cfg = _load_config(config, overrides + (("log.tensorboard=true",) if tensorboard else ()))
     run_dir = out or Path("runs") / config.stem / "sparse"
@@ -201,7 +201,7 @@ def prune_cmd(checkpoint: Path, ratio: float | None, out: Path | None, min_chann
     are re-estimated on training images (the checkpoint keeps those statistics).
     """
     from slimctl.output.report import before_after_table, prune_table
-    from slimctl.pipeline.stages import prune_checkpoint, prune_events
+    from slimctl.pipeline.pruning import prune_checkpoint, prune_events
     from slimctl.core.targets import parse_target
 
     if target_flops is not None and target_params is not None:
@@ -274,7 +274,7 @@ def sweep_cmd(checkpoint: Path, ratios: str, compare: Path | None, tolerance: fl
     largest ratio within --tolerance points of the unpruned top-1. Needs the checkpoint's test set.
     """
     from slimctl.output.report import sweep_table
-    from slimctl.pipeline.stages import sweep_checkpoint
+    from slimctl.pipeline.pruning import sweep_checkpoint
     from slimctl.core.sweep import parse_ratios, sweep_warnings
 
     ratio_list = parse_ratios(ratios)
@@ -303,7 +303,7 @@ def sweep_cmd(checkpoint: Path, ratios: str, compare: Path | None, tolerance: fl
 def finetune_cmd(checkpoint: Path, config: Path, out: Path | None, overrides: tuple[str, ...], resume: bool,
                  force: bool, log_every: str | None, tensorboard: bool) -> None:
     """Train a pruned checkpoint's narrower model back to accuracy (no sparsity term)."""
-    from slimctl.pipeline.stages import finetune
+    from slimctl.pipeline.training import finetune
 
     cfg = _load_config(config, overrides + (("log.tensorboard=true",) if tensorboard else ()))
     run_dir = out or checkpoint.with_name(f"{checkpoint.stem}-finetune")
@@ -399,7 +399,7 @@ def scratch_cmd(checkpoint: Path, config: Path, out: Path | None, overrides: tup
     `train` recipe with λ = 0. Recorded as stage `scratch` with the pruned checkpoint as parent, so
     `report` and `make table` show it beside the fine-tuned model.
     """
-    from slimctl.pipeline.stages import scratch
+    from slimctl.pipeline.training import scratch
 
     cfg = _load_config(config, overrides + (("log.tensorboard=true",) if tensorboard else ()))
     run_dir = out or checkpoint.with_name(f"{checkpoint.stem}-scratch-{budget}")
@@ -417,7 +417,7 @@ def scratch_cmd(checkpoint: Path, config: Path, out: Path | None, overrides: tup
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object: top1 (%), loss, params, flops.")
 def eval_cmd(checkpoint: Path, data_root: str | None, batch_size: int | None, device: str, as_json: bool) -> None:
     """Test-set top-1 of a checkpoint, on the data set its config names."""
-    from slimctl.pipeline.stages import evaluate_checkpoint
+    from slimctl.pipeline.inspection import evaluate_checkpoint
 
     result = evaluate_checkpoint(checkpoint, device=device, data_root=data_root, batch_size=batch_size)
     if as_json:
@@ -444,7 +444,7 @@ def info_cmd(checkpoint: Path | None, arch: str | None, num_classes: int, width:
     from slimctl.io.checkpoint import load_checkpoint, model_from_checkpoint
     from slimctl.pipeline.export import format_of, read_artifact
     from slimctl.models import create_model, list_models
-    from slimctl.pipeline.stages import model_summary
+    from slimctl.pipeline.inspection import model_summary
 
     if (checkpoint is None) == (arch is None):
         raise UserError(f"give either a CHECKPOINT or --arch NAME (one of: {', '.join(list_models())})")
@@ -483,7 +483,7 @@ def groups_cmd(source: str, num_classes: int, coupled: str, explain: bool, as_js
     from slimctl.io.checkpoint import load_checkpoint, model_from_checkpoint
     from slimctl.models import create_model, is_known_arch
     from slimctl.output.report import groups_table
-    from slimctl.pipeline.stages import explain_groups
+    from slimctl.pipeline.inspection import explain_groups
 
     if Path(source).exists():
         model = model_from_checkpoint(load_checkpoint(source), source=source)
@@ -504,7 +504,7 @@ def groups_cmd(source: str, num_classes: int, coupled: str, explain: bool, as_js
 def report_cmd(checkpoint: Path, as_json: bool) -> None:
     """Params, FLOPs and test top-1 of a checkpoint and of each ancestor it records (parent chain)."""
     from slimctl.output.report import lineage_table
-    from slimctl.pipeline.stages import lineage
+    from slimctl.pipeline.inspection import lineage
 
     rows = lineage(checkpoint)
     if as_json:

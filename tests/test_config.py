@@ -3,7 +3,7 @@ import pytest
 from conftest import ROOT
 from slimctl.io.config import Config, load_config
 from slimctl.errors import SlimctlError
-from slimctl.pipeline.stages import check_names
+from slimctl.pipeline.inspection import check_names
 from slimctl.train import lr_at, milestone_epochs
 
 

@@ -134,7 +134,7 @@ def test_scratch_trains_the_same_architecture_from_fresh_weights(pruned, tmp_pat
 
 def test_fresh_weights_use_the_paper_init_and_no_compensation(pruned):
     from slimctl.base.inserted import ConstantResponse
-    from slimctl.pipeline.stages import fresh_like
+    from slimctl.pipeline.training import fresh_like
 
     torch.manual_seed(0)
     model = fresh_like(load_checkpoint(pruned / "pruned.pt"))
@@ -151,7 +151,7 @@ def test_fresh_weights_use_the_paper_init_and_no_compensation(pruned):
     (30, 100, 100, 30),  # nothing removed
 ])
 def test_scratch_b_epochs_follow_the_flops_with_a_2x_cap(epochs, unpruned, pruned_flops, expected):
-    from slimctl.pipeline.stages import scratch_epochs
+    from slimctl.pipeline.training import scratch_epochs
 
     assert scratch_epochs(epochs, "flops", unpruned_flops=unpruned, pruned_flops=pruned_flops) == expected
     assert scratch_epochs(epochs, "epochs", unpruned_flops=unpruned, pruned_flops=pruned_flops) == epochs

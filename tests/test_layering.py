@@ -135,5 +135,5 @@ def test_the_layers_are_folders() -> None:
 
 
 def test_an_upward_import_is_caught() -> None:
-    assert layer_of("slimctl.core.plan") < layer_of("slimctl.pipeline.stages")
+    assert layer_of("slimctl.core.plan") < layer_of("slimctl.pipeline.pruning")
     assert layer_of("slimctl.trace.walk") == layer_of("slimctl.models.vgg") < layer_of("slimctl.core.fold")

@@ -223,12 +223,12 @@ def tiny_checkpoint(tmp_path_factory):
 
 @pytest.mark.parametrize("command", [["eval"], ["sweep", "--ratios", "0.5"], ["prune", "--ratio", "0.5"]])
 def test_out_of_memory_while_evaluating_names_the_test_batch(tmp_path, monkeypatch, tiny_checkpoint, command):
-    import slimctl.pipeline.stages as stages
+    import slimctl.pipeline.pruning as pruning
 
     def no_memory(*args, **kwargs):
         raise RuntimeError(CPU_OOM)
 
-    monkeypatch.setattr(stages, "evaluate", no_memory)
+    monkeypatch.setattr(pruning, "evaluate", no_memory)
     out = tmp_path / "pruned.pt"
     extra = ["-o", out] if command[0] == "prune" else []
     result = run(command[0], tiny_checkpoint, *command[1:], *extra, "--batch-size", "7", code=2)

@@ -130,7 +130,7 @@ def test_keyboard_interrupt_exits_130_without_traceback(monkeypatch, tmp_path):
     def abort(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("slimctl.pipeline.stages.sparse_train", abort)
+    monkeypatch.setattr("slimctl.pipeline.training.sparse_train", abort)
     result = run("sparse-train", "-c", DEMO_CONFIG, "-o", tmp_path / "x", code=130)
     assert "Aborted" in result.output and "Traceback" not in result.output
 

@@ -14,7 +14,7 @@ from slimctl.io.config import load_config
 from slimctl.errors import SlimctlError
 from slimctl.core.sparsity import budget_warning
 from slimctl.train import lr_sum
-from slimctl.pipeline.stages import sparsity_strength
+from slimctl.pipeline.training import sparsity_strength
 from slimctl.core.sweep import largest_safe_ratio, parse_ratios
 from slimctl.core.targets import parse_target
 

@@ -24,7 +24,7 @@ from slimctl.errors import SlimctlError
 from slimctl.models import create_model
 from slimctl.models.layers import module_widths
 from slimctl.core.plan import make_plan
-from slimctl.pipeline.stages import load_pretrained
+from slimctl.pipeline.training import load_pretrained
 from slimctl.core.surgery import apply_plan, apply_plan_with_notes, applied_plan
 from slimctl.trace import derive_groups
 

@@ -13,7 +13,7 @@ from conftest import ROOT, randomize_bn, run
 from slimctl import load_model, make_checkpoint, save_checkpoint
 from slimctl.errors import SlimctlError
 from slimctl.models import create_model
-from slimctl.pipeline.stages import load_pretrained
+from slimctl.pipeline.training import load_pretrained
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

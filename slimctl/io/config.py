@@ -330,7 +330,7 @@ def validate_train(t: TrainConfig, section: str) -> None:
 
 def validate(cfg: Config) -> None:
     """Types and ranges. Names (model.arch, data.name) are checked by the registry and the data
-    module when a stage uses them (`slimctl.pipeline.stages.check_names`)."""
+    module when a stage uses them (`slimctl.pipeline.inspection.check_names`)."""
     _check(cfg.model.width > 0, "model.width", "> 0", cfg.model.width)
     d = cfg.data
     _check(d.batch_size >= 1, "data.batch_size", ">= 1", d.batch_size)

@@ -85,7 +85,7 @@ def export_checkpoint(checkpoint: Path, out: Path, *, fmt: str, input_size: tupl
                       opset: int | None = None, fold: bool = True, dynamic_batch: bool = True, force: bool = False,
                       tolerance: float = TOLERANCE) -> dict[str, Any]:
     """Export `checkpoint` to `out` in `fmt`, after checking the artifact against the checkpoint."""
-    from slimctl.pipeline.stages import lineage
+    from slimctl.pipeline.inspection import lineage
 
     if fmt not in FORMATS:
         raise SlimctlError(f"unknown export format {fmt!r}; use one of {', '.join(FORMATS)}")

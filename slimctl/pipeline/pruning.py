@@ -1,0 +1,306 @@
+"""The pruning stages as library calls: prune_checkpoint, sweep_checkpoint, and prune's TensorBoard events.
+
+Each takes explicit arguments and returns a JSON-able dict; the CLI only parses options and
+prints. Both read a checkpoint and the data its recorded config names, on disk only (never
+downloading): TestSet and the recalibrator come from here, and slimctl.pipeline.inspection
+evaluates with the same TestSet.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from slimctl.base.device import resolve_device, resolve_precision
+from slimctl.core.compensate import COMPENSATE_MODES
+from slimctl.core.exactness import measure_exactness
+from slimctl.core.flops import count_flops, count_params
+from slimctl.core.plan import group_scores, make_plan, validate_ratio
+from slimctl.core.recalibrate import Recalibrator
+from slimctl.core.surgery import applied_plan, apply_plan
+from slimctl.core.sweep import largest_safe_ratio, sweep_model
+from slimctl.core.targets import Target, plan_for_target
+from slimctl.data import build_loader
+from slimctl.errors import SlimctlError, out_of_memory_as_error
+from slimctl.io.checkpoint import load_checkpoint, make_checkpoint, model_from_checkpoint, save_checkpoint
+from slimctl.io.config import Config, DataConfig, config_from_dict
+from slimctl.output.report import plot_gamma_histogram, plot_sweep
+from slimctl.output.tblog import write_prune
+from slimctl.trace import channel_groups
+from slimctl.train import evaluate
+
+
+def recorded_config(ckpt: dict[str, Any], source: str) -> Config | None:
+    if not isinstance(ckpt.get("config"), dict):
+        return None
+    try:
+        return config_from_dict(ckpt["config"])
+    except SlimctlError as exc:
+        raise SlimctlError(f"{source}: its recorded config is invalid ({exc})") from None
+
+
+def _data_on_disk(cfg: Config, data_root: str | None) -> DataConfig:
+    """The checkpoint config's data section, at `data_root` if given, never downloading: prune,
+    sweep and eval read what is on disk or say where to point them."""
+    data = cfg.data if data_root is None else dataclasses.replace(cfg.data, root=data_root)
+    return dataclasses.replace(data, download=False)
+
+
+class TestSet:
+    """The test split a checkpoint's config names, loaded once and evaluated on any model, in
+    batches of `batch_size` images (default: the config's data.test_batch_size)."""
+
+    def __init__(self, cfg: Config, device: torch.device, data_root: str | None, subset: int | None = None,
+                 batch_size: int | None = None) -> None:
+        data = _data_on_disk(cfg, data_root)
+        if batch_size is not None:  # >= 1, checked by the CLI
+            data = dataclasses.replace(data, test_batch_size=batch_size)
+        self.loader = build_loader(data, train=False, device=device,
+                                   subset=subset)
+        self.device = device
+        self.dtype = resolve_precision(cfg.train.precision, device)
+        self.what = f"evaluating on the {data.name} test set (batch size {data.test_batch_size})"
+
+    def top1(self, model: nn.Module) -> tuple[float, float]:
+        """(mean cross-entropy, top-1 %); out of memory is the one-line error that names --batch-size."""
+        with out_of_memory_as_error(self.what, "--batch-size"):
+            return evaluate(model.to(self.device), self.loader, device=self.device, dtype=self.dtype)
+
+
+def prune_checkpoint(
+    checkpoint: Path,
+    out: Path | None,
+    *,
+    ratio: float | None = None,
+    min_channels: int | None = None,
+    round_to: int = 1,
+    coupled: str = "keep",
+    compensate: str = "exact",
+    target: Target | None = None,
+    evaluate_model: bool = True,
+    recalibrate: int = 0,
+    data_root: str | None = None,
+    batch_size: int | None = None,
+    force: bool = False,
+    device: str = "cpu",
+) -> dict[str, Any]:
+    """Global-threshold pruning of a checkpoint → a narrower checkpoint, a |γ| histogram, a summary.
+
+    The ratio is `ratio`, or the smallest one that meets `target` (FLOPs or params), or the
+    checkpoint config's prune.ratio. `compensate` (exact | bias | none): see slimctl.core.compensate.
+    `recalibrate` > 0 re-estimates the pruned model's BN statistics on that many training images
+    (slimctl.core.recalibrate); the checkpoint keeps them, and top-1 is reported before and after.
+    """
+    ckpt = load_checkpoint(checkpoint)
+    model = model_from_checkpoint(ckpt, source=str(checkpoint)).eval()
+    cfg = recorded_config(ckpt, str(checkpoint))
+    if compensate not in COMPENSATE_MODES:
+        raise SlimctlError(f"--compensate must be one of {', '.join(COMPENSATE_MODES)}, got {compensate!r}")
+    if min_channels is None:
+        min_channels = cfg.prune.min_channels if cfg else 1
+    if out is not None:
+        _check_output(out, checkpoint, force)
+    recalibrator = (_recalibrator(cfg, str(checkpoint), recalibrate, resolve_device(device), data_root)
+                    if recalibrate else None)
+    groups = channel_groups(model, coupled=coupled)
+    plan = _plan_for(model, groups, cfg, ratio=ratio, target=target, min_channels=min_channels, round_to=round_to,
+                     compensate=compensate)
+    ratio = plan.ratio
+    if out is None:
+        out = checkpoint.with_name(f"pruned-r{ratio:g}.pt")
+        _check_output(out, checkpoint, force)
+    pruned, notes, plan = applied_plan(model, plan, compensate=compensate)  # groups it could not compensate kept
+    pruned.eval()
+    result = _prune_result(ckpt, model, pruned, plan, ratio=ratio, min_channels=min_channels, round_to=round_to,
+                           compensate=compensate, notes=notes, target=target)
+    test_set = None
+    if evaluate_model and cfg is not None:
+        try:
+            test_set = TestSet(cfg, resolve_device(device), data_root, batch_size=batch_size)
+        except SlimctlError as exc:
+            result["eval_skipped"] = str(exc)
+    result.update(_pruned_scores(model, plan, pruned, compensate, test_set, recalibrator))
+    result["coupled"] = coupled
+    result.update(_save_pruned(result, checkpoint, out, ckpt, model, pruned, groups))
+    return result
+
+
+def _prune_result(ckpt: dict[str, Any], model: nn.Module, pruned: nn.Module, plan, *, ratio: float,
+                  min_channels: int, round_to: int, compensate: str, notes, target: Target | None) -> dict[str, Any]:
+    """prune's summary before any scoring: the plan, the counts before and after, the exactness
+    measured against what `compensate` promises (top-1 still None, no images recalibrated)."""
+    exactness = measure_exactness(model, pruned, plan, compensate)
+    return {
+        "ratio": ratio,
+        "threshold": plan.threshold,
+        "min_channels": min_channels,
+        "round_to": round_to,
+        "channels_kept": plan.kept,
+        "channels_total": plan.total,
+        "params_before": count_params(model),
+        "params": count_params(pruned),
+        "flops_before": count_flops(model),
+        "flops": count_flops(pruned),
+        "top1_before": (ckpt.get("metrics") or {}).get("top1"),
+        "top1": None,
+        "compensate": compensate,
+        "recalibrated_images": 0,
+        "not_compensated": notes,
+        "exactness": exactness.as_dict(),
+        "exactness_warning": exactness.warning(),
+        "target": None if target is None else {"kind": target.kind, "value": target.text},
+        "layers": plan.layers(),
+    }
+
+
+def _save_pruned(result: dict[str, Any], checkpoint: Path, out: Path, ckpt: dict[str, Any], model: nn.Module,
+                 pruned: nn.Module, groups) -> dict[str, str]:
+    """Write the pruned checkpoint (its prune record and metrics taken from `result`) and the |γ|
+    histogram of the unpruned model beside it; {out, histogram}."""
+    prune_info = {k: result[k] for k in ("ratio", "threshold", "min_channels", "round_to", "coupled", "compensate",
+                                         "recalibrated_images", "target", "layers", "exactness")}
+    metrics = {k: result[k] for k in ("params", "flops", "top1") if result[k] is not None}
+    save_checkpoint(out, make_checkpoint(pruned.cpu(), stage="prune", config=ckpt.get("config"), parent=checkpoint,
+                                         metrics=metrics, prune=prune_info))
+    histogram = out.with_name(out.stem + "_gamma.png")
+    scores = torch.cat([group_scores(model, g) for g in groups])
+    plot_gamma_histogram(scores, result["threshold"], histogram,
+                         title=f"|γ| of {checkpoint.name}, ratio {result['ratio']}")
+    return {"out": str(out), "histogram": str(histogram)}
+
+
+def sweep_checkpoint(
+    checkpoint: Path,
+    *,
+    ratios: list[float],
+    compare: Path | None = None,
+    tolerance: float = 0.5,
+    subset: int | None = None,
+    compensate: str = "exact",
+    recalibrate: int = 0,
+    min_channels: int = 1,
+    round_to: int = 1,
+    coupled: str = "keep",
+    data_root: str | None = None,
+    batch_size: int | None = None,
+    device: str = "cpu",
+    png: Path | None = None,
+    progress: Callable[[float], None] | None = None,
+) -> dict[str, Any]:
+    """Top-1 right after pruning at each ratio (compensated and literal), for CHECKPOINT and, with
+    `compare`, another model (e.g. its λ = 0 baseline); the largest ratio within `tolerance` points
+    (of the recalibrated curve when `recalibrate` > 0 training images re-estimate BN statistics)."""
+    if compensate not in COMPENSATE_MODES:
+        raise SlimctlError(f"--compensate must be one of {', '.join(COMPENSATE_MODES)}, got {compensate!r}")
+    if subset is not None and subset < 1:
+        raise SlimctlError(f"--subset must be >= 1, got {subset}")
+    if png is not None and png.suffix.lower() != ".png":
+        raise SlimctlError(f"--png {png}: the figure is written as PNG; name it *.png")
+    modes = tuple(dict.fromkeys((compensate, "none")))
+    safe_by = f"{compensate}_recal" if recalibrate else compensate
+    curves = {}
+    for path in [checkpoint] + ([compare] if compare is not None else []):
+        ckpt = load_checkpoint(path)
+        model = model_from_checkpoint(ckpt, source=str(path)).eval()
+        cfg = recorded_config(ckpt, str(path))
+        if cfg is None:
+            raise SlimctlError(f"{path} records no config, so slimctl does not know its data set; sweep needs data")
+        try:
+            test_set = TestSet(cfg, resolve_device(device), data_root, subset, batch_size)
+        except SlimctlError as exc:
+            raise SlimctlError(f"sweep needs the test set: {exc} (point at it with --data-root DIR)") from None
+        recalibrator = (_recalibrator(cfg, str(path), recalibrate, resolve_device(device), data_root)
+                        if recalibrate else None)
+        unpruned = test_set.top1(model)[1]
+        rows = sweep_model(model, channel_groups(model, coupled=coupled), ratios, lambda m: test_set.top1(m)[1],
+                           modes=modes, min_channels=min_channels, round_to=round_to, on_ratio=progress,
+                           recalibrate=recalibrator)
+        curves[str(path)] = {
+            "top1_unpruned": unpruned, "params": count_params(model), "flops": count_flops(model),
+            "rows": rows, "largest_safe_ratio": largest_safe_ratio(rows, unpruned, tolerance, safe_by),
+        }
+    result = {"checkpoint": str(checkpoint), "compare": None if compare is None else str(compare),
+              "compensate": compensate, "recalibrated_images": recalibrator.images if recalibrate else 0,
+              "safe_by": safe_by,
+              "tolerance": tolerance, "subset": subset, "images": test_set.loader.dataset_size, "curves": curves}
+    if png is not None:
+        plot_sweep(curves, png, modes=modes + ((safe_by,) if recalibrate else ()),
+                   title=f"top-1 right after pruning ({result['images']} test images)")
+        result["png"] = str(png)
+    return result
+
+
+def _plan_for(model: nn.Module, groups, cfg: Config | None, *, ratio: float | None, target: Target | None,
+              min_channels: int, round_to: int, compensate: str):
+    """The plan of `ratio`, of the smallest ratio meeting `target`, or of the config's prune.ratio."""
+    if ratio is not None and target is not None:
+        raise SlimctlError("give either --ratio or a --target-flops/--target-params, not both")
+    if target is not None:
+        return plan_for_target(model, groups, target, min_channels=min_channels, round_to=round_to,
+                               compensate=compensate)[0]
+    if ratio is None:
+        ratio = cfg.prune.ratio if cfg else None
+        if ratio is None:
+            raise SlimctlError("--ratio is required (the checkpoint records no prune.ratio)")
+    validate_ratio(ratio)
+    return make_plan(model, groups, ratio, min_channels=min_channels, round_to=round_to)
+
+
+def _pruned_scores(model: nn.Module, plan, pruned: nn.Module, compensate: str, test_set: TestSet | None,
+                   recalibrator: Recalibrator | None) -> dict[str, Any]:
+    """{loss, top1} of the pruned model and `top1_none`, what the paper's literal removal would have
+    scored (when there is a test set); with a recalibrator, its BN statistics are re-estimated
+    (`recalibrated_images`) and {loss, top1} are those after it, `top1_not_recalibrated` before."""
+    scores: dict[str, Any] = {}
+    if test_set is not None:
+        scores["loss"], scores["top1"] = test_set.top1(pruned)
+        if compensate != "none":
+            scores["top1_none"] = test_set.top1(apply_plan(model, plan, compensate="none").eval())[1]
+    if recalibrator is not None:
+        scores["recalibrated_images"] = recalibrator(pruned)
+        if test_set is not None:
+            scores["top1_not_recalibrated"] = scores["top1"]
+            scores["loss"], scores["top1"] = test_set.top1(pruned)
+    return scores
+
+
+def _recalibrator(cfg: Config | None, source: str, images: int, device: torch.device,
+                  data_root: str | None) -> Recalibrator:
+    """The recalibrator of `images` training images (a fixed, data.seed-chosen subset with the
+    training augmentation) from the training split `cfg` names."""
+    if images < 1:
+        raise SlimctlError(f"--recalibrate must be >= 1 training images (0 = off), got {images}")
+    if cfg is None:
+        raise SlimctlError(f"{source} records no config, so slimctl does not know its training data; "
+                           "--recalibrate needs it")
+    try:
+        loader = build_loader(_data_on_disk(cfg, data_root), train=True, device=device, subset=images)
+    except SlimctlError as exc:
+        raise SlimctlError(f"--recalibrate needs the training split: {exc} (point at it with --data-root DIR)") from None
+    return Recalibrator(loader, device, resolve_precision(cfg.train.precision, device))
+
+
+def _check_output(out: Path, checkpoint: Path, force: bool) -> None:
+    if out.exists() and not force:
+        raise SlimctlError(f"{out} already exists; pass --force to replace it or -o to write elsewhere")
+    if out.resolve() == checkpoint.resolve():
+        raise SlimctlError("-o must differ from the input checkpoint")
+
+
+def prune_events(checkpoint: Path, result: dict[str, Any], *, own: bool) -> Path | None:
+    """Write a prune's TensorBoard events: into the parent run's tb/ when it has one, else (with
+    `own`) beside the pruned checkpoint; the folder written, or None."""
+    parent_board = checkpoint.parent / "tb"
+    if parent_board.is_dir():
+        folder = parent_board
+    elif own:
+        out = Path(result["out"])
+        folder = out.with_name(f"{out.stem}_tb")
+    else:
+        return None
+    write_prune(folder, result)
+    return folder
