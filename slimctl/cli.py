@@ -565,7 +565,11 @@ def bench_cmd(checkpoints: tuple[Path, ...], batch_sizes: list[int], device: str
 def main() -> None:
     from slimctl.train import distributed
 
+    clean = False
     try:
         cli(prog_name="slimctl")
+    except SystemExit as exc:  # click ends every command with one: 0 (or None) is success
+        clean = exc.code in (0, None)
+        raise
     finally:
-        distributed.teardown()
+        distributed.teardown(clean=clean)

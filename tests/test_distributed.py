@@ -86,13 +86,13 @@ def test_a_failing_rank_stops_every_rank_with_its_message(tmp_path):
     script = tmp_path / "fail_on_rank1.py"
     script.write_text(textwrap.dedent("""
         import os, sys
-        import slimctl.train
+        import slimctl.train.loop
         from slimctl.cli import main
         from slimctl.errors import SlimctlError
         if os.environ["RANK"] == "1":
             def boom(*args, **kwargs):
                 raise SlimctlError("boom on rank 1")
-            slimctl.train.evaluate = boom
+            slimctl.train.loop.evaluate = boom  # where fit looks it up
         sys.argv = ["slimctl", *sys.argv[1:]]
         main()
     """))

@@ -31,7 +31,7 @@ def uninterrupted(tmp_path_factory):
 
 def test_resume_after_a_crash_is_bit_identical(tmp_path, monkeypatch, uninterrupted):
     out = tmp_path / "run"
-    import slimctl.train as train
+    import slimctl.train.loop as train  # where fit looks up evaluate
 
     real_evaluate, calls = train.evaluate, {"n": 0}
 

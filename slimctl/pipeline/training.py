@@ -16,7 +16,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from slimctl.base.device import compile_mode, environment, resolve_precision
+from slimctl.base.device import environment, resolve_precision
 from slimctl.base.files import file_sha256
 from slimctl.base.inserted import ConstantResponse, reattach_selections
 from slimctl.base.registry import TIMM, TORCHVISION, import_timm
@@ -32,7 +32,7 @@ from slimctl.output.tblog import EpochBoard, tensorboard_available
 from slimctl.pipeline.inspection import check_names, lineage
 from slimctl.pipeline.runs import prepare_run_dir, provenance, rank0_log, resumed
 from slimctl.train import distributed
-from slimctl.train import Distill, fit, lr_sum, milestone_epochs
+from slimctl.train import Distill, RunIO, fit, lr_sum, milestone_epochs
 from slimctl.trace import channel_groups
 
 
@@ -146,13 +146,9 @@ def _train(
     trained = _parallel(model, train, world, device)
     with out_of_memory_in_training(cfg, model, stage):
         result = fit(
-            trained, train_loader, test_loader,
-            epochs=train.epochs, lr=train.lr, momentum=train.momentum, weight_decay=train.weight_decay,
-            milestones=milestone_epochs(train.milestones, train.epochs), lr_decay=train.lr_decay,
-            sparsity=strength["sparsity"], gammas=gammas, device=device, dtype=dtype, run_dir=run_dir,
-            save=save, resume_state=resume_state, progress=progress, log=log,
-            is_main=world.is_main, compile_mode=compile_mode(train.compile), on_epoch=board,
-            distill=teacher_on_device(distill, device, train),
+            trained, train_loader, test_loader, train, sparsity=strength["sparsity"], gammas=gammas,
+            device=device, dtype=dtype, resume_state=resume_state, distill=teacher_on_device(distill, device, train),
+            io=RunIO(run_dir, save, progress=progress, log=log, is_main=world.is_main, on_epoch=board),
         )
     if board is not None:
         board.close()

@@ -54,8 +54,14 @@ def setup(device_name: str) -> tuple[Dist, torch.device]:
     return info, device
 
 
-def teardown() -> None:
+def teardown(*, clean: bool = True) -> None:
+    """Leave the process group. After a clean run every rank first waits for the others at a
+    barrier, so no rank tears its communication threads down while a peer still talks to it (that
+    race ended some 2-process gloo runs with SIGABRT after the last checkpoint). After a failure
+    there is no barrier: the other ranks may never reach it."""
     if dist.is_available() and dist.is_initialized():
+        if clean:
+            dist.barrier()
         dist.destroy_process_group()
 
 
