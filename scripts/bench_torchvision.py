@@ -40,7 +40,7 @@ from slimctl.errors import SlimctlError
 from slimctl.models import create_model
 from slimctl.output.report import human
 from slimctl.pipeline.inspection import explain_groups
-from slimctl.pipeline.pruning import prune_checkpoint
+from slimctl.pipeline.pruning import PruneOptions, prune_checkpoint
 from slimctl.base.device import resolve_precision
 
 MODELS = ("resnet18,resnet50,mobilenet_v2,mobilenet_v3_small,efficientnet_b0,densenet121,vgg16_bn,googlenet,"
@@ -71,8 +71,8 @@ def measure(name: str, *, size: int, ratio: float, round_to: int, coupled: str, 
     original, pruned = folder / f"{name}.pt", folder / f"{name}-pruned.pt"
     save_checkpoint(original, make_checkpoint(model, stage="sparse-train"))
     start = time.perf_counter()
-    result = prune_checkpoint(original, pruned, ratio=ratio, round_to=round_to, coupled=coupled, evaluate_model=False,
-                              force=True)
+    result = prune_checkpoint(original, pruned, ratio=ratio, evaluate_model=False, force=True,
+                              options=PruneOptions(round_to=round_to, coupled=coupled))
     prune_s = time.perf_counter() - start
     device = torch.device("cpu")
     latency = bench_checkpoints([original, pruned], batch_sizes=batch_sizes, device=device,

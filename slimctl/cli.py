@@ -201,7 +201,7 @@ def prune_cmd(checkpoint: Path, ratio: float | None, out: Path | None, min_chann
     are re-estimated on training images (the checkpoint keeps those statistics).
     """
     from slimctl.output.report import before_after_table, prune_table
-    from slimctl.pipeline.pruning import prune_checkpoint, prune_events
+    from slimctl.pipeline.pruning import DataAccess, PruneOptions, prune_checkpoint, prune_events
     from slimctl.core.targets import parse_target
 
     if target_flops is not None and target_params is not None:
@@ -211,10 +211,11 @@ def prune_cmd(checkpoint: Path, ratio: float | None, out: Path | None, min_chann
         target = parse_target("flops", target_flops)
     elif target_params is not None:
         target = parse_target("params", target_params)
-    result = prune_checkpoint(checkpoint, out, ratio=ratio, min_channels=min_channels, round_to=round_to,
-                              coupled=coupled, compensate=compensate, target=target, evaluate_model=not no_eval,
-                              recalibrate=recalibrate, data_root=data_root, batch_size=batch_size, force=force,
-                              device=device)
+    result = prune_checkpoint(
+        checkpoint, out, ratio=ratio, target=target, evaluate_model=not no_eval, force=force,
+        options=PruneOptions(min_channels, round_to, coupled, compensate, recalibrate),
+        data=DataAccess(data_root, batch_size, device),
+    )
     events = prune_events(checkpoint, result, own=tensorboard)
     if events is not None:
         result["tensorboard"] = str(events)
@@ -274,14 +275,15 @@ def sweep_cmd(checkpoint: Path, ratios: str, compare: Path | None, tolerance: fl
     largest ratio within --tolerance points of the unpruned top-1. Needs the checkpoint's test set.
     """
     from slimctl.output.report import sweep_table
-    from slimctl.pipeline.pruning import sweep_checkpoint
+    from slimctl.pipeline.pruning import DataAccess, PruneOptions, sweep_checkpoint
     from slimctl.core.sweep import parse_ratios, sweep_warnings
 
     ratio_list = parse_ratios(ratios)
-    result = sweep_checkpoint(checkpoint, ratios=ratio_list, compare=compare, tolerance=tolerance, subset=subset,
-                              compensate=compensate, recalibrate=recalibrate, min_channels=min_channels,
-                              round_to=round_to, coupled=coupled, data_root=data_root, batch_size=batch_size,
-                              device=device, png=png)
+    result = sweep_checkpoint(
+        checkpoint, ratios=ratio_list, compare=compare, tolerance=tolerance, subset=subset, png=png,
+        options=PruneOptions(min_channels, round_to, coupled, compensate, recalibrate),
+        data=DataAccess(data_root, batch_size, device),
+    )
     if as_json:
         print_json(result)
         return

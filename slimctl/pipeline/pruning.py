@@ -9,6 +9,7 @@ evaluates with the same TestSet.
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -71,30 +72,52 @@ class TestSet:
             return evaluate(model.to(self.device), self.loader, device=self.device, dtype=self.dtype)
 
 
+@dataclass(frozen=True)
+class PruneOptions:
+    """How prune and sweep cut: the per-group floor and multiple (`min_channels` None: the
+    checkpoint config's prune.min_channels for prune, 1 for sweep), residual-coupled spaces, what
+    removed channels' constants become, and how many training images re-estimate the BN statistics
+    after the cut (0: none)."""
+
+    min_channels: int | None = None
+    round_to: int = 1
+    coupled: str = "keep"
+    compensate: str = "exact"
+    recalibrate: int = 0
+
+
+@dataclass(frozen=True)
+class DataAccess:
+    """Where the data set lives (None: where the checkpoint's config says), the test batch size
+    (None: the config's) and the device evaluation runs on."""
+
+    root: str | None = None
+    batch_size: int | None = None
+    device: str = "cpu"
+
+
 def prune_checkpoint(
     checkpoint: Path,
     out: Path | None,
     *,
     ratio: float | None = None,
-    min_channels: int | None = None,
-    round_to: int = 1,
-    coupled: str = "keep",
-    compensate: str = "exact",
     target: Target | None = None,
+    options: PruneOptions = PruneOptions(),
+    data: DataAccess = DataAccess(),
     evaluate_model: bool = True,
-    recalibrate: int = 0,
-    data_root: str | None = None,
-    batch_size: int | None = None,
     force: bool = False,
-    device: str = "cpu",
 ) -> dict[str, Any]:
     """Global-threshold pruning of a checkpoint → a narrower checkpoint, a |γ| histogram, a summary.
 
     The ratio is `ratio`, or the smallest one that meets `target` (FLOPs or params), or the
-    checkpoint config's prune.ratio. `compensate` (exact | bias | none): see slimctl.core.compensate.
-    `recalibrate` > 0 re-estimates the pruned model's BN statistics on that many training images
-    (slimctl.core.recalibrate); the checkpoint keeps them, and top-1 is reported before and after.
+    checkpoint config's prune.ratio. `options.compensate` (exact | bias | none): see
+    slimctl.core.compensate. `options.recalibrate` > 0 re-estimates the pruned model's BN statistics
+    on that many training images (slimctl.core.recalibrate); the checkpoint keeps them, and top-1 is
+    reported before and after.
     """
+    min_channels, round_to, coupled = options.min_channels, options.round_to, options.coupled
+    compensate, recalibrate = options.compensate, options.recalibrate
+    data_root, batch_size, device = data.root, data.batch_size, data.device
     ckpt = load_checkpoint(checkpoint)
     model = model_from_checkpoint(ckpt, source=str(checkpoint)).eval()
     cfg = recorded_config(ckpt, str(checkpoint))
@@ -180,20 +203,18 @@ def sweep_checkpoint(
     compare: Path | None = None,
     tolerance: float = 0.5,
     subset: int | None = None,
-    compensate: str = "exact",
-    recalibrate: int = 0,
-    min_channels: int = 1,
-    round_to: int = 1,
-    coupled: str = "keep",
-    data_root: str | None = None,
-    batch_size: int | None = None,
-    device: str = "cpu",
+    options: PruneOptions = PruneOptions(),
+    data: DataAccess = DataAccess(),
     png: Path | None = None,
     progress: Callable[[float], None] | None = None,
 ) -> dict[str, Any]:
     """Top-1 right after pruning at each ratio (compensated and literal), for CHECKPOINT and, with
     `compare`, another model (e.g. its λ = 0 baseline); the largest ratio within `tolerance` points
-    (of the recalibrated curve when `recalibrate` > 0 training images re-estimate BN statistics)."""
+    (of the recalibrated curve when `options.recalibrate` > 0 training images re-estimate BN
+    statistics)."""
+    min_channels, round_to, coupled = options.min_channels or 1, options.round_to, options.coupled
+    compensate, recalibrate = options.compensate, options.recalibrate
+    data_root, batch_size, device = data.root, data.batch_size, data.device
     if compensate not in COMPENSATE_MODES:
         raise SlimctlError(f"--compensate must be one of {', '.join(COMPENSATE_MODES)}, got {compensate!r}")
     if subset is not None and subset < 1:
