@@ -13,7 +13,7 @@ All variants run in this one invocation, on the same model, batch size and data:
   slimctl-compiled  channels_last, the step compiled (`train.compile`, mode --compile-mode); the
                     compile time is the warm-up's and is reported apart
 Each (model, variant) runs in a fresh subprocess, so its peak memory is its own, and under a time
-limit (--timeout), so one slow compile cannot eat a GPU lease. The device's fp32 and bf16 matmul
+limit (--timeout), so one slow compile cannot eat the GPU's time budget. The device's fp32 and bf16 matmul
 peaks are measured first; "% peak" converts images/s with the model's training FLOPs (3 × the
 forward FLOPs of the paper's count). On CUDA the slimctl loops run under torch's sync debug mode
 and report how many host syncs the timed steps made (the epoch's final read of its sums is one).

@@ -1,9 +1,9 @@
-"""One prepared GPU lease: environment, training throughput, and the paper's VGG-19 row as far as it fits.
+"""One prepared GPU run: environment, training throughput, and the paper's VGG-19 row as far as it fits.
 
     OUT=gpu_out bash scripts/gpu_check.sh                 # on the GPU machine (≤ --budget seconds)
     OUT=/tmp/x bash scripts/gpu_check.sh --dry-run        # the same steps on the CPU in ~1 min
 
-Phases, each under its own time limit so the whole stays inside the lease:
+Phases, each under its own time limit so the whole stays inside the GPU time budget:
   1. environment → env.txt (GPU, driver, torch build, CPU, threads)
   2. data: CIFAR-10 built from the JPEG copy carried in `local/` (`--dry-run`: random images)
   3. bench_train.py: reference loop vs slimctl eager / channels_last / compiled, VGG-19 first,
@@ -51,7 +51,7 @@ SLIM = [sys.executable, "-m", "slimctl"]
 
 @dataclass
 class Clock:
-    """The lease's time: every phase asks how much is left before it starts."""
+    """The GPU time budget: every phase asks how much is left before it starts."""
 
     budget: float
     start: float = 0.0
@@ -303,7 +303,7 @@ def cpu_repro_vgg(runs: Path, log: Log, *, data_root: Path, clock: Clock, dry_ru
 def worth_it_vgg(runs: Path, log: Log, *, data_root: Path, clock: Clock, dry_run: bool, device: str) -> None:
     """Is the slimmed model worth it (issue 17), at the CPU-repro scale: VGG-19 ×0.25 sparse-trained
     (30 epochs, budget 0.66), pruned 50%, then side by side: fine-tuned, fine-tuned + KD (α 0.5),
-    Scratch-E and Scratch-B. A run the lease's end stops keeps its best epoch so far (its
+    Scratch-E and Scratch-B. A run the budget's end stops keeps its best epoch so far (its
     metrics.jsonl says how many epochs it had)."""
     sets = w025_sets(data_root, dry_run=dry_run)
     run([*SLIM, "sparse-train", "-c", W025, "-o", str(runs / "sparse"), "--force", *sets()], log,

@@ -1,4 +1,4 @@
-"""scripts/gpu_check.sh --dry-run: the GPU lease's script runs end to end on the CPU."""
+"""scripts/gpu_check.sh --dry-run: the GPU check script runs end to end on the CPU."""
 
 from __future__ import annotations
 
