@@ -212,7 +212,7 @@ def sweep_table(result: dict[str, Any]) -> Table:
         for r in curve["rows"]:
             table.add_row("", f"{r['ratio']:g}", f"{r['threshold']:.3g}" if r["threshold"] is not None else "-",
                           human(r["params"]), human(r["flops"]), *(percent(r[f"top1_{m}"]) for m in modes),
-                          *(f"{r[f'max_rel_diff_{m}']:.1e}" for m in checked))
+                          *(f"{r[f'max_rel_diff_{m}']:.0e}" for m in checked))
     return table
 
 
