@@ -228,3 +228,16 @@ def test_a_constant_read_alike_everywhere_is_a_bias_and_a_padded_read_is_per_pos
         assert response is not None and response.kernel.numel()
     else:  # reflect and 'valid' read the constant alike everywhere: folded into the conv's own bias
         assert response is None and not torch.equal(pruned.body.bias, model.body.bias)
+
+
+@pytest.mark.parametrize("construct", ["avg_pool_padded_twice", "se_hardsigmoid_padded_consumer"])
+def test_profiled_and_gated_terms_run_in_an_exported_program(construct: str) -> None:
+    """torch.export (under ONNX and pt2 export) cannot read a tensor's values in a forward: the
+    profile and the gate ops are read into plain Python once, when they are written or loaded."""
+    model = strongly_sparse(Net(CONSTRUCTS[construct]()))
+    model.arch_spec = {"arch": None, "input_size": (3, 16, 16)}
+    pruned = prune_model(model, 0.5).model.eval()
+    x = torch.randn(2, 3, 16, 16)
+    program = torch.export.export(pruned, (x,))
+    with torch.no_grad():
+        assert rel_err(program.module()(x), pruned(x)) < 1e-5

@@ -207,7 +207,7 @@ def test_per_channel_flags_match_what_the_op_does(case: str) -> None:
     with torch.no_grad():
         out, zero = model(constant), model(torch.zeros(2, 4, 7, 7))
     if rule.profile is not None:  # a stride-1 pool counting zero padding: c·P, P rebuilt from the rule alone
-        shape = profile_map(torch.tensor([rule.profile]), tuple(out.shape[-2:]), out)
+        shape = profile_map([rule.profile], tuple(out.shape[-2:]), out)
         assert not is_constant(out) and torch.allclose(out, constant[:, :, :1, :1] * shape)
     else:
         assert rule.constant == is_constant(out)

@@ -9,6 +9,8 @@ elementwise ops are plain data (`GATE_OPS`), read off the graph by `slimctl.trac
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -29,6 +31,18 @@ GATE_OPS = {
     "div": lambda x, a, b: x / a,
 }
 GATE_CODES = tuple(GATE_OPS)
+
+
+def gate_functions(ops: torch.Tensor) -> list[tuple[Callable, float, float]]:
+    """The gate's elementwise ops ([n, 3]: code in GATE_CODES, a, b) as plain Python, read once."""
+    return [(GATE_OPS[GATE_CODES[int(code)]], a, b) for code, a, b in ops.tolist()]
+
+
+def apply_gate(z: torch.Tensor, functions: list[tuple[Callable, float, float]]) -> torch.Tensor:
+    """The gate's elementwise ops on its logits `z`, in order."""
+    for op, a, b in functions:
+        z = op(z, a, b)
+    return z
 
 
 class GateRows(nn.Module):
@@ -53,7 +67,7 @@ class GateRows(nn.Module):
     def refresh(self) -> None:
         """Read the `ops` buffer into plain Python once (after it is written or loaded), so a forward
         never reads a tensor's values (torch.export and ONNX export cannot)."""
-        self._ops = [(GATE_OPS[GATE_CODES[int(code)]], a, b) for code, a, b in self.ops.tolist()]
+        self._ops = gate_functions(self.ops)
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
         super()._load_from_state_dict(*args, **kwargs)
@@ -69,9 +83,7 @@ class GateRows(nn.Module):
         """g_removed for the layer's input `x`: its removed rows, then the gate's elementwise ops."""
         z = layer_operator(layer, self.weight.to(x.dtype), x)
         z = z + self.bias.to(z.dtype).view((1, -1) + (1,) * (z.dim() - 2))
-        for op, a, b in self._ops:
-            z = op(z, a, b)
-        return z
+        return apply_gate(z, self._ops)
 
     def extra_repr(self) -> str:
         return f"rows={self.weight.shape[0]}, sink={self.sink!r}"

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from slimctl.base.gates import GATE, GateRows, gate_hook, attach_gate_rows, gate_rows_of
-from slimctl.base.operators import layer_operator, profile_map, zero_padded
+from slimctl.base.operators import kernel_response, layer_operator, profile_map, zero_padded
 from slimctl.errors import SlimctlError
 
 SELECT = "select"  # the child name of an inserted ChannelSelection: `<bn>.select`
@@ -83,7 +83,19 @@ class ConstantResponse(nn.Module):
             self.register_buffer("gate_weight", torch.zeros(out, gated, kh, kw))
             self.register_buffer("gate_source", torch.zeros(source, dtype=torch.uint8))
         self._last: tuple[tuple, torch.Tensor] | None = None  # (key, map) of the last position_map
+        self.refresh()
         self._gate: torch.Tensor | None = None  # this forward's g_removed(x), set by the gate's GateRows
+
+    def refresh(self) -> None:
+        """Read the `profile` buffer into plain ints once (after it is written or loaded), so a
+        forward never reads a tensor's values (torch.export and ONNX export cannot)."""
+        profile = self._buffers.get("profile")
+        self._profile = [tuple(int(v) for v in row) for row in profile.tolist()] if profile is not None else []
+        self._last = None
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
+        super()._load_from_state_dict(*args, **kwargs)
+        self.refresh()
 
     @property
     def shape(self) -> list[int]:
@@ -129,12 +141,9 @@ class ConstantResponse(nn.Module):
         compiling = torch.compiler.is_compiling()
         if not compiling and self._last is not None and self._last[0] == key:
             return self._last[1]
-        groups = getattr(conv, "groups", 1)  # each output reads its own group's (identical) ones channel
-        ones = torch.ones(1, groups, *input_hw, device=kernel.device, dtype=kernel.dtype)
-        result = layer_operator(conv, kernel.unsqueeze(1), ones)[0]
+        result = kernel_response(conv, kernel, torch.ones(1, 1, *input_hw, device=kernel.device, dtype=kernel.dtype))
         if "pkernel" in buffers:
-            profile = profile_map(buffers["profile"], input_hw, kernel).expand(1, groups, *input_hw)
-            result = result + layer_operator(conv, buffers["pkernel"].unsqueeze(1), profile)[0]
+            result = result + kernel_response(conv, buffers["pkernel"], profile_map(self._profile, input_hw, kernel))
         result = (result + bias[:, None, None]).to(like.dtype).unsqueeze(0)
         if channels_last:
             result = result.contiguous(memory_format=torch.channels_last)
@@ -148,11 +157,10 @@ class ConstantResponse(nn.Module):
         gate, self._gate = self._gate, None
         if gate is None:
             raise RuntimeError(f"the gate values of {self.source!r} were not computed before this layer ran")
-        weight = self._buffers["gate_weight"].to(like.dtype)
+        weight = self._buffers["gate_weight"].to(like.dtype)  # [out, k, kh, kw]: gated consumers are convs
         gate = gate.reshape(gate.shape[0], gate.shape[1], *([1] * (like.dim() - 2))).to(like.dtype)
         if not zero_padded(layer) and all(d == 1 for d in gate.shape[2:]):
-            reduced = weight.sum((2, 3)) if weight.dim() == 4 and weight.shape[-1] else weight.flatten(1)
-            return (gate.flatten(1) @ reduced.t()).reshape(gate.shape[0], -1, *([1] * (like.dim() - 2)))
+            return (gate.flatten(1) @ weight.sum((2, 3)).t()).reshape(gate.shape[0], -1, *([1] * (like.dim() - 2)))
         return layer_operator(layer, weight, gate.expand(*gate.shape[:2], *input_hw))
 
     def take_rows(self, rows: torch.Tensor) -> ConstantResponse:
@@ -161,6 +169,7 @@ class ConstantResponse(nn.Module):
         with torch.no_grad():
             for name, value in self._buffers.items():
                 new._buffers[name].copy_(value[rows.to(value.device)] if name in _ROW_TERMS else value)
+        new.refresh()
         return new
 
     @torch.no_grad()
@@ -270,6 +279,7 @@ def attach_response(layer: nn.Module, *, bias: torch.Tensor | None = None, kerne
             terms["gate_weight"][:, old_gated:] = gate_weight.to(terms["gate_weight"])
         if gated:
             terms["gate_source"].copy_(torch.tensor(list(source), dtype=torch.uint8))
+    new.refresh()
     return attach(layer, new)
 
 

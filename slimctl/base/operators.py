@@ -10,6 +10,7 @@ space; `profile_map` rebuilds what stride-1 zero-padded average pools make of a 
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -43,15 +44,22 @@ def zero_padded(layer: nn.Module) -> bool:
     return any(p != 0 for p in layer.padding)
 
 
-def profile_map(profile: torch.Tensor, out_hw: tuple[int, int], like: torch.Tensor) -> torch.Tensor:
-    """[1, 1, H, W]: the stride-1 zero-padded average pools `profile` ([n, 4]: kh, kw, ph, pw, in
+def profile_map(profile: Sequence[Sequence[int]], out_hw: tuple[int, int], like: torch.Tensor) -> torch.Tensor:
+    """[1, 1, H, W]: the stride-1 zero-padded average pools `profile` ((kh, kw, ph, pw) each, in
     order) applied to an all-ones map, for pools whose last output is `out_hw` (a stride-1 pool's
-    input is its output plus 2p − k + 1 smaller, so the start size follows)."""
-    rows = [tuple(int(v) for v in row) for row in profile.tolist()]
+    input is its output plus 2p − k + 1 smaller, so the start size follows). Plain ints, not a
+    tensor: a forward never reads a tensor's values (torch.export and ONNX export cannot)."""
     h, w = out_hw
-    for kh, kw, ph, pw in rows:
+    for kh, kw, ph, pw in profile:
         h, w = h - 2 * ph + kh - 1, w - 2 * pw + kw - 1
     result = torch.ones(1, 1, h, w, device=like.device, dtype=like.dtype)
-    for kh, kw, ph, pw in rows:
+    for kh, kw, ph, pw in profile:
         result = nn.functional.avg_pool2d(result, (kh, kw), 1, (ph, pw), count_include_pad=True)
     return result
+
+
+def kernel_response(layer: nn.Module, kernel: torch.Tensor, shape: torch.Tensor) -> torch.Tensor:
+    """[out, H_out, W_out]: `layer`'s own operator with a reduced kernel [out, kh, kw] (one input
+    channel per group) on the one-channel map `shape` [1, 1, H, W], which every group reads alike."""
+    groups = getattr(layer, "groups", 1)
+    return layer_operator(layer, kernel.unsqueeze(1), shape.expand(1, groups, *shape.shape[-2:]))[0]

@@ -6,7 +6,7 @@ activation; strongly sparsified networks use such channels as biases, so the acc
 pruning collapses. Here each consumer keeps that input's response. A consumer reads a removed channel as
 
 - c, a constant (after activations, max pools, concatenations, …): its response is the layer's own
-  operator applied to c over the map (`inserted.layer_operator`: groups, stride, dilation, padding
+  operator applied to c over the map (`operators.layer_operator`: groups, stride, dilation, padding
   mode, run-time 'same' padding) — a per-channel bias for a Linear or a conv that reads it alike
   everywhere, a per-position map near zero-padded borders;
 - c·P, after stride-1 average pools that count zero padding (P: those pools on an all-ones map,
@@ -34,9 +34,9 @@ import torch
 from torch import nn
 
 from slimctl.base.groups import Consumer
-from slimctl.base.gates import GATE_CODES, GATE_OPS, GateRows, attach_gate_rows, gate_rows_of
+from slimctl.base.gates import GATE_CODES, GateRows, apply_gate, attach_gate_rows, gate_functions, gate_rows_of
 from slimctl.base.inserted import attach_response, link_gates, response_of
-from slimctl.base.operators import layer_operator, profile_map, zero_padded
+from slimctl.base.operators import kernel_response, profile_map, zero_padded
 from slimctl.core.plan import ChannelPlan
 from slimctl.base.registry import input_size
 
@@ -263,7 +263,8 @@ def _constant_term(term: Term, layer: nn.Conv2d, read: _Read, values: torch.Tens
     elif mode == "exact":
         term.kernel = kernel if term.kernel is None else term.kernel + kernel
     else:
-        term.bias += _response(layer, kernel, torch.ones(1, 1, *values.shape[-2:], dtype=kernel.dtype)).mean((1, 2))
+        ones = torch.ones(1, 1, *values.shape[-2:], dtype=layer.weight.dtype, device=layer.weight.device)
+        term.bias += kernel_response(layer, kernel.to(layer.weight), ones).mean((1, 2)).cpu()
     return None
 
 
@@ -273,7 +274,7 @@ def _profile_term(term: Term, layer: nn.Conv2d, read: _Read, values: torch.Tenso
     if term.profile is not None and not torch.equal(term.profile, profile) or (
             existing is not None and "profile" in existing._buffers and not torch.equal(existing.profile, profile)):
         return "inputs after different zero-padded average pools"
-    shape = profile_map(profile, tuple(values.shape[-2:]), values)[0, 0]  # [H, W]
+    shape = profile_map(read.consumer.profile, tuple(values.shape[-2:]), values)[0, 0]  # [H, W]
     const = (values[0] * shape).sum((1, 2)) / (shape * shape).sum()  # least squares, per channel
     if not _close(values, const[None, :, None, None] * shape):
         return "the removed channels it reads do not follow the average pools' profile"
@@ -282,7 +283,8 @@ def _profile_term(term: Term, layer: nn.Conv2d, read: _Read, values: torch.Tenso
         term.pkernel = kernel if term.pkernel is None else term.pkernel + kernel
         term.profile = profile
     else:
-        term.bias += _response(layer, kernel, shape[None, None]).mean((1, 2))
+        response = kernel_response(layer, kernel.to(layer.weight), shape[None, None].to(layer.weight))
+        term.bias += response.mean((1, 2)).cpu()
     return None
 
 
@@ -298,9 +300,7 @@ def _gate_term(result: Compensation, term: Term, model: nn.Module, name: str, re
         return f"gate {source!r} read by more than one consumer, or several gates read by one"
     codes = torch.tensor([[GATE_CODES.index(op), a, b] for op, a, b in ops], dtype=torch.float64).reshape(-1, 3)
     logits = captured[f"{source}:out"][:, read.positions.to(values.device)]
-    gate = logits.to(torch.float64)
-    for code, a, b in codes.tolist():
-        gate = GATE_OPS[GATE_CODES[int(code)]](gate, a, b)
+    gate = apply_gate(logits.to(torch.float64), gate_functions(codes))
     if gate.dim() == 2:  # a Linear's logits: one value per sample and channel
         gate = gate.reshape(*gate.shape, *([1] * (values.dim() - 2)))
     gate = gate.to(values.dtype).expand_as(values)
@@ -329,12 +329,6 @@ def _reduced_kernel(layer: nn.Conv2d, columns: torch.Tensor, const: torch.Tensor
     coeff[columns // per_group, columns % per_group] = const.to(weight)
     coeff = coeff.repeat_interleave(weight.shape[0] // groups, dim=0)  # [out, in per group]
     return (weight * coeff[:, :, None, None]).sum(1).cpu()
-
-
-def _response(layer: nn.Conv2d, kernel: torch.Tensor, shape: torch.Tensor) -> torch.Tensor:
-    """[out, H_out, W_out]: the layer's own operator on `shape` ([1, 1, H, W]) with the reduced kernel."""
-    weight = kernel.unsqueeze(1).to(layer.weight)
-    return layer_operator(layer, weight, shape.to(weight).expand(1, layer.groups, *shape.shape[-2:]))[0].cpu()
 
 
 def _close(values: torch.Tensor, model: torch.Tensor) -> bool:
