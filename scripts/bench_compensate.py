@@ -6,7 +6,7 @@
 One sparse checkpoint is pruned in memory at `--ratio` three times, once per compensation mode, so
 the three models have the same widths and differ only in the added terms (`none`, the paper's
 literal removal, is the baseline). Each is timed as users deploy it, with its BNs folded into the
-convs where exact (`slimctl.core.fold.fold_bn`), by `slimctl.pipeline.bench.latency_ms` (inference mode,
+convs where exact (`slimctl.fold_bn`), by `slimctl.latency_timer` (inference mode,
 channels_last, autocast where it is the fast path). The modes alternate, round after round, so a
 noisy shared machine slows them alike; the table shows the median round and the ratio to `none`.
 FLOPs of the added terms: what `count_flops` counts beyond `none`'s (one add per output element of
@@ -21,15 +21,8 @@ from pathlib import Path
 import click
 import torch
 
-from slimctl.pipeline.bench import latency_ms, onnxruntime_latency_ms, onnxruntime_session
-from slimctl.io.checkpoint import load_checkpoint, model_from_checkpoint
-from slimctl.core.compensate import COMPENSATE_MODES
-from slimctl.base.device import environment, machine_label, resolve_device, resolve_precision
-from slimctl.core.flops import count_flops
-from slimctl.core.fold import fold_bn
-from slimctl.models import create_model
-from slimctl.base.registry import input_size
-from slimctl.core.surgery import apply_plan, prune_model
+from slimctl import (COMPENSATE_MODES, apply_plan, count_flops, create_model, environment, fold_bn, latency_timer,
+                     load_model, machine_label, prune_model, resolve_device, resolve_precision)
 
 
 def synthetic_sparse(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
@@ -71,8 +64,8 @@ def main(checkpoint: Path | None, arch: str | None, width: float, ratio: float, 
         args = {} if arch.startswith(("torchvision.", "timm.")) else {"width": width}
         model, checkpoint = synthetic_sparse(create_model(arch, 10, **args)), f"{arch} (random, half γ ≈ 0)"
     else:
-        model = model_from_checkpoint(load_checkpoint(checkpoint), source=str(checkpoint)).eval()
-    size = input_size(model)
+        model = load_model(checkpoint).eval()
+    size = tuple(model.arch_spec["input_size"])
     modes = ("none",) + tuple(m for m in COMPENSATE_MODES if m != "none")
     # One plan for all three (exact's: it keeps whole any group it cannot compensate), so the models
     # have the same widths and differ only in the added terms.
@@ -84,18 +77,13 @@ def main(checkpoint: Path | None, arch: str | None, width: float, ratio: float, 
     modes = modes + ("exact, hooked",)
     flops = count_flops(pruned["none"])
     timings: dict[tuple[str, int], list[float]] = {(mode, b): [] for mode in modes for b in sizes}
-    # Exported once per (mode, batch), outside the rounds.
-    sessions = ({(mode, b): onnxruntime_session(folded[mode], batch_size=b, input_size=size)
-                 for mode in modes for b in sizes} if runtime == "onnxruntime" else {})
+    # Built (for onnxruntime: exported) once per (mode, batch), outside the rounds.
+    timers = {(mode, b): latency_timer(folded[mode], batch_size=b, input_size=size, runtime=runtime, device=dev,
+                                       dtype=dtype) for mode in modes for b in sizes}
     for _ in range(rounds):
         for b in sizes:
             for mode in modes:
-                if runtime == "torch":
-                    ms = latency_ms(folded[mode], batch_size=b, device=dev, dtype=dtype, repeats=repeats,
-                                    input_size=size)
-                else:
-                    ms = onnxruntime_latency_ms(*sessions[mode, b], repeats=repeats, warmup=3)
-                timings[mode, b].append(ms)
+                timings[mode, b].append(timers[mode, b](repeats=repeats, warmup=3))
 
     where = machine_label(environment(dev, dtype)) if runtime == "torch" else f"onnxruntime, fp32, {dev}"
     print(f"\n{checkpoint} pruned at {ratio:g} ({flops / 1e6:.2f}M FLOPs), BNs folded; "

@@ -19,11 +19,8 @@ from pathlib import Path
 import click
 import torch
 
-from slimctl.io.checkpoint import load_checkpoint, model_from_checkpoint
-from slimctl.io.config import load_config
-from slimctl.base.device import environment, machine_label, resolve_device, resolve_precision
-from slimctl.pipeline.training import teacher_for, teacher_on_device
-from slimctl.train import TrainStep, make_optimizer
+from slimctl import (TrainStep, environment, load_checkpoint, load_config, load_model, machine_label, make_optimizer,
+                     resolve_device, resolve_precision, teacher_for, teacher_on_device)
 
 
 def steps_per_second(step: TrainStep, batches: list[tuple[torch.Tensor, torch.Tensor]], device: torch.device) -> float:
@@ -66,7 +63,7 @@ def main(pruned: Path, config_path: str, alpha: float, teacher: str | None, batc
                for _ in range(steps)]
 
     def make_step(with_teacher: bool) -> TrainStep:
-        model = model_from_checkpoint(ckpt, source=str(pruned)).to(device, memory_format=layout)
+        model = load_model(pruned).train().to(device, memory_format=layout)
         optimizer, scaler = make_optimizer(model, lr=train.lr, momentum=train.momentum,
                                            weight_decay=train.weight_decay, device=device, dtype=dtype)
         return TrainStep(model, optimizer, gammas=[], sparsity=0.0, device=device, dtype=dtype, scaler=scaler,

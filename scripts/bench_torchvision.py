@@ -34,14 +34,8 @@ from rich.console import Console
 from rich.table import Table
 from torch import nn
 
-from slimctl.pipeline.bench import bench_checkpoints
-from slimctl.io.checkpoint import make_checkpoint, save_checkpoint
-from slimctl.errors import SlimctlError
-from slimctl.models import create_model
-from slimctl.output.report import human
-from slimctl.pipeline.inspection import explain_groups
-from slimctl.pipeline.pruning import PruneOptions, prune_checkpoint
-from slimctl.base.device import resolve_precision
+from slimctl import (PruneOptions, SlimctlError, bench_checkpoints, create_model, explain_groups, make_checkpoint,
+                     prune_checkpoint, resolve_precision, save_checkpoint)
 
 MODELS = ("resnet18,resnet50,mobilenet_v2,mobilenet_v3_small,efficientnet_b0,densenet121,vgg16_bn,googlenet,"
           "regnet_x_400mf,resnext50_32x4d,shufflenet_v2_x1_0")
@@ -87,7 +81,7 @@ def measure(name: str, *, size: int, ratio: float, round_to: int, coupled: str, 
 
 
 def _cut(before: int, after: int) -> str:
-    return f"{human(before)} → {human(after)} (−{100 * (1 - after / before):.0f}%)"
+    return f"{before / 1e6:.2f}M → {after / 1e6:.2f}M (−{100 * (1 - after / before):.0f}%)"
 
 
 def rows_as_cells(rows: list[dict[str, Any]], batch_sizes: list[int]) -> tuple[list[str], list[list[str]]]:

@@ -41,13 +41,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from slimctl.data import CIFAR_MEAN, CIFAR_STD, TensorLoader, load_dataset
-from slimctl.base.device import COMPILE_MODES, resolve_precision
-from slimctl.core.flops import count_flops
-from slimctl.models import create_model
-from slimctl.core.sparsity import bn_scales
-from slimctl.trace import channel_groups
-from slimctl.train import TrainStep, train_one_epoch
+from slimctl import (CIFAR_MEAN, CIFAR_STD, COMPILE_MODES, TensorLoader, TrainStep, bn_scales, channel_groups,
+                     count_flops, create_model, load_dataset, resolve_precision, train_one_epoch)
 
 SPARSITY = 1e-4
 VARIANTS = ("reference", "slimctl", "slimctl-cl", "slimctl-nol1", "slimctl-compiled")

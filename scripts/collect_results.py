@@ -13,9 +13,7 @@ from pathlib import Path
 
 import click
 
-from slimctl.base.files import atomic_write_text
-from slimctl.errors import SlimctlError
-from slimctl.output.results import markdown_table
+from slimctl import SlimctlError, atomic_write_text, markdown_table
 
 
 @click.command()

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import click
 
-from slimctl.base.device import cpu_description
+from slimctl import environment as run_environment
 
 ROOT = Path(__file__).resolve().parent.parent
 CIFAR_TRAIN, CIFAR_TEST = 50_000, 10_000
@@ -133,7 +133,8 @@ def environment(out: Path, log: Log) -> str:
     lines = [f"date: {time.strftime('%Y-%m-%d %H:%M:%S %Z')}", f"python: {sys.version.split()[0]}",
              f"torch: {torch.__version__} (CUDA {torch.version.cuda})", f"platform: {platform.platform()}",
              f"cpu cores: {os.cpu_count()}, torch threads: {torch.get_num_threads()}"]
-    model, flags = cpu_description()
+    env = run_environment(torch.device("cpu"), None)
+    model, flags = env["cpu"], env["cpu_flags"]
     lines.append(f"cpu: {model} ({', '.join(flags) or 'no avx2'})")
     name = "cpu"
     if torch.cuda.is_available():

@@ -14,18 +14,14 @@ from pathlib import Path
 import click
 import torch
 
-from slimctl.io.checkpoint import load_checkpoint, model_from_checkpoint
-from slimctl.errors import SlimctlError
-from slimctl.core.plan import group_scores
-from slimctl.trace import channel_groups
-from slimctl.output.report import plot_gamma_comparison, plot_runs
-from slimctl.output.results import read_run
+from slimctl import (SlimctlError, channel_groups, group_scores, load_checkpoint, load_model, plot_gamma_comparison,
+                     plot_runs, read_run)
 
 STAGES = ("baseline", "sparse")
 
 
 def gamma_scores(checkpoint: Path) -> torch.Tensor:
-    model = model_from_checkpoint(load_checkpoint(checkpoint), source=str(checkpoint))
+    model = load_model(checkpoint)
     return torch.cat([group_scores(model, g) for g in channel_groups(model)])
 
 

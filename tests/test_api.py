@@ -37,3 +37,40 @@ def test_the_api_round_trip(tmp_path) -> None:
     again = slimctl.apply_plan(model, plan)
     assert slimctl.measure_exactness(model, again, plan, "exact").exact
     assert set(slimctl.removed_positions(model, plan)) <= {n for n, _ in model.named_modules()}
+
+
+def slimctl_imports(path: Path) -> set[str]:
+    """The slimctl modules a file imports, anywhere in it (lazy imports included)."""
+    import ast
+
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+    return {name for name in found if name.split(".")[0] == "slimctl"}
+
+
+def test_scripts_use_only_the_public_api() -> None:
+    scripts = sorted((ROOT / "scripts").glob("*.py"))
+    assert len(scripts) >= 8
+    for script in scripts:
+        assert slimctl_imports(script) <= {"slimctl"}, f"{script.name} imports {slimctl_imports(script)}"
+
+
+def test_the_import_finder_sees_an_internal_import(tmp_path) -> None:
+    script = tmp_path / "s.py"
+    script.write_text("def f():\n    from slimctl.core.plan import make_plan\n    import slimctl\n")
+    assert slimctl_imports(script) == {"slimctl", "slimctl.core.plan"}
+
+
+def test_latency_timer_times_a_model_and_refuses_an_unknown_runtime() -> None:
+    import pytest
+
+    model = slimctl.create_model("vgg11", 10, width=0.125)
+    timer = slimctl.latency_timer(model, batch_size=2, input_size=(3, 32, 32))
+    first, second = timer(repeats=2, warmup=1), timer(repeats=2, warmup=0)
+    assert first > 0 and second > 0
+    with pytest.raises(slimctl.SlimctlError, match="unknown runtime tensorrt"):
+        slimctl.latency_timer(model, batch_size=1, runtime="tensorrt")

@@ -238,8 +238,8 @@ def test_bench_folds_by_default(checkpoints, monkeypatch):
     import slimctl.pipeline.bench
 
     timed: list[set[str]] = []  # the BNs of each model bench times
-    real = slimctl.pipeline.bench.latency_ms
-    monkeypatch.setattr(slimctl.pipeline.bench, "latency_ms", lambda model, **kw: (timed.append(bn_names(model)),
+    real = slimctl.pipeline.bench.latency_timer
+    monkeypatch.setattr(slimctl.pipeline.bench, "latency_timer", lambda model, **kw: (timed.append(bn_names(model)),
                                                                            real(model, **kw))[1])
     args = ("bench", *checkpoints, "--batch-sizes", "1", "--repeats", "1", "--precision", "fp32", "--json")
     folded = json.loads(run(*args).output)

@@ -12,7 +12,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -24,40 +24,53 @@ from slimctl.core.flops import count_flops, count_params
 from slimctl.core.fold import batchnorm_count, fold_bn as fold_batchnorms
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+RUNTIMES = ("torch", "onnxruntime")
 
 
-@torch.inference_mode()
-def latency_ms(
-    model: nn.Module,
-    *,
-    batch_size: int,
-    device: torch.device,
-    dtype: torch.dtype | None,
-    repeats: int = 20,
-    warmup: int = 3,
-    channels_last: bool = True,
-    input_size: tuple[int, int, int] = (3, 32, 32),
-) -> float:
-    """Median milliseconds per forward pass of a `batch_size` batch."""
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    model = model.to(device, memory_format=fmt).eval()
-    x = torch.randn(batch_size, *input_size, device=device).contiguous(memory_format=fmt)
+def _median_ms(run: Callable[[], Any], *, repeats: int, warmup: int, sync: Callable[[], None]) -> float:
     times = []
     for i in range(warmup + repeats):
-        _sync(device)
+        sync()
         start = time.perf_counter()
-        with autocast(device, dtype):
-            model(x)
-        _sync(device)
+        run()
+        sync()
         if i >= warmup:
             times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times)
 
 
-RUNTIMES = ("torch", "onnxruntime")
+def latency_timer(
+    model: nn.Module,
+    *,
+    batch_size: int,
+    input_size: tuple[int, ...] = (3, 32, 32),
+    runtime: str = "torch",
+    device: torch.device = torch.device("cpu"),
+    dtype: torch.dtype | None = None,
+    channels_last: bool = True,
+) -> Callable[..., float]:
+    """A function `timer(repeats=20, warmup=3)` → the median milliseconds of one forward pass of
+    `model` on a random `batch_size` batch. Build it once and call it as often as needed, e.g. in
+    alternating rounds: the model is moved (torch: inference mode, eval, channels_last, autocast to
+    `dtype`) or exported to ONNX and loaded in a CPU session (onnxruntime: fp32, torch's thread
+    count; `pip install 'slimctl[export]'`) only here."""
+    if runtime not in RUNTIMES:
+        raise SlimctlError(f"unknown runtime {runtime}; use {' or '.join(RUNTIMES)}")
+    if runtime == "onnxruntime":
+        session, feed = _onnxruntime_session(model, batch_size=batch_size, input_size=input_size)
+        return lambda repeats=20, warmup=3: _median_ms(lambda: session.run(["logits"], feed), repeats=repeats,
+                                                       warmup=warmup, sync=lambda: None)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model = model.to(device, memory_format=fmt).eval()
+    x = torch.randn(batch_size, *input_size, device=device).contiguous(memory_format=fmt)
+
+    @torch.inference_mode()
+    def forward() -> None:
+        with autocast(device, dtype):
+            model(x)
+
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    return lambda repeats=20, warmup=3: _median_ms(forward, repeats=repeats, warmup=warmup, sync=sync)
 
 
 def bench_checkpoints(
@@ -95,12 +108,9 @@ def bench_checkpoints(
                 folded = batchnorm_count(model) - batchnorm_count(timed)
             size = tuple(model.arch_spec["input_size"])
             for bs in batch_sizes:
-                if runtime == "torch":
-                    ms = latency_ms(timed, batch_size=bs, device=device, dtype=dtype, repeats=repeats, warmup=warmup,
-                                    input_size=size)
-                else:
-                    session, feed = onnxruntime_session(timed, batch_size=bs, input_size=size)
-                    ms = onnxruntime_latency_ms(session, feed, repeats=repeats, warmup=warmup)
+                timer = latency_timer(timed, batch_size=bs, input_size=size, runtime=runtime, device=device,
+                                      dtype=dtype)
+                ms = timer(repeats=repeats, warmup=warmup)
                 baseline.setdefault((runtime, bs), ms)
                 rows.append({
                     "checkpoint": str(path), "runtime": runtime, "params": params, "flops": flops, "batch_size": bs,
@@ -110,7 +120,7 @@ def bench_checkpoints(
     return rows
 
 
-def onnxruntime_session(model: nn.Module, *, batch_size: int, input_size: tuple[int, ...]) -> tuple[Any, dict]:
+def _onnxruntime_session(model: nn.Module, *, batch_size: int, input_size: tuple[int, ...]) -> tuple[Any, dict]:
     """`model` exported to ONNX (fp32) and loaded in an onnxruntime CPU session (its thread count
     follows torch's, i.e. --threads), with a random input batch: (session, feed). Export once, time
     as often as needed."""
@@ -127,15 +137,3 @@ def onnxruntime_session(model: nn.Module, *, batch_size: int, input_size: tuple[
         options.intra_op_num_threads = torch.get_num_threads()
         session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     return session, {"input": example.numpy()}
-
-
-def onnxruntime_latency_ms(session: Any, feed: dict, *, repeats: int, warmup: int) -> float:
-    """Median milliseconds per run of an `onnxruntime_session`."""
-    times = []
-    for i in range(warmup + repeats):
-        start = time.perf_counter()
-        session.run(["logits"], feed)
-        if i >= warmup:
-            times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
-
