@@ -157,6 +157,20 @@ def tiny_overrides() -> tuple[str, ...]:
     return TINY
 
 
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> Path:
+    """One tiny sparse-trained demo run (the TINY settings, through the CLI), made once per test
+    process for every test that needs *a* trained checkpoint: its folder, with best.pt, last.pt,
+    config.yaml, metrics.jsonl and train.log (the command's output). Read-only, so a test that would
+    write beside it fails rather than change what the others read: write into your own tmp_path."""
+    out = tmp_path_factory.mktemp("tiny_run") / "sparse"
+    result = run("sparse-train", "-c", DEMO_CONFIG, "-o", out, *sets(*TINY))
+    (out / "train.log").write_text(result.output)
+    for path in (*out.iterdir(), out):
+        path.chmod(0o555 if path.is_dir() else 0o444)
+    return out
+
+
 @pytest.fixture
 def one_thread():
     """Many small ops: one thread is faster than fighting other work for 2 cores (restored after)."""

@@ -96,7 +96,7 @@ def check_fits_in_memory(build: Callable[[], nn.Module], what: str, advice: str)
     Linux hands out memory lazily: a model larger than RAM can be allocated without error, and the
     kernel then kills the process (no message) as initialisation touches it. slimctl's families
     build on "meta" without drawing random numbers, so the real build that follows is unchanged
-    (tests/test_oom.py checks both for every family). Not for torchvision models: some (RegNet)
+    (tests/pipeline/test_oom.py checks both for every family). Not for torchvision models: some (RegNet)
     compute widths from tensor values at construction, which the meta device cannot.
     """
     try:

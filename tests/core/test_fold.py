@@ -10,13 +10,12 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-from conftest import randomize_bn, rel_err, run
+from conftest import ROOT, randomize_bn, rel_err, run
 from slimctl import fold_bn, make_checkpoint, prune_model, save_checkpoint
 from slimctl.errors import SlimctlError
 from slimctl.core.fold import fold_plan
@@ -259,7 +258,7 @@ def test_bench_compensate_times_the_three_modes_of_one_prune(checkpoints, runtim
     """scripts/bench_compensate.py: the README's cost of the exact term (ms per mode, vs none)."""
     if runtime == "onnxruntime":
         pytest.importorskip("onnxruntime")
-    script = Path(__file__).resolve().parents[1] / "scripts" / "bench_compensate.py"
+    script = ROOT / "scripts" / "bench_compensate.py"
     done = subprocess.run([sys.executable, script, checkpoints[0], "--ratio", "0.5", "--batch-sizes", "1,2",
                            "--repeats", "1", "--rounds", "2", "--precision", "fp32", "--runtime", runtime],
                           capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})

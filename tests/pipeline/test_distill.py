@@ -7,14 +7,13 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from conftest import DEMO_CONFIG, TINY, run, sets
+from conftest import DEMO_CONFIG, ROOT, TINY, run, sets
 from slimctl import load_model
 from slimctl.io.checkpoint import load_checkpoint
 from slimctl.train import Distill, TrainStep
@@ -62,20 +61,19 @@ def test_the_loss_is_the_documented_mix_and_the_teacher_stays_untouched():
 
 
 @pytest.fixture(scope="module")
-def pruned(tmp_path_factory):
+def pruned(tmp_path_factory, tiny_run):
     root = tmp_path_factory.mktemp("kd")
-    run("sparse-train", "-c", DEMO_CONFIG, "-o", root / "sparse", *sets(*TINY))
-    run("prune", root / "sparse" / "best.pt", "--ratio", "0.5", "-o", root / "pruned.pt", "--no-eval")
+    run("prune", tiny_run / "best.pt", "--ratio", "0.5", "-o", root / "pruned.pt", "--no-eval")
     return root
 
 
-def test_finetune_distills_from_the_parent_by_default_and_records_it(pruned, tmp_path):
+def test_finetune_distills_from_the_parent_by_default_and_records_it(pruned, tiny_run, tmp_path):
     out = tmp_path / "kd"
     result = run("finetune", pruned / "pruned.pt", "-c", DEMO_CONFIG, "-o", out,
                  *sets(*TINY, "finetune.distill.alpha=0.5"))
-    assert f"distilling from {pruned / 'sparse' / 'best.pt'}" in result.output
+    assert f"distilling from {tiny_run / 'best.pt'}" in result.output
     metrics = load_checkpoint(out / "best.pt")["metrics"]
-    assert metrics["distill"] == {"teacher": str(pruned / "sparse" / "best.pt"), "alpha": 0.5, "temperature": 4.0}
+    assert metrics["distill"] == {"teacher": str(tiny_run / "best.pt"), "alpha": 0.5, "temperature": 4.0}
     plain = tmp_path / "plain"
     run("finetune", pruned / "pruned.pt", "-c", DEMO_CONFIG, "-o", plain, *sets(*TINY))
     assert "distill" not in load_checkpoint(plain / "best.pt")["metrics"]
@@ -166,16 +164,16 @@ def test_scratch_b_records_the_scaled_schedule(pruned, tmp_path):
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 4
 
 
-def test_bench_distill_times_both_variants_on_the_same_model(pruned):
+def test_bench_distill_times_both_variants_on_the_same_model(pruned, tiny_run):
     """scripts/bench_distill.py: the README's cost of distillation (images/s with and without)."""
-    script = Path(__file__).resolve().parents[1] / "scripts" / "bench_distill.py"
+    script = ROOT / "scripts" / "bench_distill.py"
     done = subprocess.run([sys.executable, script, pruned / "pruned.pt", "-c", DEMO_CONFIG, "--steps", "2",
                            "--rounds", "1", "--warmup", "1", "--batch-size", "8"],
                           capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr
     rows = [line for line in done.stdout.splitlines() if line.startswith("| fine-tune")]
     assert len(rows) == 2 and rows[0].endswith("| 1.00× |") and "alpha 0.5" in rows[1]
-    assert f"teacher {pruned / 'sparse' / 'best.pt'}" in done.stdout
+    assert f"teacher {tiny_run / 'best.pt'}" in done.stdout
     bad = subprocess.run([sys.executable, script, pruned / "pruned.pt", "-c", DEMO_CONFIG, "--alpha", "0"],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "alpha > 0" in bad.stderr and "Traceback" not in bad.stderr

@@ -2,7 +2,7 @@
 
 Most timm CNNs normalise with `BatchNormAct2d`, a BatchNorm2d subclass that applies its activation
 (and drop) inside the module: the tracer ranks it as a BN and judges its activation like a separate
-one. Same invariant as the torchvision tests (tests/test_trace.py): with literal removal the pruned
+one. Same invariant as the torchvision tests (tests/trace/test_trace.py): with literal removal the pruned
 model equals the original with the removed channels' γ and β zeroed; with the default β
 compensation it equals the original with only γ zeroed wherever every consumer could be
 compensated (the others are named in the notes).

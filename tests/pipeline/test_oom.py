@@ -214,11 +214,9 @@ def test_out_of_memory_in_epoch_two_keeps_epoch_one_checkpoint(tmp_path, monkeyp
 # --------------------------------------------------------------------------- evaluation: eval, sweep, prune
 
 
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory):
-    out = tmp_path_factory.mktemp("evaluated") / "run"
-    run("sparse-train", "-c", DEMO_CONFIG, "-o", out, *sets(*TINY))
-    return out / "best.pt"
+@pytest.fixture
+def tiny_checkpoint(tiny_run):
+    return tiny_run / "best.pt"
 
 
 @pytest.mark.parametrize("command", [["eval"], ["sweep", "--ratios", "0.5"], ["prune", "--ratio", "0.5"]])

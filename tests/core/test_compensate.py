@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import masked_reference, randomize_bn, strongly_sparse
+from conftest import masked_reference, strongly_sparse
 from slimctl import load_model, make_checkpoint, save_checkpoint
 from slimctl.core.flops import count_flops
 from slimctl.base.groups import ChannelGroup, Consumer

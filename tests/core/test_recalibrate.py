@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import DEMO_CONFIG, TINY, run, sets
+from conftest import run
 from slimctl.io.checkpoint import load_checkpoint, save_checkpoint
 from slimctl.data import load_dataset
 from slimctl.core.recalibrate import recalibrate_bn
@@ -45,47 +45,47 @@ def test_a_model_without_batchnorm_is_left_alone():
 
 
 @pytest.fixture(scope="module")
-def sparse(tmp_path_factory):
-    root = tmp_path_factory.mktemp("recal")
-    run("sparse-train", "-c", DEMO_CONFIG, "-o", root / "sparse", *sets(*TINY))
-    return root
+def sparse(tmp_path_factory, tiny_run):
+    """(the shared tiny run's best.pt, a folder for this module's outputs)."""
+    return tiny_run / "best.pt", tmp_path_factory.mktemp("recal")
 
 
 def test_prune_recalibrates_records_and_reports_both_top1(sparse):
-    best = sparse / "sparse" / "best.pt"
-    plain = json.loads(run("prune", best, "--ratio", "0.6", "-o", sparse / "plain.pt", "--json").output)
-    recal = json.loads(run("prune", best, "--ratio", "0.6", "--recalibrate", "200", "-o", sparse / "recal.pt",
+    best, out = sparse
+    plain = json.loads(run("prune", best, "--ratio", "0.6", "-o", out / "plain.pt", "--json").output)
+    recal = json.loads(run("prune", best, "--ratio", "0.6", "--recalibrate", "200", "-o", out / "recal.pt",
                            "--json").output)
     assert plain["recalibrated_images"] == 0 and "top1_not_recalibrated" not in plain
     assert recal["recalibrated_images"] == 200
     assert recal["top1_not_recalibrated"] == pytest.approx(plain["top1"])  # the same cut, before the new statistics
-    saved = load_checkpoint(sparse / "recal.pt")
+    saved = load_checkpoint(out / "recal.pt")
     assert saved["prune"]["recalibrated_images"] == 200 and saved["metrics"]["top1"] == pytest.approx(recal["top1"])
-    before = load_checkpoint(sparse / "plain.pt")["state_dict"]
+    before = load_checkpoint(out / "plain.pt")["state_dict"]
     moved = [k for k in before if k.endswith("running_mean") and not torch.equal(before[k], saved["state_dict"][k])]
     assert moved, "no BN running mean changed"
     same = [k for k in before if k.endswith("weight") and torch.equal(before[k], saved["state_dict"][k])]
     assert len(same) == sum(k.endswith("weight") for k in before)  # no weight trained
-    text = run("prune", best, "--ratio", "0.6", "--recalibrate", "100", "-o", sparse / "recal2.pt").output
+    text = run("prune", best, "--ratio", "0.6", "--recalibrate", "100", "-o", out / "recal2.pt").output
     assert "BN statistics re-estimated on 100 training images" in " ".join(text.split())
 
 
 def test_sweep_adds_the_recalibrated_curve_and_judges_safety_by_it(sparse):
-    result = json.loads(run("sweep", sparse / "sparse" / "best.pt", "--ratios", "0.3,0.6", "--subset", "100",
+    best, _ = sparse
+    result = json.loads(run("sweep", best, "--ratios", "0.3,0.6", "--subset", "100",
                             "--recalibrate", "100000", "--json").output)
     # more than the training split holds: all of it, and the report says how many
     everything = len(load_dataset("digits", "data", train=True, download=False))
     assert result["recalibrated_images"] == everything < 100000 and result["safe_by"] == "exact_recal"
     rows = next(iter(result["curves"].values()))["rows"]
     assert all({"top1_exact", "top1_none", "top1_exact_recal"} <= set(r) for r in rows)
-    table = " ".join(run("sweep", sparse / "sparse" / "best.pt", "--ratios", "0.5", "--subset", "50",
+    table = " ".join(run("sweep", best, "--ratios", "0.5", "--subset", "50",
                          "--recalibrate", "50").output.split())
     assert "re-estimated on 50 training images" in table
     assert table.count("top-1") == 4  # the title and three columns: exact, none, exact_recal
 
 
 def test_recalibrate_bad_input_exits_2_and_writes_nothing(sparse, tmp_path):
-    best = sparse / "sparse" / "best.pt"
+    best, _ = sparse
     run("prune", best, "--ratio", "0.5", "--recalibrate", "-5", "-o", tmp_path / "x.pt", code=2)
     assert not (tmp_path / "x.pt").exists()
     ckpt = load_checkpoint(best)

@@ -20,10 +20,9 @@ from slimctl.core.targets import parse_target
 
 
 @pytest.fixture(scope="module")
-def sparse(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sweep")
-    result = run("sparse-train", "-c", DEMO_CONFIG, "-o", root / "sparse", *sets(*TINY))
-    return root, result.output + result.stderr
+def sparse(tmp_path_factory, tiny_run):
+    """(a folder for this module's outputs, the shared tiny run's folder)."""
+    return tmp_path_factory.mktemp("sweep"), tiny_run
 
 
 # --------------------------------------------------------------------------- the L1 budget
@@ -55,10 +54,11 @@ def test_budget_warning_only_when_gamma_cannot_reach_zero():
 
 
 def test_sparse_train_prints_and_records_the_budget(sparse, tmp_path):
-    root, output = sparse
-    resolved = yaml.safe_load((root / "sparse" / "config.yaml").read_text())["sparsity_resolved"]
+    _, trained = sparse
+    output = (trained / "train.log").read_text()
+    resolved = yaml.safe_load((trained / "config.yaml").read_text())["sparsity_resolved"]
     assert resolved["l1_budget"] == pytest.approx(0.66) and resolved["sparsity"] > 0
-    assert load_checkpoint(root / "sparse" / "best.pt")["metrics"]["l1_budget"] == pytest.approx(0.66)
+    assert load_checkpoint(trained / "best.pt")["metrics"]["l1_budget"] == pytest.approx(0.66)
     assert "L1 budget 0.66" in output
     weak = run("sparse-train", "-c", DEMO_CONFIG, "-o", tmp_path / "weak",
                *sets(*TINY, "train.sparsity_budget=null", "train.sparsity=1e-4"))
@@ -69,19 +69,19 @@ def test_sparse_train_prints_and_records_the_budget(sparse, tmp_path):
 
 
 def test_sweep_json_table_and_png(sparse):
-    root, _ = sparse
-    result = json.loads(run("sweep", root / "sparse" / "best.pt", "--ratios", "0.2,0.6", "--subset", "100",
-                            "--compare", root / "sparse" / "last.pt", "--png", root / "sweep.png", "--json").output)
-    assert result["images"] == 100 and set(result["curves"]) == {str(root / "sparse" / "best.pt"),
-                                                                 str(root / "sparse" / "last.pt")}
-    rows = result["curves"][str(root / "sparse" / "best.pt")]["rows"]
+    root, trained = sparse
+    result = json.loads(run("sweep", trained / "best.pt", "--ratios", "0.2,0.6", "--subset", "100",
+                            "--compare", trained / "last.pt", "--png", root / "sweep.png", "--json").output)
+    assert result["images"] == 100 and set(result["curves"]) == {str(trained / "best.pt"),
+                                                                 str(trained / "last.pt")}
+    rows = result["curves"][str(trained / "best.pt")]["rows"]
     assert [r["ratio"] for r in rows] == [0.2, 0.6]
     assert rows[0]["params"] > rows[1]["params"] and rows[0]["threshold"] < rows[1]["threshold"]
     assert {"top1_exact", "top1_none"} <= set(rows[0])
     # each pruned model checked against what its mode promises
     assert all(0 <= r["max_rel_diff_exact"] < 1e-4 and 0 <= r["max_rel_diff_none"] < 1e-4 for r in rows)
     assert (root / "sweep.png").stat().st_size > 1000
-    table = " ".join(run("sweep", root / "sparse" / "best.pt", "--ratios", "0.5", "--subset", "50").output.split())
+    table = " ".join(run("sweep", trained / "best.pt", "--ratios", "0.5", "--subset", "50").output.split())
     assert "largest ratio within 0.5 points" in table and "top-1" in table  # (rich wraps at 80 columns)
     assert "rel." in table and "warning" not in table
 
@@ -100,8 +100,8 @@ def test_bad_ratio_lists(text, message):
 
 
 def test_sweep_bad_input_exits_2(sparse, tmp_path):
-    root, _ = sparse
-    best = root / "sparse" / "best.pt"
+    root, trained = sparse
+    best = trained / "best.pt"
     run("sweep", best, "--ratios", "", code=2)
     run("sweep", best, "--ratios", "0.3,1.5", code=2)
     # a checkpoint whose data is not on disk: the message says how to point at it
@@ -126,8 +126,8 @@ def test_parse_target():
 
 
 def test_prune_to_a_flops_target_finds_the_smallest_ratio(sparse):
-    root, _ = sparse
-    best = root / "sparse" / "best.pt"
+    root, trained = sparse
+    best = trained / "best.pt"
     result = json.loads(run("prune", best, "--target-flops", "0.5", "-o", root / "t.pt", "--json", "--force").output)
     assert result["flops"] <= 0.5 * result["flops_before"]
     assert result["target"] == {"kind": "flops", "value": "0.5"}
@@ -142,8 +142,8 @@ def test_prune_to_a_flops_target_finds_the_smallest_ratio(sparse):
 
 
 def test_unreachable_and_malformed_targets_exit_2(sparse):
-    root, _ = sparse
-    best = root / "sparse" / "best.pt"
+    root, trained = sparse
+    best = trained / "best.pt"
     unreachable = run("prune", best, "--target-params", "10", "-o", root / "u.pt", code=2)
     assert "unreachable" in unreachable.output + unreachable.stderr and "left" in unreachable.output + unreachable.stderr
     assert not (root / "u.pt").exists()
@@ -153,10 +153,10 @@ def test_unreachable_and_malformed_targets_exit_2(sparse):
 
 
 def test_prune_reports_top1_for_the_mode_and_for_none(sparse):
-    root, _ = sparse
-    result = json.loads(run("prune", root / "sparse" / "best.pt", "--ratio", "0.5", "-o", root / "c.pt", "--json",
+    root, trained = sparse
+    result = json.loads(run("prune", trained / "best.pt", "--ratio", "0.5", "-o", root / "c.pt", "--json",
                             "--force").output)
     assert result["compensate"] == "exact" and result["top1"] is not None and result["top1_none"] is not None
-    literal = json.loads(run("prune", root / "sparse" / "best.pt", "--ratio", "0.5", "--compensate", "none",
+    literal = json.loads(run("prune", trained / "best.pt", "--ratio", "0.5", "--compensate", "none",
                              "-o", root / "n.pt", "--json", "--force").output)
     assert "top1_none" not in literal and literal["top1"] == pytest.approx(result["top1_none"])

@@ -145,9 +145,9 @@ def test_tensorboard_holds_the_metrics_gamma_histograms_and_the_prune(tmp_path):
     assert kept == pytest.approx(result["layers"][0]["kept"] / result["layers"][0]["total"])
 
 
-def test_prune_writes_its_own_board_only_when_asked(tmp_path):
-    out = tmp_path / "sparse"
-    run("sparse-train", "-c", DEMO_CONFIG, "-o", out, *sets(*TINY))  # no tb/ in the run
+def test_prune_writes_its_own_board_only_when_asked(tmp_path, tiny_run):
+    out = tiny_run  # trained without a board
+    assert not (out / "tb").exists()
     quiet = json.loads(run("prune", out / "best.pt", "--ratio", "0.3", "-o", tmp_path / "a.pt", "--json").output)
     assert "tensorboard" not in quiet and not (tmp_path / "a_tb").exists()
     asked = json.loads(run("prune", out / "best.pt", "--ratio", "0.3", "-o", tmp_path / "b.pt", "--json",
@@ -188,9 +188,8 @@ def test_compare_refuses_a_folder_without_metrics(tmp_path):
 # --------------------------------------------------------------------------- the machine
 
 
-def test_a_run_records_the_machine_and_report_shows_it(tmp_path):
-    out = tmp_path / "run"
-    run("sparse-train", "-c", DEMO_CONFIG, "-o", out, *sets(*TINY))
+def test_a_run_records_the_machine_and_report_shows_it(tiny_run):
+    out = tiny_run
     env = yaml.safe_load((out / "config.yaml").read_text())["environment"]
     assert env["device"] == "cpu" and env["gpu"] is None and env["precision"] == "fp32"
     assert env["threads"] == torch.get_num_threads() and env["torch"] == str(torch.__version__)
