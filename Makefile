@@ -40,9 +40,11 @@ demo: install
 
 # The suite in TEST_WORKERS processes (pytest-xdist), one torch thread each: the tests are many
 # small models, so processes use the cores better than torch's threads do.
+# worksteal: an idle worker takes queued tests from the busy one, so a few long tests do not leave
+# one core idle at the end.
 TEST_WORKERS ?= 2
 test: install
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n $(TEST_WORKERS)
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist worksteal
 
 table: install
 	$(BIN)/python scripts/collect_results.py $(RUNS) -o $(RUNS)/table.md
