@@ -8,7 +8,7 @@ import textwrap
 import pytest
 import torch
 
-from conftest import DEMO_CONFIG, ROOT
+from conftest import DEMO_CONFIG, ROOT, run
 from slimctl.io.checkpoint import load_checkpoint
 from slimctl.data import ImageSet, TensorLoader
 from slimctl.errors import SlimctlError
@@ -62,21 +62,15 @@ def test_sparse_train_prune_finetune_under_torchrun(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     rows = [json.loads(line) for line in (sparse / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2, 3] and rows[2]["ddp_gamma_max_diff"] == 0.0
-    pruned = subprocess.run([sys.executable, "-m", "slimctl", "prune", sparse / "best.pt", "--ratio", "0.5",
-                             "-o", tmp_path / "pruned.pt", "--json"], cwd=ROOT, capture_output=True, text=True)
-    assert pruned.returncode == 0, pruned.stderr
-    done = _torchrun("-m", "slimctl", "finetune", tmp_path / "pruned.pt", "-c", DEMO_CONFIG, "-o", tmp_path / "ft",
-                     "--set", "finetune.epochs=1", *SETS)
-    assert done.returncode == 0, done.stderr[-3000:]
-    ft = load_checkpoint(tmp_path / "ft" / "best.pt")
-    assert ft["widths"] == load_checkpoint(tmp_path / "pruned.pt")["widths"]
-    assert len((tmp_path / "ft" / "metrics.jsonl").read_text().splitlines()) == 1
-    # Distillation under torchrun: each rank holds its own frozen teacher (the sparse parent), no DDP wrapper.
+    run("prune", sparse / "best.pt", "--ratio", "0.5", "-o", tmp_path / "pruned.pt", "--json")
+    # Fine-tuning under torchrun, with distillation: each rank holds its own frozen teacher (the sparse
+    # parent), no DDP wrapper.
     done = _torchrun("-m", "slimctl", "finetune", tmp_path / "pruned.pt", "-c", DEMO_CONFIG, "-o", tmp_path / "kd",
                      "--set", "finetune.epochs=1", "--set", "finetune.distill.alpha=0.5", *SETS)
     assert done.returncode == 0, done.stderr[-3000:]
     assert (done.stdout + done.stderr).count("distilling from") == 1, done.stderr  # rank 0 alone logs
     kd = load_checkpoint(tmp_path / "kd" / "best.pt")
+    assert kd["widths"] == load_checkpoint(tmp_path / "pruned.pt")["widths"]
     assert kd["metrics"]["distill"]["teacher"] == str(sparse / "best.pt")
     [row] = [json.loads(line) for line in (tmp_path / "kd" / "metrics.jsonl").read_text().splitlines()]
     assert row["ddp_gamma_max_diff"] == 0.0  # the students stay bit-identical across ranks
