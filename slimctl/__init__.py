@@ -3,7 +3,9 @@
 The public API (docs/api.md); scripts, docs and tests use these names, not the modules behind them.
 
 Pruning
-    create_model(arch, num_classes, ...)            a slimctl family, torchvision.<name> or timm.<name>
+    create_model(arch, num_classes, ...)            a slimctl family, torchvision.<name>, timm.<name> or module:Class
+    Slimming(model, example_input, sparsity=...)     in your own loop: .regularize(optimizer) each step, .prune(...)
+    register_builder                                 decorator: a function of yours that may be named as an arch
     channel_groups(model, coupled="keep")            what pruning shrinks: declared, else traced
     explain_groups(model, coupled="keep")            one row per channel space: shrink, select or keep, and why
     group_scores(model, group)                       a group's per-channel |γ| (what the threshold ranks)
@@ -27,6 +29,7 @@ The CLI's stages and the trainer behind them
     load_config(path, overrides)                     a recipe, validated (what -c and --set give the CLI)
     sparse_train, finetune, prune_checkpoint(…, options=PruneOptions(...))
     load_dataset(name, root, ...), TensorLoader      the datasets and the on-device loader training uses
+    fit(model, train_loader, test_loader, cfg.train, ..., io=RunIO(...))   the trainer (plain DataLoaders too)
     TrainStep, train_one_epoch, make_optimizer       the fused step (loss, L1 on γ, optimizer)
     bn_scales(model, bn_names)                       the γ parameters the L1 term acts on
     teacher_for(cfg, ckpt, path), teacher_on_device  the distillation teacher fine-tuning uses
@@ -41,25 +44,22 @@ cli, and this API.
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any
-
-from torch import nn
-
 from slimctl._version import __version__
 from slimctl.base.device import COMPILE_MODES, environment, machine_label, resolve_device, resolve_precision
 from slimctl.base.files import atomic_write_text
+from slimctl.base.registry import register_builder
 from slimctl.core.compensate import COMPENSATE_MODES, removed_positions
 from slimctl.core.exactness import Exactness, measure_exactness
 from slimctl.core.flops import count_flops, count_params
 from slimctl.core.fold import fold_bn
 from slimctl.core.plan import ChannelPlan, group_scores, make_plan
 from slimctl.core.recalibrate import recalibrate_bn
+from slimctl.core.slimming import Slimming
 from slimctl.core.sparsity import bn_scales
 from slimctl.core.surgery import Pruned, apply_plan, prune_model
 from slimctl.data import CIFAR_MEAN, CIFAR_STD, TensorLoader, load_dataset
 from slimctl.errors import SlimctlError
-from slimctl.io.checkpoint import load_checkpoint, load_model, make_checkpoint, save_checkpoint
+from slimctl.io.checkpoint import load_checkpoint, load_model, make_checkpoint, save_checkpoint, save_model
 from slimctl.io.config import load_config
 from slimctl.models import create_model
 from slimctl.output.report import plot_gamma_comparison, plot_runs
@@ -70,23 +70,16 @@ from slimctl.pipeline.inspection import explain_groups
 from slimctl.pipeline.pruning import PruneOptions, prune_checkpoint
 from slimctl.pipeline.training import finetune, sparse_train, teacher_for, teacher_on_device
 from slimctl.trace import channel_groups
-from slimctl.train import TrainStep, make_optimizer, train_one_epoch
-
-def save_model(model: nn.Module, path: str | Path, *, stage: str = "prune", **record: Any) -> None:
-    """Write `model` (one `create_model` built, pruned or not) as a self-describing checkpoint that
-    `load_model` rebuilds without the model's code being pickled; `record`: the other
-    `make_checkpoint` fields (config, parent, metrics, prune)."""
-    save_checkpoint(path, make_checkpoint(model, stage=stage, **record))
-
+from slimctl.train import RunIO, TrainStep, fit, make_optimizer, train_one_epoch
 
 __all__ = [
     "CIFAR_MEAN", "CIFAR_STD", "COMPENSATE_MODES", "COMPILE_MODES", "ChannelPlan", "Exactness", "PruneOptions",
-    "Pruned", "SlimctlError", "TensorLoader", "TrainStep", "__version__", "apply_plan", "atomic_write_text",
+    "Pruned", "RunIO", "SlimctlError", "Slimming", "TensorLoader", "TrainStep", "__version__", "apply_plan", "atomic_write_text",
     "bench_checkpoints", "bn_scales", "channel_groups", "count_flops", "count_params", "create_model",
-    "environment", "explain_groups", "export_checkpoint", "finetune", "fold_bn", "group_scores", "latency_timer",
+    "environment", "explain_groups", "export_checkpoint", "finetune", "fit", "fold_bn", "group_scores", "latency_timer",
     "load_checkpoint", "load_config", "load_dataset", "load_model", "machine_label", "make_checkpoint",
     "make_optimizer", "make_plan", "markdown_table", "measure_exactness", "plot_gamma_comparison", "plot_runs",
-    "prune_checkpoint", "prune_model", "read_run", "recalibrate_bn", "removed_positions", "resolve_device",
+    "prune_checkpoint", "prune_model", "read_run", "recalibrate_bn", "register_builder", "removed_positions", "resolve_device",
     "resolve_precision", "save_checkpoint", "save_model", "sparse_train", "teacher_for", "teacher_on_device",
     "train_one_epoch",
 ]

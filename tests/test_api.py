@@ -74,3 +74,15 @@ def test_latency_timer_times_a_model_and_refuses_an_unknown_runtime() -> None:
     assert first > 0 and second > 0
     with pytest.raises(slimctl.SlimctlError, match="unknown runtime tensorrt"):
         slimctl.latency_timer(model, batch_size=1, runtime="tensorrt")
+
+
+def test_every_code_block_of_the_api_page_runs(tmp_path, monkeypatch) -> None:
+    """docs/api.md's Python blocks, in order, in one namespace, in a fresh folder (later blocks read
+    the files earlier ones wrote)."""
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "docs" / "api.md").read_text(), flags=re.S)
+    assert len(blocks) >= 3
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    for block in blocks:
+        exec(compile(block, "docs/api.md", "exec"), namespace)
+    assert (tmp_path / "pruned.pt").exists() and (tmp_path / "vgg11_pruned.pt").exists()

@@ -1,5 +1,6 @@
 """The model registry: a dict of builders plus a decorator (the torchvision/timm pattern), the
-`torchvision.<name>` and `timm.<name>` namespaces, and the one rule for a model's input size.
+`torchvision.<name>` and `timm.<name>` namespaces, a user's own model named by import path
+(`mypkg.models:MyNet`), and the one rule for a model's input size.
 
 Families register themselves here (`@register_model("vgg19")`); `slimctl.models.create_model`
 builds from it. Nothing here imports a family, so any layer may ask what an arch is.
@@ -7,8 +8,12 @@ builds from it. Nothing here imports a family, so any layer may ask what an arch
 
 from __future__ import annotations
 
+import importlib
+import os
+import re
+import sys
 from types import ModuleType
-from typing import Callable
+from typing import Any, Callable
 
 from torch import nn
 
@@ -57,7 +62,70 @@ def torchvision_models() -> list[str]:
     return sorted(torchvision.models.list_models(module=torchvision.models))
 
 
+# `package.module:Name` (Name may be dotted: `Outer.Inner`): a user's nn.Module subclass or builder.
+IMPORT_PATH = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
+_BUILDERS: set[Callable[..., nn.Module]] = set()
+
+
+def register_builder(function: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    """Decorator: a function of the user's that builds an nn.Module may be named as an arch
+    (`mypkg.models:build_net`). Only decorated functions are ever called by name: a checkpoint or
+    config naming any other function (`os:system`) is refused before anything is called."""
+    _BUILDERS.add(function)
+    return function
+
+
+def is_import_path(arch: str) -> bool:
+    return ":" in arch
+
+
+def resolve_import(arch: str) -> Callable[..., nn.Module]:
+    """The nn.Module subclass or registered builder `arch` names ("module:Name"), imported from the
+    working directory or PYTHONPATH as `python -m` would. Anything else is a one-line SlimctlError:
+    a malformed name, a standard-library module, a module that does not import, a name that is not
+    there or is neither kind. Importing runs the module's code, as importing torchvision does: name
+    only modules you trust."""
+    if not IMPORT_PATH.fullmatch(arch):
+        raise SlimctlError(f"model.arch {arch[:100]!r}: expected package.module:ClassName (e.g. mypkg.models:MyNet)")
+    module_name, _, attr = arch.partition(":")
+    if module_name.split(".")[0] in sys.stdlib_module_names:
+        raise SlimctlError(f"model.arch {arch!r}: {module_name} is Python's standard library, not a model module")
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())  # the `slimctl` script, unlike `python -m`, does not add it
+    try:
+        target: Any = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise SlimctlError(f"model.arch {arch!r}: cannot import {module_name} ({exc}); run slimctl from the folder "
+                           "that holds it or add that folder to PYTHONPATH") from None
+    except Exception as exc:  # the user's module raised while importing
+        raise SlimctlError(f"model.arch {arch!r}: importing {module_name} failed ({type(exc).__name__}: "
+                           f"{str(exc)[:200]})") from None
+    for part in attr.split("."):
+        target = getattr(target, part, None)
+        if target is None:
+            raise SlimctlError(f"model.arch {arch!r}: {module_name} has no {attr}")
+    if (isinstance(target, type) and issubclass(target, nn.Module)) or target in _BUILDERS:
+        return target
+    raise SlimctlError(f"model.arch {arch!r} is neither an nn.Module subclass nor a function decorated with "
+                       "@slimctl.register_builder; slimctl builds nothing else")
+
+
+def plain_data(value: Any, where: str) -> Any:
+    """`value` if it is plain data (None, bool, int, float, str, and lists and str-keyed dicts of
+    them), else a SlimctlError: a model's recorded arguments never carry objects."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [plain_data(v, where) for v in value]
+    if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+        return {k: plain_data(v, where) for k, v in value.items()}
+    raise SlimctlError(f"{where}: {type(value).__name__} is not plain data (numbers, strings, lists, dicts)")
+
+
 def is_known_arch(arch: str) -> bool:
+    if is_import_path(arch):
+        resolve_import(arch)  # a SlimctlError says why not
+        return True
     if arch.startswith(TORCHVISION):
         return arch[len(TORCHVISION):] in torchvision_models()
     if arch.startswith(TIMM):
@@ -67,8 +135,9 @@ def is_known_arch(arch: str) -> bool:
 
 def default_input_size(arch: str | None) -> tuple[int, int, int]:
     """The size an arch is built for when nothing says otherwise: 32×32 for slimctl's CIFAR
-    families, 224×224 for torchvision and timm models and for a model slimctl did not build (arch None)."""
-    if arch is None or arch.startswith((TORCHVISION, TIMM)):
+    families, 224×224 for torchvision, timm and imported models and for a model slimctl did not
+    build (arch None)."""
+    if arch is None or arch.startswith((TORCHVISION, TIMM)) or is_import_path(arch):
         return IMAGENET_INPUT
     return CIFAR_INPUT
 

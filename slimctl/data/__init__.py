@@ -28,6 +28,7 @@ from slimctl.data.cifar import CIFAR_MEAN, CIFAR_STD, CIFAR_URL, _load_cifar
 from slimctl.data.digits import read_digits
 from slimctl.data.imagefolder import IMAGENET_MEAN, IMAGENET_STD, FolderLoader, count_classes
 from slimctl.data.loaders import TensorLoader, build_loader, build_loaders
+from slimctl.data.plain import PlainLoader, trainer_loader
 from slimctl.data.sets import (
     CLASS_COUNTERS,
     DATASETS,
@@ -47,6 +48,8 @@ READERS.update(cifar10=_load_cifar, cifar100=_load_cifar, digits=read_digits)
 CLASS_COUNTERS.update(imagefolder=count_classes)
 
 __all__ = [
+    "PlainLoader",
+    "trainer_loader",
     "CIFAR_MEAN",
     "CIFAR_STD",
     "CIFAR_URL",

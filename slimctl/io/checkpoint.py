@@ -22,6 +22,7 @@ Writes are atomic (`slimctl.base.files`): a crash leaves either the old file or 
 from __future__ import annotations
 
 import hashlib
+import inspect
 import io
 import json
 import pickle
@@ -36,24 +37,14 @@ from slimctl._version import __version__
 from slimctl.errors import SlimctlError
 from slimctl.base.files import atomic_write_bytes, file_sha256
 from slimctl.models import create_model, module_widths
-from slimctl.base.registry import is_known_arch, list_models
+from slimctl.models.layers import unwrap
+from slimctl.base.registry import default_input_size, is_import_path, is_known_arch, list_models, plain_data, resolve_import
 
 FORMAT = "slimctl/1"
 REQUIRED_KEYS = ("format", "arch", "num_classes", "arch_args", "widths", "state_dict", "stage", "digest")
 
 
 # --------------------------------------------------------------------------- save
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The plain model inside DDP (`.module`) and torch.compile (`._orig_mod`) wrappers."""
-    while True:
-        if hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        elif isinstance(model, nn.parallel.DistributedDataParallel):
-            model = model.module
-        else:
-            return model
 
 
 def model_digest(arch: Any, num_classes: Any, arch_args: Any, widths: Any, state_dict: dict[str, torch.Tensor]) -> str:
@@ -156,15 +147,21 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 def model_from_checkpoint(ckpt: dict[str, Any], device: str | torch.device = "cpu", source: str = "checkpoint") -> nn.Module:
     """Rebuild the model from the checkpoint alone: arch + widths, then the state_dict (strict)."""
     arch = ckpt["arch"]
-    if not isinstance(arch, str) or not is_known_arch(arch):
-        raise SlimctlError(f"{source}: unknown arch {arch!r}; known: {', '.join(list_models())}, torchvision.<name>, timm.<name>")
+    try:
+        known = isinstance(arch, str) and is_known_arch(arch)
+    except SlimctlError as exc:  # an import path that does not resolve: say why
+        raise SlimctlError(f"{source}: {exc}") from None
+    if not known:
+        raise SlimctlError(f"{source}: unknown arch {str(arch)[:100]!r}; known: {', '.join(list_models())}, "
+                           "torchvision.<name>, timm.<name>, module:ClassName")
     widths, state = ckpt["widths"], ckpt["state_dict"]
     if not isinstance(widths, dict) or not isinstance(state, dict):
         raise SlimctlError(f"{source}: 'widths' and 'state_dict' must be mappings")
     args = ckpt["arch_args"] if isinstance(ckpt["arch_args"], dict) else {}
     try:
         input_size = ckpt.get("input_size")
-        model = create_model(arch, int(ckpt["num_classes"]), widths=widths, input_size=input_size, **args)
+        classes = None if ckpt["num_classes"] is None else int(ckpt["num_classes"])  # None: a user's model
+        model = create_model(arch, classes, widths=widths, input_size=input_size, **args)
     except SlimctlError as exc:
         raise SlimctlError(f"{source}: {exc}") from None
     except (TypeError, ValueError) as exc:
@@ -181,3 +178,47 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> nn.Modul
     """The eval-mode model stored in a slimctl checkpoint (no code is unpickled)."""
     model = model_from_checkpoint(load_checkpoint(path), device=device, source=str(path))
     return model.eval()
+
+
+def importable_spec(model: nn.Module, args: dict[str, Any] | None) -> dict[str, Any]:
+    """What rebuilds a model of the user's own class: its import path (`module:Class`) and the
+    plain-data keyword arguments of its constructor, checked to import back and to bind."""
+    cls = type(model)
+    if cls.__module__ == "__main__" or "<locals>" in cls.__qualname__:
+        where = "in the script being run (__main__)" if cls.__module__ == "__main__" else "inside a function"
+        raise SlimctlError(f"{cls.__name__} is defined {where}, which loading cannot import without running that "
+                           "code again: move the class into a module of its own (e.g. models.py) and import it")
+    arch = f"{cls.__module__}:{cls.__qualname__}"
+    if resolve_import(arch) is not cls:
+        raise SlimctlError(f"{arch} does not import back as the class of this model")
+    args = plain_data(args or {}, f"the arguments of {arch}")
+    try:
+        inspect.signature(cls).bind(**args)
+    except TypeError as exc:
+        raise SlimctlError(f"{arch}({', '.join(args)}): {exc}; pass the constructor's keyword arguments as "
+                           "args={...} (plain data) so the file can rebuild the model") from None
+    spec = getattr(model, "arch_spec", None) or {}
+    return {"arch": arch, "num_classes": spec.get("num_classes"), "arch_args": {"width": 1.0, "args": args},
+            "input_size": list(spec.get("input_size") or default_input_size(arch))}
+
+
+def save_model(model: nn.Module, path: str | Path, *, args: dict[str, Any] | None = None, stage: str = "prune",
+               **record: Any) -> None:
+    """Write `model`, pruned or not, as a self-describing checkpoint that `load_model` rebuilds
+    without unpickling code. A model `create_model` built records how; any other module is recorded
+    as its class's import path plus `args` (its constructor's keyword arguments, plain data), and
+    loading needs that class importable, as loading a torchvision model needs torchvision. The file
+    is rebuilt from the checkpoint before it is written, so what is saved loads back. `record`: the
+    other `make_checkpoint` fields (config, parent, metrics, prune)."""
+    net = unwrap(model)
+    spec = getattr(net, "arch_spec", None)
+    if spec is None or spec.get("arch") is None or (args is not None and is_import_path(spec["arch"])):
+        net.arch_spec = importable_spec(net, args)
+    elif args is not None:
+        raise SlimctlError(f"args: {spec['arch']} was built by create_model, which recorded its arguments")
+    checkpoint = make_checkpoint(net, stage=stage, **record)
+    try:
+        model_from_checkpoint(checkpoint, source="the checkpoint")
+    except SlimctlError as exc:
+        raise SlimctlError(f"{path} not written: {exc}") from None
+    save_checkpoint(path, checkpoint)

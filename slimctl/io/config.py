@@ -22,14 +22,19 @@ import yaml
 from slimctl.base.device import COMPILE_MODES, DEVICES, PRECISIONS
 from slimctl.errors import SlimctlError
 from slimctl.base.files import atomic_write_text
+from slimctl.base.registry import plain_data
 from slimctl.core.plan import validate_ratio
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    # A slimctl family (vgg19, resnet164, densenet40, …), torchvision.<name> (e.g. torchvision.resnet50)
-    # or timm.<name> (e.g. timm.efficientnet_b0; needs the [timm] extra).
+    # A slimctl family (vgg19, resnet164, densenet40, …), torchvision.<name> (e.g. torchvision.resnet50),
+    # timm.<name> (e.g. timm.efficientnet_b0; needs the [timm] extra), or your own model by import path,
+    # package.module:ClassName (an nn.Module subclass, or a function decorated with
+    # @slimctl.register_builder), imported from the working directory or PYTHONPATH.
     arch: str = "vgg19"
+    # Keyword arguments of the model's constructor (plain data); num_classes is passed when it takes one.
+    args: dict[str, Any] = field(default_factory=dict)
     # Multiplies every channel width of the family (at least 1 channel per layer).
     width: float = 1.0
     # Pretrained start: a torchvision weights name (e.g. ResNet50_Weights.IMAGENET1K_V2, downloaded
@@ -269,6 +274,10 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             return value
         raise SlimctlError(f"config key '{key}' must be {' or '.join(a.__name__ for a in inner)}, "
                            f"got {_type_name(value)} {value!r}")
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise SlimctlError(f"config key '{key}' must be a mapping, got {_type_name(value)}")
+        return plain_data(value, f"config key '{key}'")
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
             raise SlimctlError(f"config key '{key}' must be a list, got {_type_name(value)}")

@@ -1,6 +1,7 @@
 """Build models: slimctl's own families (registered in `slimctl.base.registry`), torchvision's and timm's.
 
-`create_model(arch, num_classes, width=1.0, widths=None, **arch_args)` builds a family member at full width;
+`create_model(arch, num_classes, width=1.0, widths=None, **arch_args)` builds a family member, a
+torchvision or timm model, or a user's own (`mypkg.models:MyNet`, arch_args its constructor's) at full width;
 `widths` (module name → shape, as recorded by `module_widths`) then narrows it to a pruned shape,
 so a checkpoint rebuilds its model from (arch, num_classes, arch_args, widths) alone.
 """
@@ -17,7 +18,7 @@ from torch import nn
 
 # Importing the families registers them.
 from slimctl.models import densenet, preresnet, vgg  # noqa: F401
-from slimctl.errors import SlimctlError, format_bytes, out_of_memory, out_of_memory_as_error
+from slimctl.errors import SlimctlError, format_bytes, is_out_of_memory, out_of_memory, out_of_memory_as_error
 from slimctl.base.inserted import ChannelSelection, insert_recorded, is_inserted
 from slimctl.models.layers import apply_widths, module_widths
 from slimctl.base.registry import (
@@ -26,9 +27,12 @@ from slimctl.base.registry import (
     builder,
     default_input_size,
     import_timm,
+    is_import_path,
     is_known_arch,
     list_models,
+    plain_data,
     register_model,
+    resolve_import,
     torchvision_models,
 )
 
@@ -56,6 +60,9 @@ def create_model(
     elif arch.startswith(TIMM):
         build = _timm_builder(arch[len(TIMM):], num_classes, width, arch_args)
         what, advice = f"building {arch}", "the model size: pick a smaller timm model"
+    elif is_import_path(arch):
+        build = _imported_builder(arch, num_classes, width, arch_args)
+        what, advice = f"building {arch}", "the model's arguments (model.args)"
     else:
         build = _family_builder(arch, num_classes, width, arch_args)
         what, advice = f"building {arch} at width {width:g}", "model.width / --width"
@@ -170,6 +177,41 @@ def _timm_builder(name: str, num_classes: int, width: float, arch_args: dict[str
             return timm.create_model(name, pretrained=False, num_classes=num_classes, **arch_args)
         except (TypeError, ValueError, RuntimeError, AssertionError) as exc:
             raise SlimctlError(f"timm.{name}: {exc}") from None
+
+    return build
+
+
+def _imported_builder(arch: str, num_classes: int | None, width: float,
+                      arch_args: dict[str, Any]) -> Callable[[], nn.Module]:
+    """A user's model (`module:Name`, see `registry.resolve_import`) called with its plain-data
+    keyword arguments (`args`: kept apart from create_model's own, which may share their names),
+    and `num_classes` when its signature names that parameter."""
+    target = resolve_import(arch)
+    if width != 1.0:
+        raise SlimctlError("model.width scales slimctl's own families only; give your model's own width in model.args")
+    unknown = sorted(set(arch_args) - {"args"})
+    if unknown:
+        raise SlimctlError(f"{arch}: pass the constructor's arguments as args={{...}} (model.args), not as "
+                           f"{', '.join(unknown)}")
+    kwargs = plain_data(arch_args.get("args") or {}, f"the arguments of {arch}")
+    try:
+        takes = inspect.signature(target).parameters
+    except (TypeError, ValueError):  # no signature to read (e.g. a C extension): pass only the arguments
+        takes = {}
+    if "num_classes" in takes and "num_classes" not in kwargs and num_classes is not None:
+        kwargs["num_classes"] = num_classes
+
+    def build() -> nn.Module:
+        try:
+            model = target(**kwargs)
+        except Exception as exc:  # the user's constructor: any failure is one line, out of memory aside
+            if is_out_of_memory(exc):
+                raise
+            raise SlimctlError(f"{arch}({', '.join(f'{k}={v!r}' for k, v in kwargs.items())[:200]}) failed "
+                               f"({type(exc).__name__}: {str(exc)[:200]})") from None
+        if not isinstance(model, nn.Module):
+            raise SlimctlError(f"{arch} returned a {type(model).__name__}, not an nn.Module")
+        return model
 
     return build
 

@@ -19,6 +19,17 @@ from slimctl.base.gates import GATE, GateRows
 from slimctl.base.inserted import COMPENSATE, SELECT, ChannelSelection, ConstantResponse
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain model inside DDP (`.module`) and torch.compile (`._orig_mod`) wrappers."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        else:
+            return model
+
+
 def scale_width(channels: int, width: float) -> int:
     """A width multiplier that never leaves a layer with zero channels."""
     return max(1, int(round(channels * width)))

@@ -19,6 +19,7 @@ from slimctl.data import DATASETS
 from slimctl.errors import SlimctlError
 from slimctl.io.checkpoint import load_checkpoint, model_from_checkpoint
 from slimctl.io.config import Config
+from slimctl.base.registry import is_import_path
 from slimctl.models import is_known_arch, list_models, module_widths
 from slimctl.pipeline.pruning import TestSet, recorded_config
 from slimctl.trace import channel_groups, space_rows, trace_model
@@ -28,7 +29,10 @@ def check_names(cfg: Config) -> None:
     """The names a config uses exist: its arch in the model registry, its data set in slimctl.data."""
     if not is_known_arch(cfg.model.arch):
         raise SlimctlError(f"config key 'model.arch' must be one of {', '.join(list_models())} or "
-                           f"torchvision.<name> or timm.<name>, got {cfg.model.arch!r}")
+                           f"torchvision.<name>, timm.<name> or package.module:ClassName, got {cfg.model.arch!r}")
+    if cfg.model.args and not is_import_path(cfg.model.arch):
+        raise SlimctlError(f"config key 'model.args' is for your own model (model.arch: package.module:ClassName); "
+                           f"{cfg.model.arch} takes model.width")
     if cfg.data.name not in DATASETS:
         raise SlimctlError(f"config key 'data.name' must be one of {', '.join(DATASETS)}, got {cfg.data.name!r}")
 

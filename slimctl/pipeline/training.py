@@ -246,8 +246,9 @@ def sparse_train(cfg: Config, run_dir: Path, *, resume: bool = False, force: boo
     check_names(cfg)
     prepare_run_dir(run_dir, resume=resume, force=force)
     torch.manual_seed(cfg.train.seed)  # the initial weights are part of the recorded recipe
+    own = {"args": cfg.model.args} if cfg.model.args else {}  # a user's model's constructor arguments
     model = create_model(cfg.model.arch, num_classes_of(cfg.data.name, cfg.data.root), width=cfg.model.width,
-                         input_size=input_size_of(cfg.data))
+                         input_size=input_size_of(cfg.data), **own)
     if cfg.model.weights and not resume:
         load_pretrained(model, cfg.model.weights, log=log)
     return _train(model, cfg=cfg, train=cfg.train, stage="sparse-train", run_dir=run_dir, parent=None,

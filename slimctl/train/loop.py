@@ -15,6 +15,7 @@ from slimctl.base.device import compile_mode
 from slimctl.base.files import atomic_write_text
 from slimctl.io.config import TrainConfig
 from slimctl.core.sparsity import gamma_stats
+from slimctl.data.plain import trainer_loader
 from slimctl.errors import SlimctlError
 from slimctl.train import distributed
 from slimctl.train.interrupt import graceful_stop, StopSignal, stopped_in_epoch, stopped_after_epoch
@@ -231,8 +232,12 @@ def fit(
     SIGINT/SIGTERM stop at the next step with a resumable last.pt (raises `Interrupted`).
     Under torchrun every rank calls this; only `io.is_main` (rank 0) writes and logs.
     `distill` adds a teacher's soft targets to the loss (fine-tuning with knowledge distillation).
+    The loaders are slimctl's, or any iterable of (x, y) batches with a length (a DataLoader).
     """
     epochs, lr, run_dir = train.epochs, train.lr, io.run_dir
+    # A plain DataLoader works too (see PlainLoader for what resuming then guarantees).
+    train_loader = trainer_loader(train_loader, device=device, channels_last=train.channels_last)
+    test_loader = trainer_loader(test_loader, device=device, channels_last=train.channels_last)
     milestones = milestone_epochs(train.milestones, epochs)
     sinks = rank_sinks(io.is_main, save=io.save, log=io.log, progress=io.progress, on_epoch=io.on_epoch)
     optimizer, scaler = make_optimizer(model, lr=lr, momentum=train.momentum, weight_decay=train.weight_decay,
