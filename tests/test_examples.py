@@ -52,4 +52,8 @@ def test_the_cli_slims_the_example_model_by_import_path(tmp_path, examples_impor
     evaluated = json.loads(run("eval", tmp_path / "ft" / "best.pt", "--json").output)
     assert evaluated["params"] == result["params"]
     run("export", tmp_path / "ft" / "best.pt", "--format", "torchscript", "-o", tmp_path / "ft.ts")
+    sweep = json.loads(run("sweep", tmp_path / "sparse" / "best.pt", "--ratios", "0.5", "--json").output)
+    assert [r["ratio"] for r in next(iter(sweep["curves"].values()))["rows"]] == [0.5]
+    lineage = json.loads(run("report", tmp_path / "ft" / "best.pt", "--json").output)
+    assert [r["stage"] for r in lineage] == ["sparse-train", "prune", "finetune"]
     assert slimctl.load_checkpoint(tmp_path / "ft" / "best.pt")["arch_args"]["args"] == {"width": 16}
