@@ -15,6 +15,7 @@ import json
 import os
 import tempfile
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -214,16 +215,8 @@ def read_artifact(path: Path) -> dict[str, Any]:
             import onnx
 
             meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
-        elif fmt == "torchscript":
-            files = {EXTRA_FILE: ""}
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                torch.jit.load(str(path), _extra_files=files)
-            meta = json.loads(files[EXTRA_FILE] or "{}")
-        elif fmt == "pt2":
-            files = {EXTRA_FILE: ""}
-            torch.export.load(str(path), extra_files=files)
-            meta = json.loads(files[EXTRA_FILE] or "{}")
+        elif fmt in ("torchscript", "pt2"):
+            meta = _archive_record(path)
         else:
             raise SlimctlError(f"{path}: not an exported artifact (.onnx, .ts, .pt2)")
     except SlimctlError:
@@ -235,6 +228,26 @@ def read_artifact(path: Path) -> dict[str, Any]:
         raise SlimctlError(f"{path}: a {fmt} file without slimctl's record (not exported by `slimctl export`)")
     decoded = {k: _decode(v) for k, v in meta.items()}
     return {"format": fmt, **decoded}
+
+
+RECORD_LIMIT = 1 << 20  # bytes: slimctl's record is a few hundred; anything larger is not one
+
+
+def _archive_record(path: Path) -> dict[str, Any]:
+    """slimctl's record in a TorchScript or pt2 archive (a zip with `<root>/extra/slimctl.json`),
+    read straight from the zip: nothing in the archive is loaded or unpickled, so a crafted file
+    cannot run code through `slimctl info`."""
+    with zipfile.ZipFile(path) as archive:
+        entries = [i for i in archive.infolist() if i.filename.count("/") == 2
+                   and i.filename.split("/", 1)[1] == f"extra/{EXTRA_FILE}"]
+        if not entries:
+            return {}
+        if entries[0].file_size > RECORD_LIMIT:
+            raise SlimctlError(f"{path}: its {EXTRA_FILE} is {entries[0].file_size:,} bytes, not a slimctl record")
+        meta = json.loads(archive.read(entries[0]).decode())
+    if not isinstance(meta, dict):
+        raise SlimctlError(f"{path}: its {EXTRA_FILE} is not a slimctl record")
+    return meta
 
 
 def _decode(value: str) -> Any:

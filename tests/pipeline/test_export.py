@@ -100,6 +100,35 @@ def test_the_record_travels_inside_and_info_reads_it_back(tmp_path):
         assert "vgg11" in run("info", tmp_path / name).output
 
 
+def test_info_reads_an_archive_record_without_loading_the_archive(tmp_path, monkeypatch):
+    """A crafted .pt2/.ts could run code when loaded (its pickles): info reads only the zip entry."""
+    import zipfile
+
+    import pickle
+    import os
+
+    class Payload:
+        def __reduce__(self):
+            return os.system, ("echo pwned > " + str(tmp_path / "pwned"),)
+
+    record = {"slimctl_version": "0.1.0", "arch": "vgg11", "stage": "prune"}
+    for name in ("evil.pt2", "evil.ts"):
+        with zipfile.ZipFile(tmp_path / name, "w") as archive:
+            archive.writestr("evil/data.pkl", pickle.dumps(Payload()))
+            archive.writestr("evil/extra/slimctl.json", json.dumps(record))
+
+        def refuse(*args, **kwargs):
+            raise AssertionError("the archive was loaded")
+
+        monkeypatch.setattr(torch.export, "load", refuse)
+        monkeypatch.setattr(torch.jit, "load", refuse)
+        shown = json.loads(run("info", tmp_path / name, "--json").output)
+        assert shown["arch"] == "vgg11" and shown["format"] in ("pt2", "torchscript")
+    assert not (tmp_path / "pwned").exists()
+    (tmp_path / "junk.pt2").write_bytes(b"not a zip")
+    assert "cannot read it as pt2" in run("info", tmp_path / "junk.pt2", code=2).output
+
+
 def test_a_static_batch_artifact_takes_only_the_traced_batch(tmp_path):
     import onnxruntime
 
