@@ -16,16 +16,21 @@ from slimctl.cli.common import cli, out_console, print_json, test_batch_option, 
 @cli.command("compare")
 @click.argument("runs", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--png", type=click.Path(path_type=Path), default=None,
-              help="Also draw test error, |γ| < 1e-2 and images/s per epoch of every run into this PNG.")
+              help="Also draw test error, |γ| < 1e-2 and images/s per epoch of every run into this PNG "
+                   "(a *.png name; an existing figure is replaced only with --force).")
+@click.option("--force", is_flag=True, help="Replace an existing --png figure.")
 @click.option("--json", "as_json", is_flag=True, help="Print the runs' rows as JSON instead of a table.")
-def compare_cmd(runs: tuple[Path, ...], png: Path | None, as_json: bool) -> None:
+def compare_cmd(runs: tuple[Path, ...], png: Path | None, force: bool, as_json: bool) -> None:
     """Several run folders side by side (e.g. baseline, sparse and fine-tunes): one table, one figure.
 
     Reads each folder's metrics.jsonl and config.yaml (stage, and the machine it trained on).
     """
+    from slimctl.base.files import check_output
     from slimctl.output.report import compare_table, plot_runs
     from slimctl.output.results import read_run
 
+    if png is not None:
+        check_output(png, force=force, option="--png", suffix=".png")
     compared = [read_run(folder) for folder in runs]
     if png is not None:
         plot_runs(compared, png, title=" vs ".join(run["label"] for run in compared))

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from slimctl._version import __version__
+from slimctl.base.files import check_output
 from slimctl.io.checkpoint import load_checkpoint, model_from_checkpoint
 from slimctl.errors import SlimctlError
 from slimctl.core.flops import count_flops, count_params
@@ -90,8 +91,7 @@ def export_checkpoint(checkpoint: Path, out: Path, *, fmt: str, input_size: tupl
 
     if fmt not in FORMATS:
         raise SlimctlError(f"unknown export format {fmt!r}; use one of {', '.join(FORMATS)}")
-    if out.exists() and not force:
-        raise SlimctlError(f"{out} already exists; pass --force to replace it")
+    check_output(out, force=force)
     needs(fmt)
     ckpt = load_checkpoint(checkpoint)
     reference = model_from_checkpoint(ckpt, source=str(checkpoint)).eval()

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from slimctl.base.device import resolve_device, resolve_precision
+from slimctl.base.files import check_output
 from slimctl.core.compensate import COMPENSATE_MODES
 from slimctl.core.exactness import measure_exactness
 from slimctl.core.flops import count_flops, count_params
@@ -219,8 +220,8 @@ def sweep_checkpoint(
         raise SlimctlError(f"--compensate must be one of {', '.join(COMPENSATE_MODES)}, got {compensate!r}")
     if subset is not None and subset < 1:
         raise SlimctlError(f"--subset must be >= 1, got {subset}")
-    if png is not None and png.suffix.lower() != ".png":
-        raise SlimctlError(f"--png {png}: the figure is written as PNG; name it *.png")
+    if png is not None:  # a figure sweep wrote before may be replaced; nothing else
+        check_output(png, force=True, option="--png", suffix=".png")
     modes = tuple(dict.fromkeys((compensate, "none")))
     safe_by = f"{compensate}_recal" if recalibrate else compensate
     curves = {}
@@ -306,8 +307,7 @@ def _recalibrator(cfg: Config | None, source: str, images: int, device: torch.de
 
 
 def _check_output(out: Path, checkpoint: Path, force: bool) -> None:
-    if out.exists() and not force:
-        raise SlimctlError(f"{out} already exists; pass --force to replace it or -o to write elsewhere")
+    check_output(out, force=force)
     if out.resolve() == checkpoint.resolve():
         raise SlimctlError("-o must differ from the input checkpoint")
 

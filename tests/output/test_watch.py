@@ -208,3 +208,32 @@ def test_machine_labels_tell_gpus_and_cpus_apart():
     assert machine_label(None) == "-"
     here = environment(torch.device("cpu"), torch.bfloat16)
     assert here["precision"] == "bf16" and here["device"] == "cpu"
+
+
+def test_compare_png_replaces_only_its_own_kind_of_file(tmp_path, tiny_run):
+    checkpoint = tmp_path / "model.pt"
+    checkpoint.write_bytes(b"precious")
+    for target in (checkpoint, tmp_path / "figure.txt"):
+        result = run("compare", tiny_run, "--png", target, "--force", code=2)
+        assert "name it *.png" in result.output
+    assert checkpoint.read_bytes() == b"precious"
+    png = tmp_path / "cmp.png"
+    run("compare", tiny_run, "--png", png)
+    assert "already exists; pass --force" in run("compare", tiny_run, "--png", png, code=2).output
+    run("compare", tiny_run, "--png", png, "--force")
+    (tmp_path / "dir.png").mkdir()
+    assert "is a folder" in run("compare", tiny_run, "--png", tmp_path / "dir.png", code=2).output
+
+
+def test_outputs_never_replace_a_device_or_a_folder(tmp_path, tiny_run):
+    import os
+
+    best = tiny_run / "best.pt"
+    fifo = tmp_path / "pipe.pt"
+    os.mkfifo(fifo)
+    for command in (["prune", best, "--ratio", "0.3"], ["export", best, "--format", "onnx"]):
+        result = run(*command, "-o", fifo, "--force", code=2)
+        assert "not a regular file" in result.output and fifo.exists()
+        folder = tmp_path / f"{command[0]}_dir"
+        folder.mkdir()
+        assert "is a folder" in run(*command, "-o", folder, "--force", code=2).output
