@@ -2,8 +2,9 @@
 
 A checkpoint is one `torch.save` dict of plain types and tensors that rebuilds its model alone:
 
-    format      "slimctl/1"
-    digest      sha256 of arch, widths and state_dict, checked on load (bit rot, truncation)
+    format      "slimctl/2" ("slimctl/1", whose digest covered the model fields only, is still read)
+    digest      sha256 of every other field, tensors included, checked on load (bit rot,
+                truncation, an edited record); every field is then checked for type and range
     arch, num_classes, arch_args    what `create_model` needs (arch_args: {"width": …})
     input_size  [C, H, W] the model's FLOPs are counted at (and a traced model is traced with)
     widths      module name → resizable shape (see models.layers.module_widths)
@@ -40,7 +41,9 @@ from slimctl.models import create_model, module_widths
 from slimctl.models.layers import unwrap
 from slimctl.base.registry import default_input_size, is_import_path, is_known_arch, list_models, plain_data, resolve_import
 
-FORMAT = "slimctl/1"
+FORMAT = "slimctl/2"
+LEGACY_FORMAT = "slimctl/1"  # digest over the model fields only
+STAGES = ("sparse-train", "prune", "finetune", "scratch")
 REQUIRED_KEYS = ("format", "arch", "num_classes", "arch_args", "widths", "state_dict", "stage", "digest")
 
 
@@ -60,6 +63,34 @@ def model_digest(arch: Any, num_classes: Any, arch_args: Any, widths: Any, state
     return digest.hexdigest()
 
 
+def _feed(digest: Any, value: Any) -> None:
+    """Hash `value` (nested dicts, lists, tensors, plain values) in a canonical order."""
+    if isinstance(value, torch.Tensor):
+        digest.update(f"T{value.dtype}{tuple(value.shape)}".encode())
+        digest.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    elif isinstance(value, dict):
+        digest.update(b"{")
+        for key in sorted(value, key=str):
+            _feed(digest, str(key))
+            _feed(digest, value[key])
+        digest.update(b"}")
+    elif isinstance(value, (list, tuple)):
+        digest.update(b"[")
+        for item in value:
+            _feed(digest, item)
+        digest.update(b"]")
+    else:
+        digest.update(json.dumps(value, default=repr).encode() + b";")
+
+
+def record_digest(checkpoint: dict[str, Any]) -> str:
+    """sha256 over every field but the digest itself: an edited record (input_size, metrics, parent,
+    config, …) is as corrupt as a flipped weight."""
+    digest = hashlib.sha256()
+    _feed(digest, {k: v for k, v in checkpoint.items() if k != "digest"})
+    return digest.hexdigest()
+
+
 def make_checkpoint(
     model: nn.Module,
     *,
@@ -76,7 +107,7 @@ def make_checkpoint(
     spec = model.arch_spec  # set by create_model
     widths = module_widths(model)
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    return {
+    checkpoint = {
         "format": FORMAT,
         "arch": spec["arch"],
         "num_classes": spec["num_classes"],
@@ -84,7 +115,6 @@ def make_checkpoint(
         "input_size": list(spec["input_size"]),
         "widths": widths,
         "state_dict": state,
-        "digest": model_digest(spec["arch"], spec["num_classes"], dict(spec["arch_args"]), widths, state),
         "config": config,
         "stage": stage,
         "parent": None if parent is None else {"path": str(Path(parent).resolve()),
@@ -94,9 +124,13 @@ def make_checkpoint(
         "resume": resume,
         "versions": {"slimctl": __version__, "torch": str(torch.__version__)},
     }
+    return {**checkpoint, "digest": record_digest(checkpoint)}
 
 
 def save_checkpoint(path: str | Path, checkpoint: dict[str, Any]) -> None:
+    """Write atomically, digested as written (a field changed after make_checkpoint is covered too)."""
+    checkpoint = {**checkpoint, "format": FORMAT}
+    checkpoint["digest"] = record_digest(checkpoint)
     buffer = io.BytesIO()
     torch.save(checkpoint, buffer)
     atomic_write_bytes(path, buffer.getvalue())
@@ -126,22 +160,83 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise SlimctlError(f"{path} is not a readable slimctl checkpoint ({type(exc).__name__}: {str(exc)[:200]})") from None
     if not isinstance(ckpt, dict) or "format" not in ckpt:
         raise SlimctlError(f"{path} is not a slimctl checkpoint (no 'format' key); was it written by slimctl?")
-    if ckpt["format"] != FORMAT:
+    if ckpt["format"] not in (FORMAT, LEGACY_FORMAT):
         raise SlimctlError(
-            f"{path} has checkpoint format {ckpt['format']!r}; this slimctl reads {FORMAT!r} (upgrade slimctl?)"
+            f"{path} has checkpoint format {str(ckpt['format'])[:40]!r}; this slimctl reads {FORMAT!r} (upgrade slimctl?)"
         )
-    missing = [k for k in REQUIRED_KEYS if k not in ckpt]
+    required = REQUIRED_KEYS + (("input_size", "config", "parent", "metrics") if ckpt["format"] == FORMAT else ())
+    missing = [k for k in required if k not in ckpt]
     if missing:
         raise SlimctlError(f"{path} is missing checkpoint keys: {', '.join(missing)}")
     if not isinstance(ckpt["state_dict"], dict) or not all(isinstance(v, torch.Tensor) for v in ckpt["state_dict"].values()):
         raise SlimctlError(f"{path}: 'state_dict' must map names to tensors")
     try:
-        digest = model_digest(ckpt["arch"], ckpt["num_classes"], ckpt["arch_args"], ckpt["widths"], ckpt["state_dict"])
-    except (TypeError, ValueError, RuntimeError) as exc:
+        digest = (record_digest(ckpt) if ckpt["format"] == FORMAT else
+                  model_digest(ckpt["arch"], ckpt["num_classes"], ckpt["arch_args"], ckpt["widths"], ckpt["state_dict"]))
+    except (TypeError, ValueError, RuntimeError, OverflowError) as exc:
         raise SlimctlError(f"{path}: malformed checkpoint ({type(exc).__name__})") from None
     if ckpt.get("digest") != digest:
-        raise SlimctlError(f"{path} is corrupted: its weights do not match the digest recorded when it was saved")
+        raise SlimctlError(f"{path} is corrupted: its contents do not match the digest recorded when it was saved")
+    check_fields(ckpt, path)
+    if "input_size" not in ckpt:  # slimctl/1 files from before the field: the arch's default
+        ckpt["input_size"] = list(default_input_size(ckpt["arch"]))
     return ckpt
+
+
+def _is_count(value: Any, low: int = 1, high: int = 2**31) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+
+def _field_problem(ckpt: dict[str, Any]) -> str | None:
+    """What is wrong with a checkpoint's fields (types and ranges), or None."""
+    arch = ckpt["arch"]
+    if not isinstance(arch, str) or not 0 < len(arch) <= 200:
+        return "'arch' must be a name"
+    classes = ckpt["num_classes"]
+    if not (_is_count(classes, high=10**7) or (classes is None and ":" in arch)):
+        return "'num_classes' must be a positive integer"
+    if not isinstance(ckpt["arch_args"], dict) or not all(isinstance(k, str) for k in ckpt["arch_args"]):
+        return "'arch_args' must map names to values"
+    size = ckpt.get("input_size", [3, 32, 32])
+    if not (isinstance(size, list) and len(size) == 3 and all(_is_count(v, high=65536) for v in size)):
+        return "'input_size' must be [C, H, W] of positive integers"
+    widths = ckpt["widths"]
+    if not isinstance(widths, dict) or not all(
+            isinstance(k, str) and isinstance(v, list) and all(_is_count(n, 0) for n in v) for k, v in widths.items()):
+        return "'widths' must map module names to lists of channel counts"
+    if ckpt["stage"] not in STAGES:
+        return f"'stage' must be one of {', '.join(STAGES)}"
+    parent = ckpt.get("parent")
+    if parent is not None and not (isinstance(parent, dict) and isinstance(parent.get("path"), str)
+                                   and re.fullmatch(r"[0-9a-f]{64}", str(parent.get("sha256")))):
+        return "'parent' must be null or {path, sha256}"
+    for key in ("config", "metrics", "prune", "resume", "versions"):
+        if ckpt.get(key) is not None and not isinstance(ckpt[key], dict):
+            return f"'{key}' must be a mapping or null"
+    metrics = ckpt.get("metrics") or {}
+    for key in ("params", "flops"):
+        if key in metrics and not _is_count(metrics[key], 0, 2**62):
+            return f"'metrics.{key}' must be a count"
+    for key in ("top1", "best_top1"):
+        value = metrics.get(key)
+        if value is not None and not (isinstance(value, (int, float)) and 0 <= value <= 100):
+            return f"'metrics.{key}' must be a percentage"
+    return None
+
+
+def check_fields(ckpt: dict[str, Any], path: str | Path) -> None:
+    """Every field's type and range (a file from slimctl/1, or one whose digest matches but was
+    written by other code): a mismatch is a corrupt checkpoint, in one line."""
+    problem = _field_problem(ckpt)
+    if problem:
+        raise SlimctlError(f"{path} is corrupted: {problem}")
+    if ckpt.get("config") is not None:
+        from slimctl.io.config import config_from_dict
+
+        try:
+            config_from_dict(ckpt["config"])
+        except SlimctlError as exc:
+            raise SlimctlError(f"{path} is corrupted: its recorded config is invalid ({exc})") from None
 
 
 def model_from_checkpoint(ckpt: dict[str, Any], device: str | torch.device = "cpu", source: str = "checkpoint") -> nn.Module:

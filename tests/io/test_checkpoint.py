@@ -3,7 +3,7 @@ import torch
 
 from conftest import randomize_bn
 from slimctl import load_model, make_checkpoint, prune_model, save_checkpoint
-from slimctl.io.checkpoint import atomic_write_bytes, load_checkpoint, model_digest, model_from_checkpoint
+from slimctl.io.checkpoint import atomic_write_bytes, load_checkpoint, model_digest, model_from_checkpoint, record_digest
 from slimctl.errors import SlimctlError
 from slimctl.models import create_model
 
@@ -24,7 +24,7 @@ def test_round_trip_rebuilds_the_pruned_model_from_the_file_alone(tmp_path):
     with torch.no_grad():
         assert torch.equal(loaded(x), pruned.eval()(x))
     ckpt = load_checkpoint(path)
-    assert ckpt["format"] == "slimctl/1" and ckpt["arch"] == "vgg11" and ckpt["arch_args"] == {"width": 0.25}
+    assert ckpt["format"] == "slimctl/2" and ckpt["arch"] == "vgg11" and ckpt["arch_args"] == {"width": 0.25}
     assert not any(k.startswith(("module.", "_orig_mod.")) for k in ckpt["state_dict"])
 
 
@@ -47,7 +47,7 @@ def test_checkpoint_holds_only_plain_types(tmp_path):
     path, pruned = _pruned_checkpoint(tmp_path)
     # weights_only=True refuses any pickled class; the file loads that way, and holds only plain data.
     ckpt = torch.load(path, weights_only=True)
-    assert isinstance(ckpt, dict) and ckpt["format"] == "slimctl/1"
+    assert isinstance(ckpt, dict) and ckpt["format"] == "slimctl/2"
     assert [type(v).__name__ for v in _leaves(ckpt) if not isinstance(v, PLAIN)] == []
     state = ckpt["state_dict"]
     assert set(state) == set(pruned.state_dict())
@@ -123,8 +123,7 @@ def _mutated(tmp_path, **changes):
         if value is None:
             del ckpt[key]
     if "widths" in ckpt:  # a consistent file, as a newer slimctl might write one
-        ckpt["digest"] = model_digest(ckpt["arch"], ckpt["num_classes"], ckpt["arch_args"], ckpt["widths"],
-                                      ckpt["state_dict"])
+        ckpt["digest"] = record_digest(ckpt)
     out = tmp_path / "m.pt"
     torch.save(ckpt, out)
     return out
@@ -163,3 +162,30 @@ def test_a_changed_weight_is_detected(tmp_path):
     torch.save(ckpt, path)
     with pytest.raises(SlimctlError, match="is corrupted"):
         load_checkpoint(path)
+
+
+def test_an_edited_record_is_as_corrupt_as_an_edited_weight(tmp_path):
+    path, _ = _pruned_checkpoint(tmp_path)
+    for field, value in (("input_size", [3, 48, 48]), ("num_classes", 11), ("metrics", {"top1": 99.0}),
+                         ("stage", "finetune"), ("config", {"model": {"arch": "vgg13"}})):
+        ckpt = torch.load(path, weights_only=True)
+        ckpt[field] = value  # the digest left as it was
+        torch.save(ckpt, tmp_path / "edited.pt")
+        with pytest.raises(SlimctlError, match="is corrupted"):
+            load_checkpoint(tmp_path / "edited.pt")
+
+
+def test_a_legacy_checkpoint_loads_and_its_fields_are_still_checked(tmp_path):
+    path, pruned = _pruned_checkpoint(tmp_path)
+    ckpt = torch.load(path, weights_only=True)
+    legacy = {k: v for k, v in ckpt.items() if k != "input_size"}
+    legacy.update(format="slimctl/1", digest=model_digest(ckpt["arch"], ckpt["num_classes"], ckpt["arch_args"],
+                                                          ckpt["widths"], ckpt["state_dict"]))
+    torch.save(legacy, tmp_path / "old.pt")
+    assert load_checkpoint(tmp_path / "old.pt")["input_size"] == [3, 32, 32]
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(load_model(tmp_path / "old.pt")(x), pruned.eval()(x))
+    torch.save({**legacy, "input_size": [3, -1, 32]}, tmp_path / "bad.pt")  # the model digest does not see it
+    with pytest.raises(SlimctlError, match="is corrupted: 'input_size'"):
+        load_checkpoint(tmp_path / "bad.pt")
