@@ -10,7 +10,7 @@ import torch
 
 from slimctl.base.device import PRECISION_NAMES, PRECISIONS
 from slimctl.base.groups import COUPLED_MODES
-from slimctl.cli.common import cli, out_console, print_json, test_batch_option, UserError
+from slimctl.cli.common import cli, err_console, out_console, print_json, test_batch_option, UserError
 
 
 @cli.command("compare")
@@ -187,6 +187,10 @@ def report_cmd(checkpoint: Path, as_json: bool) -> None:
     from slimctl.pipeline.inspection import lineage
 
     rows = lineage(checkpoint)
+    for row in rows:
+        if row.get("parent_replaced"):
+            err_console.print(f"warning: {row['parent_replaced']}, the parent {row['path']} records, was replaced "
+                              "since (its sha256 differs); its history is not shown as this model's")
     if as_json:
         click.echo(json.dumps(rows, indent=2))
     else:

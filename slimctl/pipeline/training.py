@@ -334,6 +334,9 @@ def teacher_for(cfg: Config, ckpt: dict[str, Any], checkpoint: Path) -> Distill 
                            "set finetune.distill.teacher to a checkpoint")
     if not Path(source).exists():
         raise SlimctlError(f"finetune.distill.teacher {source} does not exist; set it to a slimctl checkpoint")
+    if not kd.teacher and file_sha256(source) != parent.get("sha256"):
+        raise SlimctlError(f"finetune.distill: {source}, the parent {checkpoint} records, was replaced since it was "
+                           "recorded (its sha256 differs); set finetune.distill.teacher to the checkpoint to learn from")
     teacher = model_from_checkpoint(load_checkpoint(Path(source)), source=str(source))
     classes = (teacher.arch_spec["num_classes"], ckpt["num_classes"])
     if classes[0] != classes[1]:

@@ -177,3 +177,22 @@ def test_bench_distill_times_both_variants_on_the_same_model(pruned, tiny_run):
     bad = subprocess.run([sys.executable, script, pruned / "pruned.pt", "-c", DEMO_CONFIG, "--alpha", "0"],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "alpha > 0" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_a_replaced_parent_is_said_and_never_taken_as_the_teacher(tmp_path, tiny_run):
+    import shutil
+
+    parent = tmp_path / "sparse.pt"
+    shutil.copy(tiny_run / "best.pt", parent)
+    run("prune", parent, "--ratio", "0.5", "-o", tmp_path / "pruned.pt", "--no-eval")
+    assert [r["stage"] for r in json.loads(run("report", tmp_path / "pruned.pt", "--json").output)] == \
+        ["sparse-train", "prune"]
+    shutil.copy(tiny_run / "last.pt", parent)  # another file at the recorded path
+    result = run("report", tmp_path / "pruned.pt", "--json")
+    rows = json.loads(result.output[result.output.index("["):])
+    assert [r["stage"] for r in rows] == ["prune"] and rows[0]["parent_replaced"] == str(parent.resolve())
+    assert "was replaced since" in result.output
+    refused = run("finetune", tmp_path / "pruned.pt", "-c", DEMO_CONFIG, "-o", tmp_path / "kd",
+                  *sets(*TINY, "finetune.distill.alpha=0.5"), code=2)
+    assert "was replaced since it was recorded" in refused.output and not (tmp_path / "kd").exists()
+    assert "checkpoint not found" in run("report", tmp_path / "missing.pt", code=2).output
