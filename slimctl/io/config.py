@@ -314,16 +314,22 @@ def _check(ok: bool, key: str, rule: str, value: Any) -> None:
         raise SlimctlError(f"config key '{key}' must be {rule}, got {value!r}")
 
 
+MAX_EPOCHS = 1_000_000
+MAX_LR = 1e3  # also the largest λ
+MAX_BUDGET = 1e6
+
+
 def validate_train(t: TrainConfig, section: str) -> None:
-    _check(t.epochs >= 1, f"{section}.epochs", ">= 1", t.epochs)
-    _check(t.lr > 0, f"{section}.lr", "> 0", t.lr)
+    # Upper bounds: far beyond any real recipe, and below what float32 arithmetic overflows on.
+    _check(1 <= t.epochs <= MAX_EPOCHS, f"{section}.epochs", f"in [1, {MAX_EPOCHS:,}]", t.epochs)
+    _check(0 < t.lr <= MAX_LR, f"{section}.lr", f"in (0, {MAX_LR:g}]", t.lr)
     _check(0 <= t.momentum < 1, f"{section}.momentum", "in [0, 1)", t.momentum)
     _check(t.weight_decay >= 0, f"{section}.weight_decay", ">= 0", t.weight_decay)
     _check(all(0 < m <= 1 for m in t.milestones), f"{section}.milestones", "fractions in (0, 1]", list(t.milestones))
     _check(0 < t.lr_decay <= 1, f"{section}.lr_decay", "in (0, 1]", t.lr_decay)
-    _check(t.sparsity >= 0, f"{section}.sparsity", ">= 0", t.sparsity)
-    _check(t.sparsity_budget is None or t.sparsity_budget >= 0, f"{section}.sparsity_budget", ">= 0 or null",
-           t.sparsity_budget)
+    _check(0 <= t.sparsity <= MAX_LR, f"{section}.sparsity", f"in [0, {MAX_LR:g}]", t.sparsity)
+    _check(t.sparsity_budget is None or 0 <= t.sparsity_budget <= MAX_BUDGET, f"{section}.sparsity_budget",
+           f"in [0, {MAX_BUDGET:g}] or null", t.sparsity_budget)
     if t.sparsity_budget is not None and t.sparsity > 0:
         raise SlimctlError(
             f"config keys '{section}.sparsity' ({t.sparsity:g}) and '{section}.sparsity_budget' ({t.sparsity_budget:g}) "

@@ -25,7 +25,7 @@ from slimctl.core.sparsity import bn_scales, budget_warning, gamma_stats, l1_bud
 from slimctl.data import build_loaders, input_size_of, num_classes_of
 from slimctl.errors import SlimctlError, out_of_memory_as_error
 from slimctl.io.checkpoint import load_checkpoint, make_checkpoint, model_from_checkpoint, save_checkpoint
-from slimctl.io.config import Config, TrainConfig, save_config
+from slimctl.io.config import MAX_LR, Config, TrainConfig, save_config
 from slimctl.models import create_model
 from slimctl.models.layers import init_paper_weights
 from slimctl.output.tblog import EpochBoard, tensorboard_available
@@ -234,6 +234,9 @@ def sparsity_strength(train: TrainConfig, *, steps_per_epoch: int) -> dict[str, 
                       epochs=train.epochs, steps_per_epoch=steps_per_epoch)
     if train.sparsity_budget is not None:
         sparsity = sparsity_for_budget(train.sparsity_budget, total_lr)
+        if sparsity > MAX_LR:
+            raise SlimctlError(f"train.sparsity_budget {train.sparsity_budget:g} over this schedule (Σ lr = "
+                               f"{total_lr:.3g}) needs λ = {sparsity:.3g}, more than {MAX_LR:g}; lower the budget")
     else:
         sparsity = train.sparsity
     return {"sparsity": sparsity, "l1_budget": l1_budget(sparsity, total_lr), "lr_sum": total_lr}

@@ -19,5 +19,7 @@ def lr_at(epoch: int, *, lr: float, milestones: list[int], decay: float) -> floa
 
 def lr_sum(*, lr: float, milestones: list[int], decay: float, epochs: int, steps_per_epoch: int) -> float:
     """Σ_t lr_t over every optimizer step of the schedule (lr constant within an epoch): what the
-    L1 budget multiplies λ by (`slimctl.core.sparsity.l1_budget`)."""
-    return steps_per_epoch * sum(lr_at(e, lr=lr, milestones=milestones, decay=decay) for e in range(epochs))
+    L1 budget multiplies λ by (`slimctl.core.sparsity.l1_budget`). In closed form, one term per
+    stretch between milestones, so a mistyped epoch count costs nothing here."""
+    bounds = [0, *(min(m, epochs) for m in sorted(milestones)), epochs]
+    return steps_per_epoch * sum(lr * decay ** k * (bounds[k + 1] - bounds[k]) for k in range(len(bounds) - 1))

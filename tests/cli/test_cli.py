@@ -208,3 +208,10 @@ def test_bench_compares_checkpoints(pipeline):
         assert pruned["flops"] < first["flops"] and pruned["params"] < first["params"]
     assert "speed-up" in run("bench", root / "pruned.pt", "--batch-sizes", "2", "--repeats", "1").output
     expect_user_error("bench", root / "pruned.pt", "--batch-sizes", "0,x", match="comma-separated integers")
+
+
+def test_a_budget_that_needs_an_overflowing_lambda_is_exit_2_and_writes_nothing(tmp_path):
+    out = tmp_path / "run"
+    result = run("sparse-train", "-c", DEMO_CONFIG, "-o", out, *_sets("train.sparsity_budget=1e5"), code=2)
+    assert "needs λ =" in result.output and "lower the budget" in result.output
+    assert not out.exists()

@@ -49,10 +49,10 @@ def test_finetune_inherits_unset_keys_and_never_sparsifies():
         ("train.epochs=three", "'train.epochs' must be int"),
         ("train.epochs=2.5", "'train.epochs' must be int"),
         ("data.download=yes please", "'data.download' must be bool"),
-        ("train.lr=0", "'train.lr' must be > 0"),
-        ("train.epochs=0", "'train.epochs' must be >= 1"),
+        ("train.lr=0", "'train.lr' must be in (0, 1000]"),
+        ("train.epochs=0", "'train.epochs' must be in [1, 1,000,000]"),
         ("prune.ratio=1.0", "must be in [0, 1)"),
-        ("train.sparsity=-1", "'train.sparsity' must be >= 0"),
+        ("train.sparsity=-1", "'train.sparsity' must be in [0, 1000]"),
         ("train.milestones=[0.5, 1.5]", "'train.milestones' must be fractions in (0, 1]"),
         ("train.device=tpu", "'train.device' must be one of auto, cpu, cuda"),
         ("data.batch_size=0", "'data.batch_size' must be >= 1"),
@@ -102,3 +102,31 @@ def test_scientific_notation_without_dot_is_a_float():
     assert load_config(None, ["train.weight_decay=5E-4"]).train.weight_decay == 5e-4
     with pytest.raises(SlimctlError, match="finite"):
         load_config(None, ["train.lr=.inf"])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.epochs=1000000000000", "'train.epochs' must be in [1, 1,000,000]"),
+    ("train.lr=1e300", "'train.lr' must be in (0, 1000]"),
+    ("finetune.lr=1e300", "'finetune.lr' must be in (0, 1000]"),
+    ("train.sparsity_budget=1e300", "'train.sparsity_budget' must be in [0, 1e+06] or null"),
+])
+def test_numbers_beyond_any_recipe_are_refused_before_anything_runs(override, message):
+    with pytest.raises(SlimctlError) as caught:
+        load_config(None, [override])
+    assert message in str(caught.value)
+
+
+def test_the_lr_sum_is_the_sum_over_every_step_in_closed_form():
+    import random
+
+    from slimctl.train.schedule import lr_at, lr_sum, milestone_epochs
+
+    rng = random.Random(0)
+    for _ in range(300):
+        epochs, decay, steps = rng.randint(1, 40), rng.choice([0.1, 0.5, 1.0]), rng.randint(1, 9)
+        milestones = milestone_epochs([rng.random() for _ in range(rng.randint(0, 3))], epochs)
+        looped = steps * sum(lr_at(e, lr=0.1, milestones=milestones, decay=decay) for e in range(epochs))
+        assert lr_sum(lr=0.1, milestones=milestones, decay=decay, epochs=epochs,
+                      steps_per_epoch=steps) == pytest.approx(looped, rel=1e-12)
+    assert lr_sum(lr=0.1, milestones=[10**11], decay=0.1, epochs=10**12, steps_per_epoch=10) == pytest.approx(
+        10 * 0.1 * 10**11 + 10 * 0.01 * 9 * 10**11)  # a trillion epochs, at once
