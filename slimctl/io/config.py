@@ -169,6 +169,41 @@ def _plain(value: Any) -> Any:
 # --------------------------------------------------------------------------- parsing
 
 
+MAX_CONFIG_BYTES = 1 << 20  # a recipe is a few hundred bytes
+MAX_NODES = 100_000  # values once YAML aliases (*name) are expanded: a recipe has about a hundred
+
+
+def _expanded_size(node: Any, memo: dict[int, int]) -> int:
+    """How many values `node` stands for with every alias expanded (aliases share nodes: a DAG)."""
+    if id(node) not in memo:
+        memo[id(node)] = 0  # a recursive alias counts once rather than looping
+        children = node.value if isinstance(node.value, list) else []
+        items = [part for child in children for part in (child if isinstance(child, tuple) else (child,))]
+        memo[id(node)] = 1 + sum(_expanded_size(item, memo) for item in items)
+    return memo[id(node)]
+
+
+def safe_yaml(text: str, where: str) -> Any:
+    """`text` parsed as YAML into plain types (PyYAML's safe loader), bounded in size and in what
+    its aliases expand to (a few hundred bytes of nested aliases stand for billions of values);
+    a SlimctlError names `where`. yaml.YAMLError passes through for the caller to word."""
+    if len(text) > MAX_CONFIG_BYTES:
+        raise SlimctlError(f"{where}: {len(text):,} characters; a config is at most {MAX_CONFIG_BYTES:,}")
+    node = yaml.compose(text, Loader=yaml.SafeLoader)
+    if node is not None and _expanded_size(node, {}) > MAX_NODES:
+        raise SlimctlError(f"{where}: its YAML aliases (*name) expand to more than {MAX_NODES:,} values; refused")
+    try:
+        return yaml.safe_load(text)
+    except ValueError:  # an integer of more digits than Python converts (4300)
+        raise SlimctlError(f"{where}: a number too long to read") from None
+
+
+def _shown(value: Any, limit: int = 80) -> str:
+    """repr(value), cut to `limit` characters: an error never echoes a whole (possibly huge) value."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + f"… ({len(text):,} characters)"
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Read a YAML config (or start from defaults), apply `key.sub=value` overrides, validate."""
     raw: dict[str, Any] = {}
@@ -190,13 +225,18 @@ def config_from_dict(raw: Any) -> Config:
 
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
+        if path.is_file() and path.stat().st_size > MAX_CONFIG_BYTES:
+            raise SlimctlError(f"config file {path}: {path.stat().st_size:,} bytes; a config is at most "
+                               f"{MAX_CONFIG_BYTES:,}")
+        if path.exists() and not path.is_file():
+            raise SlimctlError(f"config file {path} is not a regular file")
         text = path.read_text()
     except FileNotFoundError:
         raise SlimctlError(f"config file not found: {path}") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise SlimctlError(f"cannot read config file {path}: {exc}") from None
     try:
-        data = yaml.safe_load(text)
+        data = safe_yaml(text, str(path))
     except yaml.YAMLError as exc:
         first = str(exc).strip().splitlines()[0]
         raise SlimctlError(f"config file {path} is not valid YAML: {first}") from None
@@ -211,11 +251,11 @@ def _parse_override(item: str) -> tuple[str, Any]:
     key, sep, text = item.partition("=")
     key = key.strip()
     if not sep or not key:
-        raise SlimctlError(f"--set expects key=value (e.g. --set train.epochs=10), got {item!r}")
+        raise SlimctlError(f"--set expects key=value (e.g. --set train.epochs=10), got {_shown(item)}")
     try:
-        value = yaml.safe_load(text) if text.strip() else None
+        value = safe_yaml(text, f"--set {key}") if text.strip() else None
     except yaml.YAMLError:
-        raise SlimctlError(f"--set {key}: cannot parse value {text!r} as YAML") from None
+        raise SlimctlError(f"--set {key}: cannot parse value {_shown(text)} as YAML") from None
     return key, value
 
 
@@ -273,7 +313,7 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         if any(isinstance(value, a) for a in inner):  # plain types only (e.g. bool | str)
             return value
         raise SlimctlError(f"config key '{key}' must be {' or '.join(a.__name__ for a in inner)}, "
-                           f"got {_type_name(value)} {value!r}")
+                           f"got {_type_name(value)} {_shown(value)}")
     if origin is dict:
         if not isinstance(value, dict):
             raise SlimctlError(f"config key '{key}' must be a mapping, got {_type_name(value)}")
@@ -294,12 +334,12 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             value = float(value)  # YAML 1.1 reads `1e-4` (no dot) as a string
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             if not math.isfinite(value):
-                raise SlimctlError(f"config key '{key}' must be a finite number, got {value!r}")
+                raise SlimctlError(f"config key '{key}' must be a finite number, got {_shown(value)}")
             return float(value)
     elif hint is str:
         if isinstance(value, str):
             return value
-    raise SlimctlError(f"config key '{key}' must be {hint.__name__}, got {_type_name(value)} {value!r}")
+    raise SlimctlError(f"config key '{key}' must be {hint.__name__}, got {_type_name(value)} {_shown(value)}")
 
 
 def _type_name(value: Any) -> str:
@@ -311,7 +351,7 @@ def _type_name(value: Any) -> str:
 
 def _check(ok: bool, key: str, rule: str, value: Any) -> None:
     if not ok:
-        raise SlimctlError(f"config key '{key}' must be {rule}, got {value!r}")
+        raise SlimctlError(f"config key '{key}' must be {rule}, got {_shown(value)}")
 
 
 MAX_EPOCHS = 1_000_000

@@ -15,6 +15,7 @@ from typing import Any
 
 from slimctl.io.checkpoint import load_checkpoint
 from slimctl.errors import SlimctlError
+from slimctl.io.config import safe_yaml
 
 # Paper, Table 1(a) (CIFAR-10): test error %, params, FLOPs; ratio None = the unpruned baseline.
 PAPER = {
@@ -137,22 +138,42 @@ def markdown_table(runs_dir: Path) -> str:
     return "\n".join(lines)
 
 
+RUN_KEYS = ("epoch", "test_top1", "images_per_sec", "gamma_mean_abs", "gamma_frac_below_1e-2")  # what compare shows
+
+
 def read_run(folder: Path) -> dict[str, Any]:
-    """A run folder's metrics.jsonl rows, stage and recorded environment (for `slimctl compare`)."""
+    """A run folder's metrics.jsonl rows, stage and recorded environment (for `slimctl compare`);
+    anything else is a one-line SlimctlError naming the file and line."""
     import yaml
 
     metrics = folder / "metrics.jsonl"
     if not metrics.is_file():
         raise SlimctlError(f"{folder} is not a run folder (no metrics.jsonl): give sparse-train or finetune -o folders")
-    try:
-        rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-    except json.JSONDecodeError as exc:
-        raise SlimctlError(f"{metrics} is not valid JSON lines ({exc.msg}, line {exc.lineno})") from None
+    rows = []
+    for number, line in enumerate(metrics.read_text(errors="replace").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise SlimctlError(f"{metrics} line {number} is not valid JSON ({exc.msg})") from None
+        missing = [k for k in RUN_KEYS if not (isinstance(row, dict) and isinstance(row.get(k), (int, float))
+                                                and not isinstance(row.get(k), bool))]
+        if missing:
+            raise SlimctlError(f"{metrics} line {number} lacks a number for {', '.join(missing)}: not a slimctl "
+                               "metrics row")
+        rows.append(row)
     if not rows:
         raise SlimctlError(f"{metrics} holds no finished epoch yet")
     config = {}
     if (folder / "config.yaml").is_file():
-        loaded = yaml.safe_load((folder / "config.yaml").read_text())
+        try:
+            loaded = safe_yaml((folder / "config.yaml").read_text(errors="replace"), str(folder / "config.yaml"))
+        except yaml.YAMLError as exc:
+            first = (str(exc).strip().splitlines() or ["invalid"])[0][:120]
+            raise SlimctlError(f"{folder / 'config.yaml'} is not a run's config ({first})") from None
         config = loaded if isinstance(loaded, dict) else {}
+    stage, env = config.get("stage", "?"), config.get("environment")
+    config = {"stage": stage if isinstance(stage, str) else "?", "environment": env if isinstance(env, dict) else None}
     return {"label": folder.name, "path": str(folder), "stage": config.get("stage", "?"), "rows": rows,
             "environment": config.get("environment")}

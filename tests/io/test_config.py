@@ -130,3 +130,29 @@ def test_the_lr_sum_is_the_sum_over_every_step_in_closed_form():
                       steps_per_epoch=steps) == pytest.approx(looped, rel=1e-12)
     assert lr_sum(lr=0.1, milestones=[10**11], decay=0.1, epochs=10**12, steps_per_epoch=10) == pytest.approx(
         10 * 0.1 * 10**11 + 10 * 0.01 * 9 * 10**11)  # a trillion epochs, at once
+
+
+BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join(['*' + chr(97 + i)] * 9)}]\n" for i in range(8)) + "model: *i\n"
+
+
+def test_a_yaml_alias_bomb_is_refused_in_one_short_line(tmp_path):
+    path = tmp_path / "bomb.yaml"
+    path.write_text(BOMB)
+    with pytest.raises(SlimctlError) as caught:
+        load_config(path)
+    assert "YAML aliases" in str(caught.value) and len(str(caught.value)) < 300
+    with pytest.raises(SlimctlError, match="YAML aliases"):
+        load_config(None, ["model.args=" + BOMB.replace("\n", ", ").join("{}")])
+    big = tmp_path / "big.yaml"
+    big.write_text("# " + "x" * (2 << 20))
+    with pytest.raises(SlimctlError, match="a config is at most"):
+        load_config(big)
+
+
+def test_an_error_never_echoes_a_whole_value():
+    with pytest.raises(SlimctlError) as caught:
+        load_config(None, ["train.lr=" + "x" * 5000])
+    assert len(str(caught.value)) < 300 and "(5,002 characters)" in str(caught.value)
+    with pytest.raises(SlimctlError, match="a number too long to read"):
+        load_config(None, ["train.lr=" + "9" * 5000])

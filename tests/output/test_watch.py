@@ -237,3 +237,22 @@ def test_outputs_never_replace_a_device_or_a_folder(tmp_path, tiny_run):
         folder = tmp_path / f"{command[0]}_dir"
         folder.mkdir()
         assert "is a folder" in run(*command, "-o", folder, "--force", code=2).output
+
+
+def test_compare_names_the_bad_line_and_refuses_foreign_files(tmp_path, tiny_run):
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_run, run_dir)
+    run_dir.chmod(0o755)
+    good = (tiny_run / "metrics.jsonl").read_text()
+    (run_dir / "metrics.jsonl").chmod(0o644)
+    (run_dir / "metrics.jsonl").write_text(good + "{not json\n")
+    assert "metrics.jsonl line 2 is not valid JSON" in run("compare", run_dir, code=2).output
+    (run_dir / "metrics.jsonl").write_text(good + '{"epoch": 2}\n')
+    assert "line 2 lacks a number for test_top1" in run("compare", run_dir, code=2).output
+    (run_dir / "metrics.jsonl").write_text(good)
+    (run_dir / "config.yaml").chmod(0o644)
+    (run_dir / "config.yaml").write_text("stage: !!python/object/apply:os.system ['echo x']\n")
+    result = run("compare", run_dir, code=2)
+    assert "is not a run's config" in result.output and "Traceback" not in result.output
