@@ -7,6 +7,8 @@ resumes only the recipe and parent it was started with.
 
 from __future__ import annotations
 
+import os
+import socket
 import subprocess
 from pathlib import Path
 from typing import Any, Callable
@@ -46,6 +48,36 @@ def prepare_run_dir(run_dir: Path, *, resume: bool, force: bool) -> None:
             f"{run_dir} already holds {', '.join(existing)}; pass --resume to continue that run "
             "or --force to start over (its checkpoints will be replaced)"
         )
+
+
+LOCK_NAME = ".lock"
+
+
+def hold_run_dir(run_dir: Path) -> Callable[[], None]:
+    """Hold `run_dir` for this process: an exclusive lock (flock) on `run_dir/.lock`, which names
+    the holder; the function returned releases it. The kernel drops the lock when its process
+    dies, so a lock left by a killed run is free and taken over. A folder another live run holds is
+    a SlimctlError, --force or not: two writers would mix their checkpoints and configs."""
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): unguarded
+        return lambda: None
+    fd = os.open(run_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
+        os.close(fd)
+        raise SlimctlError(f"{run_dir} is in use by another run ({holder or 'another process'}); wait for it to "
+                           "end, or write elsewhere with -o") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
+
+    def release() -> None:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+    return release
 
 
 def rank0_log(log: Callable[[str], None]) -> Callable[[str], None]:

@@ -9,6 +9,7 @@ rules (refusing to mix runs, provenance, resuming) are slimctl.pipeline.runs.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from pathlib import Path
 from typing import Any, Callable
@@ -30,7 +31,7 @@ from slimctl.models import create_model
 from slimctl.models.layers import init_paper_weights
 from slimctl.output.tblog import EpochBoard, tensorboard_available
 from slimctl.pipeline.inspection import check_names, lineage
-from slimctl.pipeline.runs import prepare_run_dir, provenance, rank0_log, resumed
+from slimctl.pipeline.runs import hold_run_dir, prepare_run_dir, provenance, rank0_log, resumed
 from slimctl.train import distributed
 from slimctl.train import Distill, RunIO, fit, lr_sum, milestone_epochs
 from slimctl.trace import channel_groups
@@ -130,28 +131,28 @@ def _train(
         info["distill"] = {"teacher": distill.source, "alpha": distill.alpha, "temperature": distill.temperature}
     save = _checkpoint_saver(model, stage=stage, config=cfg.to_dict(), parent=parent, parent_sha256=parent_sha256,
                              info=info)
-    board = _open_run_dir(cfg, run_dir, stage=stage, strength=strength, environment=info["environment"],
-                          is_main=world.is_main, gammas=dict(zip(gamma_names, gammas)))
-    log(
-        f"{stage}: {model.arch_spec['arch']} on {cfg.data.name} ({train_loader.dataset_size} train / "
-        f"{test_loader.dataset_size} test images), {device.type}, {dtype or torch.float32}, "
-        f"{train.epochs} epochs, λ={strength['sparsity']:.4g}"
-        + (f" (L1 budget {strength['l1_budget']:.3g})" if strength["sparsity"] else "")
-        + (f", {world.world_size} processes" if world.enabled else "")
-        + f" → {run_dir}"
-    )
-    warning = budget_warning(strength["l1_budget"], gamma_stats(gammas)["gamma_mean_abs"])
-    if warning and resume_state is None:
-        log(f"warning: {warning}")
-    trained = _parallel(model, train, world, device)
-    with out_of_memory_in_training(cfg, model, stage):
-        result = fit(
-            trained, train_loader, test_loader, train, sparsity=strength["sparsity"], gammas=gammas,
-            device=device, dtype=dtype, resume_state=resume_state, distill=teacher_on_device(distill, device, train),
-            io=RunIO(run_dir, save, progress=progress, log=log, is_main=world.is_main, on_epoch=board),
+    with contextlib.ExitStack() as held:  # the run folder's lock and the TensorBoard writer, released at the end
+        board = _open_run_dir(cfg, run_dir, stage=stage, strength=strength, environment=info["environment"],
+                              is_main=world.is_main, gammas=dict(zip(gamma_names, gammas)), held=held)
+        log(
+            f"{stage}: {model.arch_spec['arch']} on {cfg.data.name} ({train_loader.dataset_size} train / "
+            f"{test_loader.dataset_size} test images), {device.type}, {dtype or torch.float32}, "
+            f"{train.epochs} epochs, λ={strength['sparsity']:.4g}"
+            + (f" (L1 budget {strength['l1_budget']:.3g})" if strength["sparsity"] else "")
+            + (f", {world.world_size} processes" if world.enabled else "")
+            + f" → {run_dir}"
         )
-    if board is not None:
-        board.close()
+        warning = budget_warning(strength["l1_budget"], gamma_stats(gammas)["gamma_mean_abs"])
+        if warning and resume_state is None:
+            log(f"warning: {warning}")
+        trained = _parallel(model, train, world, device)
+        with out_of_memory_in_training(cfg, model, stage):
+            result = fit(
+                trained, train_loader, test_loader, train, sparsity=strength["sparsity"], gammas=gammas,
+                device=device, dtype=dtype, resume_state=resume_state,
+                distill=teacher_on_device(distill, device, train),
+                io=RunIO(run_dir, save, progress=progress, log=log, is_main=world.is_main, on_epoch=board),
+            )
     return {**info, "best_top1": result["best_top1"], "run_dir": str(run_dir), "best": str(run_dir / "best.pt")}
 
 
@@ -189,20 +190,23 @@ def _checkpoint_saver(model: nn.Module, *, stage: str, config: dict[str, Any], p
 
 
 def _open_run_dir(cfg: Config, run_dir: Path, *, stage: str, strength: dict[str, float], environment: dict[str, Any],
-                  is_main: bool, gammas: dict[str, Any]) -> EpochBoard | None:
-    """On rank 0: the run folder with its config.yaml (provenance, stage, resolved sparsity,
-    environment), and the TensorBoard writer when log.tensorboard asks for one."""
+                  is_main: bool, gammas: dict[str, Any], held: contextlib.ExitStack) -> EpochBoard | None:
+    """On rank 0: the run folder, held (a second writer is refused before it writes anything),
+    with its config.yaml (provenance, stage, resolved sparsity, environment), and the TensorBoard
+    writer when log.tensorboard asks for one; `held` releases both."""
     board = None
     if is_main:
         if cfg.log.tensorboard:
             tensorboard_available()  # before the folder exists: a missing extra leaves nothing behind
         # Created only now: a run refused earlier (bad data, a model too large) leaves no empty folder.
         run_dir.mkdir(parents=True, exist_ok=True)
+        held.callback(hold_run_dir(run_dir))
         save_config(cfg, run_dir / "config.yaml",
                     extra={"provenance": provenance(), "stage": stage, "sparsity_resolved": strength,
                            "environment": environment})
         if cfg.log.tensorboard:
             board = EpochBoard(run_dir / "tb", gammas, sparsity=strength["sparsity"])
+            held.callback(board.close)
     return board
 
 

@@ -177,3 +177,25 @@ def test_a_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch, unin
     assert "Traceback" not in result.output
     assert (out / "last.pt").read_bytes() == before
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_a_live_run_holds_its_folder_and_a_killed_ones_lock_is_taken_over(tmp_path):
+    from slimctl.pipeline.runs import hold_run_dir
+
+    out = tmp_path / "run"
+    out.mkdir()
+    release = hold_run_dir(out)  # as a live run would
+    for extra in ((), ("--force",)):
+        result = run("sparse-train", "-c", DEMO_CONFIG, "-o", out, *sets(*TINY), *extra, code=2)
+        assert "is in use by another run (pid" in result.output
+    assert sorted(p.name for p in out.iterdir()) == [".lock"]  # nothing written beside it
+    release()
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from slimctl.pipeline.runs import "
+                               "hold_run_dir; hold_run_dir(__import__('pathlib').Path(sys.argv[1])); "
+                               "print('held', flush=True); time.sleep(60)", str(out)], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    run("sparse-train", "-c", DEMO_CONFIG, "-o", out, *sets(*TINY), code=2)
+    holder.kill()
+    holder.wait()
+    run("sparse-train", "-c", DEMO_CONFIG, "-o", out, *sets(*TINY))  # the dead holder's lock is free
+    assert (out / "best.pt").exists()
