@@ -17,14 +17,24 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 
 
 def resolve_device(name: str) -> torch.device:
+    """`auto`, `cpu`, `cuda` or `cuda:N`, checked against this machine: anything else (`meta`, `mps`,
+    a GPU index that is not there) is a one-line SlimctlError."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise SlimctlError("device is 'cuda' but no CUDA device is available; use 'auto' or 'cpu'")
     try:
-        return torch.device(name)
-    except RuntimeError:
-        raise SlimctlError(f"unknown device {name!r}; use one of {', '.join(DEVICES)} (or cuda:N)") from None
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda") or (device.type == "cpu" and device.index):
+        raise SlimctlError(f"unknown device {str(name)[:40]!r}; use one of {', '.join(DEVICES)} (or cuda:N)")
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise SlimctlError(f"device is {name!r} but no CUDA device is available; use 'auto' or 'cpu'")
+        if device.index is not None and device.index >= count:
+            raise SlimctlError(f"device is {name!r} but this machine has {count} CUDA device(s): cuda:0 to "
+                               f"cuda:{count - 1}")
+    return device
 
 
 def cpu_has_native_bf16() -> bool:

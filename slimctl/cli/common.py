@@ -7,6 +7,7 @@ Exit codes: 0 ok; 2 bad input (one message on stderr, no traceback); 1 anything 
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -126,6 +127,18 @@ def run_options(config_help: str, out_help: str):
         return command
 
     return decorate
+
+
+class FiniteFloat(click.FloatRange):
+    """click's FloatRange, refusing nan and inf too (a range check lets nan through: nan < 0 is False)."""
+
+    name = "number"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return number
 
 
 # prune, sweep and eval: the test batch, lowered when evaluation runs out of memory

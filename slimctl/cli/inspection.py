@@ -10,7 +10,7 @@ import torch
 
 from slimctl.base.device import PRECISION_NAMES, PRECISIONS
 from slimctl.base.groups import COUPLED_MODES
-from slimctl.cli.common import cli, err_console, out_console, print_json, test_batch_option, UserError
+from slimctl.cli.common import cli, err_console, FiniteFloat, out_console, print_json, test_batch_option, UserError
 
 
 @cli.command("compare")
@@ -50,12 +50,13 @@ def compare_cmd(runs: tuple[Path, ...], png: Path | None, force: bool, as_json: 
               help="[default: from OUT's suffix (.onnx, .ts, .pt2), else onnx]")
 @click.option("--input-size", default=None, metavar="C,H,W",
               help="Input the artifact is traced at [default: the checkpoint's, e.g. 3,32,32 for CIFAR].")
-@click.option("--opset", type=click.IntRange(min=7), default=None, help="ONNX opset [default: torch's].")
+@click.option("--opset", type=int, default=None,
+              help="ONNX opset, 18 or later (the oldest torch's exporter writes) [default: torch's].")
 @click.option("--fold-bn/--no-fold-bn", default=True, show_default=True,
               help="Fold each BatchNorm into the conv before it where that is exact.")
 @click.option("--dynamic-batch/--static-batch", default=True, show_default=True,
               help="Any batch size, or only the traced one (batch 2).")
-@click.option("--tolerance", type=click.FloatRange(min=0), default=1e-4, show_default=True,
+@click.option("--tolerance", type=FiniteFloat(min=0), default=1e-4, show_default=True,
               help="Largest max |Δlogits| / max |logits| the parity check accepts.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a summary.")

@@ -7,7 +7,8 @@ from pathlib import Path
 import click
 
 from slimctl.base.groups import COUPLED_MODES
-from slimctl.cli.common import cli, err_console, out_console, print_json, recalibrate_option, test_batch_option, UserError
+from slimctl.cli.common import (cli, err_console, FiniteFloat, out_console, print_json, recalibrate_option,
+                                test_batch_option, UserError)
 from slimctl.core.compensate import COMPENSATE_MODES
 from slimctl.core.sweep import DEFAULT_RATIOS
 
@@ -107,7 +108,7 @@ def prune_cmd(checkpoint: Path, ratio: float | None, out: Path | None, min_chann
               help="Comma-separated ratios to try, each in [0, 1).")
 @click.option("--compare", type=click.Path(path_type=Path), default=None,
               help="Another checkpoint to sweep alongside, e.g. the λ = 0 baseline of the same network.")
-@click.option("--tolerance", type=click.FloatRange(min=0), default=0.5, show_default=True,
+@click.option("--tolerance", type=FiniteFloat(min=0), default=0.5, show_default=True,
               help="Points of top-1 below the unpruned model's that still count as safe.")
 @click.option("--subset", type=int, default=None, help="Evaluate on this many test images (a fixed choice) for speed.")
 @test_batch_option

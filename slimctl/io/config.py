@@ -355,7 +355,7 @@ def _check(ok: bool, key: str, rule: str, value: Any) -> None:
 
 
 MAX_EPOCHS = 1_000_000
-MAX_LR = 1e3  # also the largest λ
+MAX_LR = 1e30  # also the largest λ; float32 overflows at 3.4e38
 MAX_BUDGET = 1e6
 
 

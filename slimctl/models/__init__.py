@@ -54,6 +54,8 @@ def create_model(
     unless given). A model too large for this machine is a SlimctlError ("out of memory while
     building …"), refused before allocating when its parameters alone exceed the physical memory.
     """
+    if not (isinstance(width, (int, float)) and width > 0):  # nan too; inf is "out of memory" below
+        raise SlimctlError(f"width must be a positive number, got {str(width)[:40]}")
     if arch.startswith(TORCHVISION):
         build = _torchvision_builder(arch[len(TORCHVISION):], num_classes, width, arch_args)
         what, advice = f"building {arch}", "the model size: pick a smaller torchvision model"

@@ -19,7 +19,7 @@ from torch import nn
 
 from slimctl.io.checkpoint import load_checkpoint, model_from_checkpoint
 from slimctl.base.device import autocast
-from slimctl.errors import SlimctlError
+from slimctl.errors import SlimctlError, out_of_memory_as_error
 from slimctl.core.flops import count_flops, count_params
 from slimctl.core.fold import batchnorm_count, fold_bn as fold_batchnorms
 
@@ -108,9 +108,10 @@ def bench_checkpoints(
                 folded = batchnorm_count(model) - batchnorm_count(timed)
             size = tuple(model.arch_spec["input_size"])
             for bs in batch_sizes:
-                timer = latency_timer(timed, batch_size=bs, input_size=size, runtime=runtime, device=device,
-                                      dtype=dtype)
-                ms = timer(repeats=repeats, warmup=warmup)
+                with out_of_memory_as_error(f"timing {path} at batch size {bs}", "--batch-sizes"):
+                    timer = latency_timer(timed, batch_size=bs, input_size=size, runtime=runtime, device=device,
+                                          dtype=dtype)
+                    ms = timer(repeats=repeats, warmup=warmup)
                 baseline.setdefault((runtime, bs), ms)
                 rows.append({
                     "checkpoint": str(path), "runtime": runtime, "params": params, "flops": flops, "batch_size": bs,

@@ -12,6 +12,7 @@ widths, params, FLOPs, top-1, lineage) travels inside: ONNX metadata_props, or a
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 import warnings
@@ -25,11 +26,12 @@ from torch import nn
 from slimctl._version import __version__
 from slimctl.base.files import check_output
 from slimctl.io.checkpoint import load_checkpoint, model_from_checkpoint
-from slimctl.errors import SlimctlError
+from slimctl.errors import SlimctlError, out_of_memory_as_error
 from slimctl.core.flops import count_flops, count_params
 from slimctl.core.fold import batchnorm_count, fold_bn
 
 FORMATS = ("onnx", "torchscript", "pt2")
+MIN_OPSET = 18  # the oldest opset torch's ONNX exporter writes (an older one was silently raised to it)
 SUFFIXES = {"onnx": ".onnx", "torchscript": ".ts", "pt2": ".pt2"}
 EXTRA_FILE = "slimctl.json"  # TorchScript / pt2: slimctl's record inside the archive
 TOLERANCE = 1e-4  # max |exported − checkpoint| relative to max |checkpoint logits|, float32
@@ -91,13 +93,18 @@ def export_checkpoint(checkpoint: Path, out: Path, *, fmt: str, input_size: tupl
 
     if fmt not in FORMATS:
         raise SlimctlError(f"unknown export format {fmt!r}; use one of {', '.join(FORMATS)}")
+    if not (math.isfinite(tolerance) and tolerance >= 0):
+        raise SlimctlError(f"--tolerance must be a finite number >= 0, got {tolerance}")
+    if opset is not None and opset < MIN_OPSET:
+        raise SlimctlError(f"--opset {opset}: torch's exporter writes opset {MIN_OPSET} or later")
     check_output(out, force=force)
     needs(fmt)
     ckpt = load_checkpoint(checkpoint)
     reference = model_from_checkpoint(ckpt, source=str(checkpoint)).eval()
     size = tuple(input_size or ckpt["input_size"])
-    example = torch.randn(2, *size, generator=torch.Generator().manual_seed(PARITY_SEED))
-    expected = _forward(reference, example, size)  # an input size the model cannot take stops here, before any file
+    with out_of_memory_as_error(f"exporting {checkpoint} at input size {','.join(map(str, size))}", "--input-size"):
+        example = torch.randn(2, *size, generator=torch.Generator().manual_seed(PARITY_SEED))
+        expected = _forward(reference, example, size)  # an input size the model cannot take stops here
     model = reference
     if fold:
         model = fold_bn(reference)
@@ -112,6 +119,9 @@ def export_checkpoint(checkpoint: Path, out: Path, *, fmt: str, input_size: tupl
         if dynamic_batch:  # another batch size than the traced one
             other = torch.randn(3, *size, generator=torch.Generator().manual_seed(PARITY_SEED + 1))
             parity.append(_parity(RUNNERS[fmt](tmp, other), _forward(reference, other, size), tolerance))
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o666 & ~umask)  # mkstemp's 0600 would make the artifact private, unlike checkpoints
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)

@@ -231,8 +231,9 @@ def sweep_checkpoint(
         cfg = recorded_config(ckpt, str(path))
         if cfg is None:
             raise SlimctlError(f"{path} records no config, so slimctl does not know its data set; sweep needs data")
+        on = resolve_device(device)  # a bad --device is its own error, not a data-root one
         try:
-            test_set = TestSet(cfg, resolve_device(device), data_root, subset, batch_size)
+            test_set = TestSet(cfg, on, data_root, subset, batch_size)
         except SlimctlError as exc:
             raise SlimctlError(f"sweep needs the test set: {exc} (point at it with --data-root DIR)") from None
         recalibrator = (_recalibrator(cfg, str(path), recalibrate, resolve_device(device), data_root)

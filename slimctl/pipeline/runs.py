@@ -55,25 +55,34 @@ LOCK_NAME = ".lock"
 
 def hold_run_dir(run_dir: Path) -> Callable[[], None]:
     """Hold `run_dir` for this process: an exclusive lock (flock) on `run_dir/.lock`, which names
-    the holder; the function returned releases it. The kernel drops the lock when its process
-    dies, so a lock left by a killed run is free and taken over. A folder another live run holds is
-    a SlimctlError, --force or not: two writers would mix their checkpoints and configs."""
+    the holder; the function returned releases it and removes the file. The kernel drops the lock
+    when its process dies, so the file a killed run leaves is free and taken over. A folder another
+    live run holds is a SlimctlError, --force or not: two writers would mix their checkpoints."""
     try:
         import fcntl
     except ImportError:  # no flock (Windows): unguarded
         return lambda: None
-    fd = os.open(run_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
+    path = run_dir / LOCK_NAME
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
+            os.close(fd)
+            raise SlimctlError(f"{run_dir} is in use by another run ({holder or 'another process'}); wait for it "
+                               "to end, or write elsewhere with -o") from None
+        try:
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                break  # the file at the path, not one a finishing holder has just removed
+        except FileNotFoundError:
+            pass
         os.close(fd)
-        raise SlimctlError(f"{run_dir} is in use by another run ({holder or 'another process'}); wait for it to "
-                           "end, or write elsewhere with -o") from None
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
 
     def release() -> None:
+        path.unlink(missing_ok=True)  # while still held: a newcomer then makes a fresh file
         fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
 

@@ -212,6 +212,32 @@ def test_bench_compares_checkpoints(pipeline):
 
 def test_a_budget_that_needs_an_overflowing_lambda_is_exit_2_and_writes_nothing(tmp_path):
     out = tmp_path / "run"
-    result = run("sparse-train", "-c", DEMO_CONFIG, "-o", out, *_sets("train.sparsity_budget=1e5"), code=2)
+    result = run("sparse-train", "-c", DEMO_CONFIG, "-o", out, *_sets("train.lr=1e-35"), code=2)
     assert "needs λ =" in result.output and "lower the budget" in result.output
     assert not out.exists()
+
+
+@pytest.mark.parametrize("command, message", [
+    (["eval", "{best}", "--device", "cuda:99"], "no CUDA device is available"),
+    (["eval", "{best}", "--device", "meta"], "unknown device 'meta'"),
+    (["sweep", "{best}", "--device", "bogus", "--ratios", "0.5"], "unknown device 'bogus'; use one of"),
+    (["export", "{best}", "-o", "{tmp}/big.onnx", "--input-size", "3,100000,100000"],
+     "out of memory while exporting"),
+    (["bench", "{best}", "--batch-sizes", "10000000", "--repeats", "1"], "out of memory while timing"),
+    (["export", "{best}", "-o", "{tmp}/o.onnx", "--opset", "7"], "writes opset 18 or later"),
+    (["export", "{best}", "-o", "{tmp}/o.onnx", "--tolerance", "nan"], "'nan' is not a finite number"),
+    (["sweep", "{best}", "--ratios", "0.5", "--tolerance", "inf"], "'inf' is not a finite number"),
+    (["info", "--arch", "vgg11", "--width", "nan"], "width must be a positive number"),
+])
+def test_bad_numbers_and_devices_are_one_line_not_a_traceback(tiny_run, tmp_path, command, message):
+    args = [a.format(best=tiny_run / "best.pt", tmp=tmp_path) for a in command]
+    result = run(*args, code=2)
+    assert message in result.output and "Traceback" not in result.output
+    assert len(result.output.strip().splitlines()[-1]) < 300
+    assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_an_exported_artifact_is_as_readable_as_a_checkpoint(tiny_run, tmp_path):
+    run("export", tiny_run / "best.pt", "-o", tmp_path / "m.ts")
+    run("prune", tiny_run / "best.pt", "--ratio", "0.3", "-o", tmp_path / "p.pt", "--no-eval")
+    assert (tmp_path / "m.ts").stat().st_mode & 0o777 == (tmp_path / "p.pt").stat().st_mode & 0o777

@@ -198,4 +198,4 @@ def test_a_live_run_holds_its_folder_and_a_killed_ones_lock_is_taken_over(tmp_pa
     holder.kill()
     holder.wait()
     run("sparse-train", "-c", DEMO_CONFIG, "-o", out, *sets(*TINY))  # the dead holder's lock is free
-    assert (out / "best.pt").exists()
+    assert (out / "best.pt").exists() and not (out / ".lock").exists()  # removed when the run ends
