@@ -28,6 +28,7 @@ import io
 import json
 import pickle
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -146,18 +147,26 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise SlimctlError(f"checkpoint not found: {path}")
     if path.is_dir():
         raise SlimctlError(f"{path} is a folder; pass a checkpoint file such as {path / 'best.pt'}")
+    if not path.is_file():
+        raise SlimctlError(f"{path} is not a regular file (a pipe or a device); pass a checkpoint file")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch warns about pickle protocols before refusing them
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        match = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        match = re.search(r"[Uu]nsupported (?:global: )?GLOBAL (\S+)", str(exc))
         if match:  # a pickled class or function: slimctl never writes one, and it could run code
             raise SlimctlError(
                 f"{path} is not a slimctl checkpoint: it contains a pickled object ({match.group(1)}), "
                 "which is refused because loading it could run code"
             ) from None
+        if "Weights only load failed" in str(exc) and _starts_like_a_pickle(path):
+            raise SlimctlError(f"{path} is not a slimctl checkpoint: it holds pickled data other than tensors and "
+                               "plain values, refused because loading it could run code") from None
         raise SlimctlError(f"{path} is not a readable slimctl checkpoint (corrupt or not a torch file)") from None
-    except Exception as exc:  # truncated zip, random bytes, permission denied, …
-        raise SlimctlError(f"{path} is not a readable slimctl checkpoint ({type(exc).__name__}: {str(exc)[:200]})") from None
+    except Exception as exc:  # truncated zip, random bytes, text, permission denied, …
+        what = exc.strerror if isinstance(exc, OSError) and exc.strerror else "corrupt, truncated or not a torch file"
+        raise SlimctlError(f"{path} is not a readable slimctl checkpoint ({what})") from None
     if not isinstance(ckpt, dict) or "format" not in ckpt:
         raise SlimctlError(f"{path} is not a slimctl checkpoint (no 'format' key); was it written by slimctl?")
     if ckpt["format"] not in (FORMAT, LEGACY_FORMAT):
@@ -237,6 +246,12 @@ def check_fields(ckpt: dict[str, Any], path: str | Path) -> None:
             config_from_dict(ckpt["config"])
         except SlimctlError as exc:
             raise SlimctlError(f"{path} is corrupted: its recorded config is invalid ({exc})") from None
+
+
+def _starts_like_a_pickle(path: Path) -> bool:
+    """A bare pickle of protocol 2 or later opens with the PROTO opcode (0x80)."""
+    with open(path, "rb") as f:
+        return f.read(1) == b"\x80"
 
 
 def model_from_checkpoint(ckpt: dict[str, Any], device: str | torch.device = "cpu", source: str = "checkpoint") -> nn.Module:

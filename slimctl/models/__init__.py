@@ -68,6 +68,8 @@ def create_model(
     else:
         build = _family_builder(arch, num_classes, width, arch_args)
         what, advice = f"building {arch} at width {width:g}", "model.width / --width"
+        if num_classes is not None and num_classes > 100_000:  # the head alone may be what does not fit
+            what, advice = f"{what} for {num_classes:,} classes", f"{advice}, or the number of classes"
         # At width <= 1 with the default depth every family has at most vgg19's 20M parameters
         # (80 MB): the count (10-150 ms on "meta") is only worth it above that.
         if width > 1 or arch_args:

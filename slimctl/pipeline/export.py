@@ -218,7 +218,8 @@ def read_artifact(path: Path) -> dict[str, Any]:
     """slimctl's record stored in an exported artifact (for `slimctl info`)."""
     fmt = format_of(path)
     if not path.is_file():
-        raise SlimctlError(f"{path} does not exist")
+        raise SlimctlError(f"{path} is a folder, not an exported artifact" if path.is_dir() else
+                           f"{path} does not exist" if not path.exists() else f"{path} is not a regular file")
     try:
         if fmt == "onnx":
             needs("onnx")

@@ -131,6 +131,10 @@ def prune_checkpoint(
     recalibrator = (_recalibrator(cfg, str(checkpoint), recalibrate, resolve_device(device), data_root)
                     if recalibrate else None)
     groups = channel_groups(model, coupled=coupled)
+    widest = max((int(group_scores(model, g).numel()) for g in groups), default=0)
+    if min_channels >= widest > 0:
+        raise SlimctlError(f"--min-channels {min_channels} keeps every channel: the widest group has {widest}; "
+                           "nothing would be pruned")
     plan = _plan_for(model, groups, cfg, ratio=ratio, target=target, min_channels=min_channels, round_to=round_to,
                      compensate=compensate)
     ratio = plan.ratio

@@ -201,6 +201,8 @@ def _open_run_dir(cfg: Config, run_dir: Path, *, stage: str, strength: dict[str,
         # Created only now: a run refused earlier (bad data, a model too large) leaves no empty folder.
         run_dir.mkdir(parents=True, exist_ok=True)
         held.callback(hold_run_dir(run_dir))
+        for stale in run_dir.glob(".*.tmp"):  # half-written by a run killed mid-save: no live writer now
+            stale.unlink(missing_ok=True)
         save_config(cfg, run_dir / "config.yaml",
                     extra={"provenance": provenance(), "stage": stage, "sparsity_resolved": strength,
                            "environment": environment})

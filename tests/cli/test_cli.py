@@ -241,3 +241,13 @@ def test_an_exported_artifact_is_as_readable_as_a_checkpoint(tiny_run, tmp_path)
     run("export", tiny_run / "best.pt", "-o", tmp_path / "m.ts")
     run("prune", tiny_run / "best.pt", "--ratio", "0.3", "-o", tmp_path / "p.pt", "--no-eval")
     assert (tmp_path / "m.ts").stat().st_mode & 0o777 == (tmp_path / "p.pt").stat().st_mode & 0o777
+
+
+def test_inputs_of_the_wrong_kind_are_named_for_what_they_are(tiny_run, tmp_path):
+    (tmp_path / "x.onnx").mkdir()
+    assert "is a folder, not an exported artifact" in run("info", tmp_path / "x.onnx", code=2).output
+    result = run("info", "--arch", "vgg11", "--num-classes", "10000000000", code=2)
+    assert "for 10,000,000,000 classes" in result.output and "or the number of classes" in result.output
+    result = run("prune", tiny_run / "best.pt", "--ratio", "0.5", "--min-channels", "1000000000",
+                 "-o", tmp_path / "p.pt", code=2)
+    assert "keeps every channel" in result.output and not (tmp_path / "p.pt").exists()

@@ -1,3 +1,5 @@
+import re
+
 import pytest
 import torch
 
@@ -189,3 +191,23 @@ def test_a_legacy_checkpoint_loads_and_its_fields_are_still_checked(tmp_path):
     torch.save({**legacy, "input_size": [3, -1, 32]}, tmp_path / "bad.pt")  # the model digest does not see it
     with pytest.raises(SlimctlError, match="is corrupted: 'input_size'"):
         load_checkpoint(tmp_path / "bad.pt")
+
+
+def test_what_is_not_a_checkpoint_is_named_for_what_it_is(tmp_path):
+    import os
+    import pickle
+
+    class Payload:
+        def __reduce__(self):
+            return os.system, ("echo pwned",)
+
+    (tmp_path / "raw.pt").write_bytes(pickle.dumps(Payload(), protocol=4))  # a bare pickle, not a torch file
+    torch.save({"format": "slimctl/2", "x": Payload()}, tmp_path / "torch.pt")
+    (tmp_path / "text.pt").write_text("hello")
+    os.mkfifo(tmp_path / "fifo.pt")
+    for name, message in (("raw.pt", "refused because loading it could run code"),
+                          ("torch.pt", "a pickled object (posix.system)"),
+                          ("text.pt", "corrupt, truncated or not a torch file"),
+                          ("fifo.pt", "not a regular file")):
+        with pytest.raises(SlimctlError, match=re.escape(message)):
+            load_checkpoint(tmp_path / name)

@@ -199,3 +199,13 @@ def test_a_live_run_holds_its_folder_and_a_killed_ones_lock_is_taken_over(tmp_pa
     holder.wait()
     run("sparse-train", "-c", DEMO_CONFIG, "-o", out, *sets(*TINY))  # the dead holder's lock is free
     assert (out / "best.pt").exists() and not (out / ".lock").exists()  # removed when the run ends
+
+
+def test_a_resumed_run_removes_what_a_killed_save_left_half_written(tmp_path, uninterrupted):
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(uninterrupted, out)
+    (out / ".last.pt.abc123.tmp").write_bytes(b"half a checkpoint")  # SIGKILL inside atomic_write_bytes
+    run("sparse-train", "-c", DEMO_CONFIG, "-o", out, *BASE, "--set", "train.epochs=4", "--resume")
+    assert not list(out.glob(".*.tmp"))
