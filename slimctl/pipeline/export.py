@@ -238,7 +238,26 @@ def read_artifact(path: Path) -> dict[str, Any]:
     if "slimctl_version" not in meta:
         raise SlimctlError(f"{path}: a {fmt} file without slimctl's record (not exported by `slimctl export`)")
     decoded = {k: _decode(v) for k, v in meta.items()}
+    problem = _record_problem(decoded)
+    if problem:
+        raise SlimctlError(f"{path}: its slimctl record is incomplete or altered ({problem})")
     return {"format": fmt, **decoded}
+
+
+def _record_problem(record: dict[str, Any]) -> str | None:
+    """What is missing or of the wrong type in an artifact's record (what `record` writes), or None."""
+    counts = all(isinstance(record.get(k), int) and not isinstance(record.get(k), bool) for k in ("params", "flops"))
+    if not counts:
+        return "params and flops must be integers"
+    if not isinstance(record.get("arch"), str) or not isinstance(record.get("stage"), str):
+        return "arch and stage must be names"
+    top1 = record.get("top1")
+    if top1 is not None and not isinstance(top1, (int, float)):
+        return "top1 must be a number"
+    lineage = record.get("lineage", [])
+    if not (isinstance(lineage, list) and all(isinstance(r, dict) and isinstance(r.get("stage"), str) for r in lineage)):
+        return "lineage must be a list of stages"
+    return None
 
 
 RECORD_LIMIT = 1 << 20  # bytes: slimctl's record is a few hundred; anything larger is not one

@@ -111,7 +111,7 @@ def test_info_reads_an_archive_record_without_loading_the_archive(tmp_path, monk
         def __reduce__(self):
             return os.system, ("echo pwned > " + str(tmp_path / "pwned"),)
 
-    record = {"slimctl_version": "0.1.0", "arch": "vgg11", "stage": "prune"}
+    record = {"slimctl_version": "0.1.0", "arch": "vgg11", "stage": "prune", "params": 10, "flops": 20}
     for name in ("evil.pt2", "evil.ts"):
         with zipfile.ZipFile(tmp_path / name, "w") as archive:
             archive.writestr("evil/data.pkl", pickle.dumps(Payload()))
@@ -194,3 +194,20 @@ def test_bench_times_both_runtimes_with_speedups_within_each(tmp_path):
     assert rows[2]["speedup"] == 1.0 and rows[3]["speedup"] == pytest.approx(rows[2]["latency_ms"] / rows[3]["latency_ms"])
     result = run("bench", pruned, "--runtime", "tensorrt", code=2)
     assert "unknown runtime tensorrt" in result.output
+
+
+def test_info_on_an_artifact_with_a_partial_record_is_one_line(tmp_path):
+    import onnx
+
+    checkpoint = pruned_checkpoint(tmp_path, "vgg11", width=0.25)
+    run("export", checkpoint, "-o", tmp_path / "m.onnx")
+    model = onnx.load(str(tmp_path / "m.onnx"))
+    kept = [(p.key, p.value) for p in model.metadata_props if p.key in ("slimctl_version", "arch")]
+    del model.metadata_props[:]
+    for key, value in kept + [("lineage", "[1, 2]")]:
+        prop = model.metadata_props.add()
+        prop.key, prop.value = key, value
+    onnx.save(model, str(tmp_path / "partial.onnx"))
+    for extra in ((), ("--json",)):
+        result = run("info", tmp_path / "partial.onnx", *extra, code=2)
+        assert "its slimctl record is incomplete or altered" in result.output and "Traceback" not in result.output
