@@ -117,10 +117,35 @@ def test_every_checkpoint_field_is_validated_by_every_reader(checkpoint_bytes, t
         torch.save(ckpt, path)
         for command in (["info", path, "--json"], ["eval", path, "--json"], ["report", path, "--json"],
                         ["prune", path, "--ratio", "0.5", "-o", tmp_path / "o.pt", "--force", "--no-eval"],
-                        ["export", path, "-o", tmp_path / "o.ts", "--force"]):
+                        ["export", path, "-o", tmp_path / "o.ts", "--force"],
+                        ["bench", path, "--batch-sizes", "1", "--repeats", "1", "--json"]):
             result = run(*command, code=None)
             assert result.exit_code in (0, 2), (field, name, command[0], result.output, result.exception)
             assert result.exception is None or isinstance(result.exception, SystemExit), (field, name, command[0])
             lines = result.output.strip().splitlines()
             if result.exit_code == 2:
                 assert len(lines[-1]) < 400 and lines[-1].startswith("Error:"), (field, name, command[0], lines)
+
+
+RUN_MUTATIONS = [None, "text", float("nan"), -1, 10**30, {"a": [1]}]
+
+
+@pytest.mark.parametrize("key", ["epoch", "test_top1", "images_per_sec", "gamma_mean_abs", "gamma_frac_below_1e-2"])
+def test_every_run_folder_field_is_validated_by_compare_and_report(tmp_path, key):
+    """metrics.jsonl rows and config.yaml values mutated one at a time: compare and report give a
+    result or exit 2 in one line, never a traceback."""
+    import yaml
+
+    row = {"epoch": 1, "test_top1": 50.0, "images_per_sec": 100.0, "gamma_mean_abs": 0.5,
+           "gamma_frac_below_1e-2": 0.1}
+    configs = [{"stage": "sparse-train"}, {"stage": 7, "environment": "x"}, [1, 2], "text", None]
+    for i, (value, config) in enumerate(zip(RUN_MUTATIONS, configs * 2)):
+        folder = tmp_path / f"run{i}"
+        folder.mkdir()
+        mutated = {k: v for k, v in row.items() if k != key} if value is None else {**row, key: value}
+        (folder / "metrics.jsonl").write_text(json.dumps(row) + "\n" + json.dumps(mutated) + "\n")
+        (folder / "config.yaml").write_text(yaml.safe_dump(config))
+        for command in (["compare", folder], ["compare", folder, "--json"], ["report", folder]):
+            result = run(*command, code=None)
+            assert result.exit_code in (0, 2), (key, value, command[0], result.output, result.exception)
+            assert result.exception is None or isinstance(result.exception, SystemExit), (key, value, command[0])
