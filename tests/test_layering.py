@@ -137,3 +137,21 @@ def test_the_layers_are_folders() -> None:
 def test_an_upward_import_is_caught() -> None:
     assert layer_of("slimctl.core.plan") < layer_of("slimctl.pipeline.pruning")
     assert layer_of("slimctl.trace.walk") == layer_of("slimctl.models.vgg") < layer_of("slimctl.core.fold")
+
+
+def test_no_god_module_no_long_function_no_long_signature() -> None:
+    """docs/design.md's size rules: modules up to 400 lines, functions up to 80, and at most 12
+    parameters except click commands (their options are their parameters)."""
+    too_long, too_wide = [], []
+    for path in PACKAGE.rglob("*.py"):
+        source = path.read_text()
+        assert len(source.splitlines()) <= 400, f"{path.relative_to(PACKAGE)}: {len(source.splitlines())} lines"
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                if node.end_lineno - node.lineno + 1 > 80:
+                    too_long.append(f"{path.name}:{node.name}")
+                count = len(node.args.posonlyargs) + len(node.args.args) + len(node.args.kwonlyargs)
+                is_command = any("command" in ast.unparse(d) for d in node.decorator_list)
+                if count > 12 and not is_command:
+                    too_wide.append(f"{path.name}:{node.name}")
+    assert not too_long and not too_wide, (too_long, too_wide)

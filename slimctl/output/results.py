@@ -15,7 +15,7 @@ from typing import Any
 
 from slimctl.io.checkpoint import load_checkpoint
 from slimctl.errors import SlimctlError
-from slimctl.io.config import safe_yaml
+from slimctl.io.yaml_safe import safe_yaml
 
 # Paper, Table 1(a) (CIFAR-10): test error %, params, FLOPs; ratio None = the unpruned baseline.
 PAPER = {
