@@ -35,6 +35,18 @@ from slimctl.core.sweep import DEFAULT_RATIOS
               help="Instead of --ratio: the smallest ratio that removes X of the FLOPs (a fraction, e.g. 0.5) "
                    "or leaves at most X (a count, e.g. 400M).")
 @click.option("--target-params", default=None, metavar="X", help="The same for parameters (e.g. 0.7 or 2.5M).")
+@click.option("--target-latency", default=None, metavar="X",
+              help="Instead of --ratio: the smallest ratio whose pruned model runs in at most X of the unpruned "
+                   "model's time (e.g. 0.6) or in X (e.g. 8ms), measured here as deployed (BNs folded) under "
+                   "--runtime, --latency-batch, --threads and --precision.")
+@click.option("--runtime", type=click.Choice(["torch", "onnxruntime"]), default="torch", show_default=True,
+              help="With --target-latency: what times the model (onnxruntime: fp32, pip install 'slimctl[export]').")
+@click.option("--latency-batch", type=click.IntRange(min=1), default=1, show_default=True,
+              help="With --target-latency: the batch size timed.")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="With --target-latency: CPU threads [default: torch's, i.e. OMP_NUM_THREADS or the cores].")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="fp32",
+              show_default=True, help="With --target-latency and --runtime torch: the precision timed.")
 @click.option("--data-root", default=None, help="Where the data set lives, if not where the checkpoint's config says.")
 @click.option("--no-eval", is_flag=True, help="Skip the test-set evaluation of the pruned model.")
 @recalibrate_option
@@ -47,6 +59,7 @@ from slimctl.core.sweep import DEFAULT_RATIOS
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables.")
 def prune_cmd(checkpoint: Path, ratio: float | None, out: Path | None, min_channels: int | None, round_to: int,
               coupled: str, compensate: str, target_flops: str | None, target_params: str | None,
+              target_latency: str | None, runtime: str, latency_batch: int, threads: int | None, precision: str,
               data_root: str | None, no_eval: bool, recalibrate: int, batch_size: int | None, device: str,
               force: bool, tensorboard: bool, as_json: bool) -> None:
     """Remove the channels whose BN |γ| falls under one global threshold; write a narrower model.
@@ -60,13 +73,18 @@ def prune_cmd(checkpoint: Path, ratio: float | None, out: Path | None, min_chann
     from slimctl.pipeline.pruning import DataAccess, PruneOptions, prune_checkpoint, prune_events
     from slimctl.core.targets import parse_target
 
-    if target_flops is not None and target_params is not None:
-        raise UserError("give one of --target-flops and --target-params, not both")
+    from slimctl.pipeline.latency import parse_latency
+
+    if sum(t is not None for t in (target_flops, target_params, target_latency)) > 1:
+        raise UserError("give one of --target-flops, --target-params and --target-latency")
     target = None
     if target_flops is not None:
         target = parse_target("flops", target_flops)
     elif target_params is not None:
         target = parse_target("params", target_params)
+    elif target_latency is not None:
+        target = parse_latency(target_latency, runtime=runtime, batch_size=latency_batch, threads=threads,
+                               precision=precision)
     result = prune_checkpoint(
         checkpoint, out, ratio=ratio, target=target, evaluate_model=not no_eval, force=force,
         options=PruneOptions(min_channels, round_to, coupled, compensate, recalibrate),
@@ -99,6 +117,15 @@ def prune_cmd(checkpoint: Path, ratio: float | None, out: Path | None, min_chann
     if result["target"] is not None:
         out_console.print(f"ratio {result['ratio']:.4g} meets --target-{result['target']['kind']} "
                           f"{result['target']['value']}")
+    latency = result.get("latency")
+    if latency is not None:
+        out_console.print(
+            f"latency {latency['unpruned_ms']:.3g} ms → {latency['pruned_ms']:.3g} ms ({latency['speedup']:.2f}×; "
+            f"target {latency['target_ms']:.3g} ms), {latency['runtime']}, batch {latency['batch_size']}, "
+            f"{latency['precision']}, {latency['threads']} threads; {latency['machine']}")
+        if not latency["met"]:
+            err_console.print("[yellow]warning:[/] timed again, the pruned model misses the target (the machine's "
+                              "timing noise); pass a slightly lower --target-latency")
     out_console.print(f"→ {result['out']}  (histogram {result['histogram']})")
 
 

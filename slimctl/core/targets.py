@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
+from typing import Callable
 
 from torch import nn
 
@@ -57,40 +58,53 @@ def measure(model: nn.Module, kind: str) -> int:
     return count_flops(model) if kind == "flops" else count_params(model)
 
 
-def plan_for_target(
-    model: nn.Module, groups: list[ChannelGroup], target: Target, *, min_channels: int, round_to: int,
-    compensate: str = "exact",
-) -> tuple[ChannelPlan, int]:
-    """The plan of the smallest ratio that meets `target`, and the pruned model's count.
+def search_plan(
+    model: nn.Module, groups: list[ChannelGroup], *, measure: Callable[[nn.Module], float],
+    met: Callable[[float], bool], min_channels: int, round_to: int, compensate: str = "exact",
+) -> tuple[ChannelPlan, float, bool]:
+    """(plan, its pruned model's `measure`, True) for the smallest ratio whose pruned model meets
+    `met`; or (the most pruning's plan, its measure, False) when even that does not.
 
-    Binary search over the k/total ratios (the only ones that differ): removing more channels never
-    adds FLOPs or params, so the first ratio that meets the target is found in log2(total) prunes.
+    Binary search over the k/total ratios (the only ones that differ), assuming that removing more
+    channels never makes the measure worse (FLOPs, params; latency up to noise): log2(total) prunes.
     """
-    before = measure(model, target.kind)
 
-    def attempt(k: int) -> tuple[ChannelPlan, int]:
+    def attempt(k: int) -> tuple[ChannelPlan, float]:
         ratio = (k + 0.5) / total  # int(total · ratio) = k: the k-th smallest score is the threshold
         plan = make_plan(model, groups, ratio, min_channels=min_channels, round_to=round_to)
-        return plan, measure(apply_plan(model, plan, compensate=compensate), target.kind)
+        return plan, measure(apply_plan(model, plan, compensate=compensate))
 
-    first = make_plan(model, groups, 0.0, min_channels=min_channels, round_to=round_to)
-    total = first.total
-    if target.met(before, before):
-        return first, before
+    total = make_plan(model, groups, 0.0, min_channels=min_channels, round_to=round_to).total
     plan, value = attempt(total - 1)
-    if not target.met(value, before):
-        reached = f"{100 * (1 - value / before):.1f}% removed, {value:,} left"
-        raise SlimctlError(
-            f"--target-{target.kind} {target.text} is unreachable: the most pruning can do here is {reached} "
-            f"(with --min-channels {min_channels}, --round-to {round_to}); ask for less"
-        )
+    if not met(value):
+        return plan, value, False
     low, high = 0, total - 1  # attempt(high) meets the target; attempt(low - 1) … does not
     best = (plan, value)
     while low < high:
         mid = (low + high) // 2
         plan, value = attempt(mid)
-        if target.met(value, before):
+        if met(value):
             high, best = mid, (plan, value)
         else:
             low = mid + 1
-    return best
+    return best[0], best[1], True
+
+
+def plan_for_target(
+    model: nn.Module, groups: list[ChannelGroup], target: Target, *, min_channels: int, round_to: int,
+    compensate: str = "exact",
+) -> tuple[ChannelPlan, int]:
+    """The plan of the smallest ratio that meets `target`, and the pruned model's count."""
+    before = measure(model, target.kind)
+    if target.met(before, before):
+        return make_plan(model, groups, 0.0, min_channels=min_channels, round_to=round_to), before
+    plan, value, met = search_plan(model, groups, measure=lambda m: measure(m, target.kind),
+                                   met=lambda v: target.met(v, before), min_channels=min_channels,
+                                   round_to=round_to, compensate=compensate)
+    if not met:
+        reached = f"{100 * (1 - value / before):.1f}% removed, {value:,} left"
+        raise SlimctlError(
+            f"--target-{target.kind} {target.text} is unreachable: the most pruning can do here is {reached} "
+            f"(with --min-channels {min_channels}, --round-to {round_to}); ask for less"
+        )
+    return plan, int(value)

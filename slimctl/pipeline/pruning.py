@@ -27,6 +27,7 @@ from slimctl.core.surgery import applied_plan, apply_plan
 from slimctl.core.sweep import largest_safe_ratio, sweep_model
 from slimctl.core.targets import Target, plan_for_target
 from slimctl.data import build_loader
+from slimctl.pipeline.latency import LatencyTarget, confirm, plan_for_latency
 from slimctl.errors import SlimctlError, out_of_memory_as_error
 from slimctl.io.checkpoint import load_checkpoint, make_checkpoint, model_from_checkpoint, save_checkpoint
 from slimctl.io.config import Config, DataConfig, config_from_dict
@@ -135,8 +136,8 @@ def prune_checkpoint(
     if min_channels >= widest > 0:
         raise SlimctlError(f"--min-channels {min_channels} keeps every channel: the widest group has {widest}; "
                            "nothing would be pruned")
-    plan = _plan_for(model, groups, cfg, ratio=ratio, target=target, min_channels=min_channels, round_to=round_to,
-                     compensate=compensate)
+    plan, latency = _plan_for(model, groups, cfg, ratio=ratio, target=target, min_channels=min_channels,
+                              round_to=round_to, compensate=compensate)
     ratio = plan.ratio
     if out is None:
         out = checkpoint.with_name(f"pruned-r{ratio:g}.pt")
@@ -145,6 +146,7 @@ def prune_checkpoint(
     pruned.eval()
     result = _prune_result(ckpt, model, pruned, plan, ratio=ratio, min_channels=min_channels, round_to=round_to,
                            compensate=compensate, notes=notes, target=target)
+    result["latency"] = None if latency is None else confirm(model, pruned, latency, target)
     test_set = None
     if evaluate_model and cfg is not None:
         try:
@@ -190,7 +192,7 @@ def _save_pruned(result: dict[str, Any], checkpoint: Path, out: Path, ckpt: dict
     """Write the pruned checkpoint (its prune record and metrics taken from `result`) and the |γ|
     histogram of the unpruned model beside it; {out, histogram}."""
     prune_info = {k: result[k] for k in ("ratio", "threshold", "min_channels", "round_to", "coupled", "compensate",
-                                         "recalibrated_images", "target", "layers", "exactness")}
+                                         "recalibrated_images", "target", "layers", "exactness", "latency")}
     metrics = {k: result[k] for k in ("params", "flops", "top1") if result[k] is not None}
     save_checkpoint(out, make_checkpoint(pruned.cpu(), stage="prune", config=ckpt.get("config"), parent=checkpoint,
                                          metrics=metrics, prune=prune_info))
@@ -261,20 +263,24 @@ def sweep_checkpoint(
     return result
 
 
-def _plan_for(model: nn.Module, groups, cfg: Config | None, *, ratio: float | None, target: Target | None,
-              min_channels: int, round_to: int, compensate: str):
-    """The plan of `ratio`, of the smallest ratio meeting `target`, or of the config's prune.ratio."""
+def _plan_for(model: nn.Module, groups, cfg: Config | None, *, ratio: float | None,
+              target: Target | LatencyTarget | None, min_channels: int, round_to: int, compensate: str):
+    """(the plan of `ratio`, of the smallest ratio meeting `target`, or of the config's prune.ratio;
+    for a latency target, what was measured, else None)."""
     if ratio is not None and target is not None:
-        raise SlimctlError("give either --ratio or a --target-flops/--target-params, not both")
+        raise SlimctlError("give either --ratio or one --target-flops/--target-params/--target-latency, not both")
+    if isinstance(target, LatencyTarget):
+        return plan_for_latency(model, groups, target, min_channels=min_channels, round_to=round_to,
+                                compensate=compensate)
     if target is not None:
         return plan_for_target(model, groups, target, min_channels=min_channels, round_to=round_to,
-                               compensate=compensate)[0]
+                               compensate=compensate)[0], None
     if ratio is None:
         ratio = cfg.prune.ratio if cfg else None
         if ratio is None:
             raise SlimctlError("--ratio is required (the checkpoint records no prune.ratio)")
     validate_ratio(ratio)
-    return make_plan(model, groups, ratio, min_channels=min_channels, round_to=round_to)
+    return make_plan(model, groups, ratio, min_channels=min_channels, round_to=round_to), None
 
 
 def _pruned_scores(model: nn.Module, plan, pruned: nn.Module, compensate: str, test_set: TestSet | None,

@@ -1,0 +1,132 @@
+"""Prune to a measured latency: `slimctl prune --target-latency 0.6` (of the unpruned model's time)
+or `--target-latency 8ms`, measured on this machine as the model is deployed (BNs folded where
+exact), for a runtime (torch or onnxruntime), a batch size, a thread count and a precision.
+
+The search is the FLOPs target's (`slimctl.core.targets.search_plan`) with the measured median
+latency as the measure; the result is timed again against the unpruned model, alternating, so the
+figures recorded in the checkpoint and printed are from the same conditions and moment.
+"""
+
+from __future__ import annotations
+
+import re
+import statistics
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from slimctl.base.device import environment, machine_label, resolve_precision, PRECISION_NAMES
+from slimctl.base.registry import input_size
+from slimctl.core.fold import fold_bn
+from slimctl.core.plan import ChannelPlan
+from slimctl.core.targets import search_plan
+from slimctl.errors import SlimctlError, out_of_memory_as_error
+from slimctl.pipeline.bench import RUNTIMES, latency_timer
+
+CONFIRM_ROUNDS = 3  # alternating unpruned / pruned timings behind the recorded figures
+
+
+@dataclass(frozen=True)
+class LatencyTarget:
+    """At most `fraction` of the unpruned model's latency, or at most `ms` milliseconds."""
+
+    text: str  # as the user wrote it
+    fraction: float | None = None
+    ms: float | None = None
+    runtime: str = "torch"
+    batch_size: int = 1
+    threads: int | None = None  # None: torch's current thread count
+    precision: str = "fp32"
+    repeats: int = 20
+
+    kind = "latency"
+
+    def met(self, ms: float, unpruned_ms: float) -> bool:
+        return ms <= (unpruned_ms * self.fraction if self.fraction is not None else self.ms)
+
+
+def parse_latency(text: str, **conditions: Any) -> LatencyTarget:
+    """`0.6` → at most 60% of the unpruned latency; `8ms` / `8 ms` / `0.008s` → at most 8 ms."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*(ms|s)?\s*", text)
+    if not match:
+        raise SlimctlError(f"--target-latency {text!r}: expected a fraction of the unpruned latency like 0.6, "
+                           "or a time like 8ms")
+    value, unit = float(match.group(1)), match.group(2)
+    if conditions.get("runtime", "torch") not in RUNTIMES:
+        raise SlimctlError(f"--runtime must be one of {', '.join(RUNTIMES)}")
+    if unit is None:
+        if not 0 < value < 1:
+            raise SlimctlError(f"--target-latency {text!r}: a fraction must be in (0, 1); a time needs ms or s")
+        return LatencyTarget(text, fraction=value, **conditions)
+    ms = value * (1000 if unit == "s" else 1)
+    if not 0 < ms < 1e7:
+        raise SlimctlError(f"--target-latency {text!r}: a time must be above 0 and below 10,000 s")
+    return LatencyTarget(text, ms=ms, **conditions)
+
+
+class _Threads:
+    """torch's intra-op thread count set for a block (onnxruntime sessions follow it), then restored."""
+
+    def __init__(self, threads: int | None) -> None:
+        self.threads, self.before = threads, torch.get_num_threads()
+
+    def __enter__(self) -> None:
+        if self.threads:
+            torch.set_num_threads(self.threads)
+
+    def __exit__(self, *exc: Any) -> None:
+        torch.set_num_threads(self.before)
+
+
+def deployed_latency(model: nn.Module, target: LatencyTarget) -> float:
+    """Median milliseconds of one forward pass of `model` as deployed (eval, BNs folded where exact)
+    under `target`'s conditions, on the CPU."""
+    device = torch.device("cpu")
+    dtype = resolve_precision(target.precision, device) if target.runtime == "torch" else None
+    size = input_size(model)
+    with _Threads(target.threads), out_of_memory_as_error(f"timing at batch size {target.batch_size}",
+                                                          "--latency-batch"):
+        timer = latency_timer(fold_bn(model.eval()), batch_size=target.batch_size, input_size=size,
+                              runtime=target.runtime, device=device, dtype=dtype)
+        return timer(repeats=target.repeats, warmup=3)
+
+
+def plan_for_latency(model: nn.Module, groups, target: LatencyTarget, *, min_channels: int, round_to: int,
+                     compensate: str) -> tuple[ChannelPlan, dict[str, Any]]:
+    """The plan of the smallest ratio whose pruned model meets `target`, and the measured record:
+    {target, runtime, batch_size, threads, precision, unpruned_ms, pruned_ms, speedup, machine}.
+    Unreachable is a SlimctlError with the best latency the most pruning reached."""
+    unpruned = deployed_latency(model, target)
+    plan, pruned_ms, met = search_plan(model, groups, measure=lambda m: deployed_latency(m, target),
+                                       met=lambda ms: target.met(ms, unpruned), min_channels=min_channels,
+                                       round_to=round_to, compensate=compensate)
+    goal = unpruned * target.fraction if target.fraction is not None else target.ms
+    if not met:
+        raise SlimctlError(
+            f"--target-latency {target.text} ({goal:.3g} ms) is unreachable: the most pruning reaches "
+            f"{pruned_ms:.3g} ms against {unpruned:.3g} ms unpruned ({unpruned / pruned_ms:.2f}×), "
+            f"{target.runtime}, batch {target.batch_size}; ask for less")
+    return plan, {**_conditions(target), "target": target.text, "target_ms": goal}
+
+
+def confirm(model: nn.Module, pruned: nn.Module, record: dict[str, Any], target: LatencyTarget) -> dict[str, Any]:
+    """`record` with the unpruned and pruned latency timed again, alternating for CONFIRM_ROUNDS
+    rounds (medians), and the speed-up: the figures the checkpoint keeps."""
+    before, after = [], []
+    for _ in range(CONFIRM_ROUNDS):
+        before.append(deployed_latency(model, target))
+        after.append(deployed_latency(pruned, target))
+    unpruned_ms, pruned_ms = statistics.median(before), statistics.median(after)
+    return {**record, "unpruned_ms": unpruned_ms, "pruned_ms": pruned_ms, "speedup": unpruned_ms / pruned_ms,
+            "met": target.met(pruned_ms, unpruned_ms)}
+
+
+def _conditions(target: LatencyTarget) -> dict[str, Any]:
+    threads = target.threads or torch.get_num_threads()
+    dtype = resolve_precision(target.precision, torch.device("cpu")) if target.runtime == "torch" else None
+    with _Threads(threads):
+        machine = machine_label(environment(torch.device("cpu"), dtype))
+    return {"runtime": target.runtime, "batch_size": target.batch_size, "threads": threads,
+            "precision": PRECISION_NAMES.get(dtype, "fp32"), "machine": machine}

@@ -1,0 +1,69 @@
+"""prune --target-latency: the smallest ratio whose pruned model meets a measured latency."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import slimctl
+from conftest import run, strongly_sparse
+from slimctl.errors import SlimctlError
+from slimctl.pipeline import latency
+from slimctl.pipeline.latency import parse_latency
+
+
+@pytest.fixture
+def sparse_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    path = tmp_path / "sparse.pt"
+    slimctl.save_model(strongly_sparse(slimctl.create_model("vgg11", 10, width=0.25)), path, stage="sparse-train")
+    return path
+
+
+@pytest.fixture
+def flops_as_time(monkeypatch):
+    """A noiseless clock: a model's "latency" is its FLOPs / 1e6 ms, so the search can be checked exactly."""
+    monkeypatch.setattr(latency, "deployed_latency", lambda model, target: slimctl.count_flops(model) / 1e6)
+
+
+def test_parse_latency_reads_fractions_and_times():
+    assert parse_latency("0.6").fraction == 0.6 and parse_latency("8ms").ms == 8.0
+    assert parse_latency(" 0.008 s").ms == pytest.approx(8.0) and parse_latency("2.5 ms").ms == 2.5
+    for bad in ("0", "1", "1.5", "fast", "8 parsecs", "-1ms", "0ms"):
+        with pytest.raises(SlimctlError, match="--target-latency"):
+            parse_latency(bad)
+
+
+def test_the_smallest_ratio_that_meets_the_target_is_kept_and_recorded(sparse_checkpoint, tmp_path, flops_as_time):
+    out = tmp_path / "p.pt"
+    result = json.loads(run("prune", sparse_checkpoint, "--target-latency", "0.5", "-o", out, "--no-eval",
+                            "--json").output)
+    record = result["latency"]
+    assert record["met"] and record["pruned_ms"] <= 0.5 * record["unpruned_ms"] == pytest.approx(record["target_ms"])
+    assert record["speedup"] == pytest.approx(record["unpruned_ms"] / record["pruned_ms"])
+    assert {"runtime", "batch_size", "threads", "precision", "machine"} <= set(record)
+    assert result["target"] == {"kind": "latency", "value": "0.5"}
+    assert slimctl.load_checkpoint(out)["prune"]["latency"] == record
+    # the smallest such ratio: the step below it misses the target
+    model = slimctl.load_model(sparse_checkpoint)
+    groups = slimctl.channel_groups(model)
+    k = round(result["ratio"] * result["channels_total"] - 0.5)  # the search's step: ratio = (k + 0.5) / total
+    fewer = slimctl.make_plan(model, groups, (k - 0.5) / result["channels_total"])
+    assert slimctl.count_flops(slimctl.apply_plan(model, fewer)) / 1e6 > record["target_ms"]
+
+
+def test_an_unreachable_latency_says_the_best_reached_and_writes_nothing(sparse_checkpoint, tmp_path, flops_as_time):
+    result = run("prune", sparse_checkpoint, "--target-latency", "0.001", "-o", tmp_path / "p.pt", code=2)
+    assert "is unreachable: the most pruning reaches" in result.output and not (tmp_path / "p.pt").exists()
+    both = run("prune", sparse_checkpoint, "--target-latency", "0.5", "--target-flops", "0.5", "-o",
+               tmp_path / "p.pt", code=2)
+    assert "give one of --target-flops, --target-params and --target-latency" in both.output
+
+
+def test_deployed_latency_times_the_folded_model_under_the_conditions(sparse_checkpoint):
+    model = slimctl.load_model(sparse_checkpoint)
+    threads = torch.get_num_threads()
+    ms = latency.deployed_latency(model, parse_latency("0.5", threads=1, repeats=2))
+    assert ms > 0 and torch.get_num_threads() == threads  # the thread count is restored
