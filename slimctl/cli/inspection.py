@@ -185,7 +185,7 @@ def groups_cmd(source: str, num_classes: int, coupled: str, explain: bool, as_js
 def report_cmd(checkpoint: Path, as_json: bool) -> None:
     """Params, FLOPs and test top-1 of a checkpoint and of each ancestor it records (parent chain)."""
     from slimctl.output.report import lineage_table
-    from slimctl.pipeline.inspection import lineage
+    from slimctl.io.lineage import lineage
 
     rows = lineage(checkpoint)
     for row in rows:

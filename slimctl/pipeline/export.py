@@ -89,7 +89,7 @@ def export_checkpoint(checkpoint: Path, out: Path, *, fmt: str, input_size: tupl
                       opset: int | None = None, fold: bool = True, dynamic_batch: bool = True, force: bool = False,
                       tolerance: float = TOLERANCE) -> dict[str, Any]:
     """Export `checkpoint` to `out` in `fmt`, after checking the artifact against the checkpoint."""
-    from slimctl.pipeline.inspection import lineage
+    from slimctl.io.lineage import lineage
 
     if fmt not in FORMATS:
         raise SlimctlError(f"unknown export format {fmt!r}; use one of {', '.join(FORMATS)}")

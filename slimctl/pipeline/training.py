@@ -30,7 +30,8 @@ from slimctl.io.config import MAX_LR, Config, TrainConfig, save_config
 from slimctl.models import create_model
 from slimctl.models.layers import init_paper_weights
 from slimctl.output.tblog import EpochBoard, tensorboard_available
-from slimctl.pipeline.inspection import check_names, lineage
+from slimctl.io.lineage import lineage
+from slimctl.pipeline.inspection import check_names
 from slimctl.pipeline.runs import hold_run_dir, prepare_run_dir, provenance, rank0_log, resumed
 from slimctl.train import distributed
 from slimctl.train import Distill, RunIO, fit, lr_sum, milestone_epochs
