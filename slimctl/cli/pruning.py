@@ -148,10 +148,13 @@ def prune_cmd(checkpoint: Path, ratio: float | None, out: Path | None, min_chann
 @click.option("--png", type=click.Path(path_type=Path), default=None, help="Also draw the curves into this PNG.")
 @click.option("--data-root", default=None, help="Where the data set lives, if not where the checkpoint's config says.")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or auto.")
+@click.option("--latency", is_flag=True,
+              help="Also time each model as deployed (BNs folded; torch, batch 1, fp32, torch's threads): an ms column.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
 def sweep_cmd(checkpoint: Path, ratios: str, compare: Path | None, tolerance: float, subset: int | None,
               batch_size: int | None, compensate: str, recalibrate: int, min_channels: int, round_to: int,
-              coupled: str, png: Path | None, data_root: str | None, device: str, as_json: bool) -> None:
+              coupled: str, png: Path | None, data_root: str | None, device: str, latency: bool,
+              as_json: bool) -> None:
     """Accuracy right after pruning at each ratio, without writing a checkpoint.
 
     Prints threshold, params, FLOPs and top-1 per ratio (compensated and literal removal), and the
@@ -161,9 +164,12 @@ def sweep_cmd(checkpoint: Path, ratios: str, compare: Path | None, tolerance: fl
     from slimctl.pipeline.pruning import DataAccess, PruneOptions, sweep_checkpoint
     from slimctl.core.sweep import parse_ratios, sweep_warnings
 
+    from slimctl.pipeline.latency import LatencyTarget
+
     ratio_list = parse_ratios(ratios)
     result = sweep_checkpoint(
         checkpoint, ratios=ratio_list, compare=compare, tolerance=tolerance, subset=subset, png=png,
+        latency=LatencyTarget("sweep") if latency else None,
         options=PruneOptions(min_channels, round_to, coupled, compensate, recalibrate),
         data=DataAccess(data_root, batch_size, device),
     )

@@ -44,12 +44,14 @@ def sweep_model(
     round_to: int = 1,
     on_ratio: Callable[[float], None] | None = None,
     recalibrate: Callable[[nn.Module], int] | None = None,
+    latency: Callable[[nn.Module], float] | None = None,
 ) -> list[dict[str, Any]]:
     """One row per ratio: threshold, params, FLOPs, and top-1 right after pruning per mode, with the
     pruned model's measured distance to what its mode promises (`max_rel_diff_<mode>`,
     slimctl.core.exactness); with `recalibrate` (slimctl.core.recalibrate), also the first mode's top-1 once
     its BN statistics are re-estimated, as top1_<mode>_recal. Channels kept, params and FLOPs are the
-    first mode's (which keeps whole the groups it cannot compensate)."""
+    first mode's (which keeps whole the groups it cannot compensate), as is `latency_ms` when
+    `latency` times a model."""
     rows = []
     for ratio in ratios:
         plan = make_plan(model, groups, ratio, min_channels=min_channels, round_to=round_to)
@@ -59,6 +61,8 @@ def sweep_model(
             pruned.eval()
             if mode == modes[0]:
                 row.update(channels_kept=applied.kept, params=count_params(pruned), flops=count_flops(pruned))
+                if latency is not None:
+                    row["latency_ms"] = latency(pruned)
             row[f"max_rel_diff_{mode}"] = measure_exactness(model, pruned, applied, mode).max_rel_diff
             row[f"top1_{mode}"] = top1(pruned)
             if mode == modes[0] and recalibrate is not None:

@@ -202,17 +202,19 @@ def sweep_table(result: dict[str, Any]) -> Table:
                         f"({result['images']} test images{recal})")
     # how far each pruned model is from what its mode promises (slimctl.core.exactness), for the modes swept
     checked = list(dict.fromkeys((result["compensate"], "none")))
-    for column in ("model", "ratio", "threshold", "params", "FLOPs", *(f"top-1 {m}" for m in modes),
-                   *(f"rel. diff {m}" for m in checked)):
+    timed = result.get("latency") is not None  # sweep --latency: ms per forward pass, as deployed
+    for column in ("model", "ratio", "threshold", "params", "FLOPs", *(["ms"] if timed else []),
+                   *(f"top-1 {m}" for m in modes), *(f"rel. diff {m}" for m in checked)):
         table.add_column(column, justify="left" if column == "model" else "right")
     for name, curve in result["curves"].items():
         label = os.path.relpath(name)
         table.add_row(label, "0", "-", human(curve["params"]), human(curve["flops"]),
+                      *([f"{curve['latency_ms']:.3g}"] if timed else []),
                       *(percent(curve["top1_unpruned"]) for _ in modes), *("-" for _ in checked))
         for r in curve["rows"]:
             table.add_row("", f"{r['ratio']:g}", f"{r['threshold']:.3g}" if r["threshold"] is not None else "-",
-                          human(r["params"]), human(r["flops"]), *(percent(r[f"top1_{m}"]) for m in modes),
-                          *(f"{r[f'max_rel_diff_{m}']:.0e}" for m in checked))
+                          human(r["params"]), human(r["flops"]), *([f"{r['latency_ms']:.3g}"] if timed else []),
+                          *(percent(r[f"top1_{m}"]) for m in modes), *(f"{r[f'max_rel_diff_{m}']:.0e}" for m in checked))
     return table
 
 

@@ -108,7 +108,7 @@ def plan_for_latency(model: nn.Module, groups, target: LatencyTarget, *, min_cha
             f"--target-latency {target.text} ({goal:.3g} ms) is unreachable: the most pruning reaches "
             f"{pruned_ms:.3g} ms against {unpruned:.3g} ms unpruned ({unpruned / pruned_ms:.2f}×), "
             f"{target.runtime}, batch {target.batch_size}; ask for less")
-    return plan, {**_conditions(target), "target": target.text, "target_ms": goal}
+    return plan, {**conditions(target), "target": target.text, "target_ms": goal}
 
 
 def confirm(model: nn.Module, pruned: nn.Module, record: dict[str, Any], target: LatencyTarget) -> dict[str, Any]:
@@ -123,7 +123,8 @@ def confirm(model: nn.Module, pruned: nn.Module, record: dict[str, Any], target:
             "met": target.met(pruned_ms, unpruned_ms)}
 
 
-def _conditions(target: LatencyTarget) -> dict[str, Any]:
+def conditions(target: LatencyTarget) -> dict[str, Any]:
+    """What a latency was measured under: runtime, batch, threads, precision and the machine."""
     threads = target.threads or torch.get_num_threads()
     dtype = resolve_precision(target.precision, torch.device("cpu")) if target.runtime == "torch" else None
     with _Threads(threads):

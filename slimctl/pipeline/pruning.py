@@ -27,7 +27,7 @@ from slimctl.core.surgery import applied_plan, apply_plan
 from slimctl.core.sweep import largest_safe_ratio, sweep_model
 from slimctl.core.targets import Target, plan_for_target
 from slimctl.data import build_loader
-from slimctl.pipeline.latency import LatencyTarget, confirm, plan_for_latency
+from slimctl.pipeline.latency import LatencyTarget, conditions, confirm, deployed_latency, plan_for_latency
 from slimctl.errors import SlimctlError, out_of_memory_as_error
 from slimctl.io.checkpoint import load_checkpoint, make_checkpoint, model_from_checkpoint, save_checkpoint
 from slimctl.io.config import Config, DataConfig, config_from_dict
@@ -214,11 +214,12 @@ def sweep_checkpoint(
     data: DataAccess = DataAccess(),
     png: Path | None = None,
     progress: Callable[[float], None] | None = None,
+    latency: LatencyTarget | None = None,
 ) -> dict[str, Any]:
     """Top-1 right after pruning at each ratio (compensated and literal), for CHECKPOINT and, with
     `compare`, another model (e.g. its λ = 0 baseline); the largest ratio within `tolerance` points
     (of the recalibrated curve when `options.recalibrate` > 0 training images re-estimate BN
-    statistics)."""
+    statistics). With `latency`, each model is also timed as deployed under its conditions."""
     min_channels, round_to, coupled = options.min_channels or 1, options.round_to, options.coupled
     compensate, recalibrate = options.compensate, options.recalibrate
     data_root, batch_size, device = data.root, data.batch_size, data.device
@@ -245,17 +246,20 @@ def sweep_checkpoint(
         recalibrator = (_recalibrator(cfg, str(path), recalibrate, resolve_device(device), data_root)
                         if recalibrate else None)
         unpruned = test_set.top1(model)[1]
+        timed = None if latency is None else (lambda m: deployed_latency(m, latency))
         rows = sweep_model(model, channel_groups(model, coupled=coupled), ratios, lambda m: test_set.top1(m)[1],
                            modes=modes, min_channels=min_channels, round_to=round_to, on_ratio=progress,
-                           recalibrate=recalibrator)
+                           recalibrate=recalibrator, latency=timed)
         curves[str(path)] = {
             "top1_unpruned": unpruned, "params": count_params(model), "flops": count_flops(model),
+            **({} if timed is None else {"latency_ms": timed(model)}),
             "rows": rows, "largest_safe_ratio": largest_safe_ratio(rows, unpruned, tolerance, safe_by),
         }
     result = {"checkpoint": str(checkpoint), "compare": None if compare is None else str(compare),
               "compensate": compensate, "recalibrated_images": recalibrator.images if recalibrate else 0,
               "safe_by": safe_by,
-              "tolerance": tolerance, "subset": subset, "images": test_set.loader.dataset_size, "curves": curves}
+              "tolerance": tolerance, "subset": subset, "images": test_set.loader.dataset_size, "curves": curves,
+              "latency": None if latency is None else conditions(latency)}
     if png is not None:
         plot_sweep(curves, png, modes=modes + ((safe_by,) if recalibrate else ()),
                    title=f"top-1 right after pruning ({result['images']} test images)")

@@ -67,3 +67,14 @@ def test_deployed_latency_times_the_folded_model_under_the_conditions(sparse_che
     threads = torch.get_num_threads()
     ms = latency.deployed_latency(model, parse_latency("0.5", threads=1, repeats=2))
     assert ms > 0 and torch.get_num_threads() == threads  # the thread count is restored
+
+
+def test_sweep_shows_latency_beside_top1_when_asked(tiny_run):
+    plain = json.loads(run("sweep", tiny_run / "best.pt", "--ratios", "0.5", "--subset", "50", "--json").output)
+    assert plain["latency"] is None and "latency_ms" not in plain["curves"][str(tiny_run / "best.pt")]["rows"][0]
+    timed = json.loads(run("sweep", tiny_run / "best.pt", "--ratios", "0.3,0.6", "--subset", "50", "--latency",
+                           "--json").output)
+    curve = timed["curves"][str(tiny_run / "best.pt")]
+    assert timed["latency"]["runtime"] == "torch" and timed["latency"]["batch_size"] == 1
+    assert curve["latency_ms"] > 0 and all(r["latency_ms"] > 0 for r in curve["rows"])
+    assert " ms " in run("sweep", tiny_run / "best.pt", "--ratios", "0.5", "--subset", "50", "--latency").output
