@@ -71,6 +71,7 @@ class Slimming:
                                "conv whose channels could be removed): nothing to slim")
         self.gammas = bn_scales(self.model, [g.bn for g in self.groups])
         self.applied_budget = 0.0  # λ·Σ lr over the steps regularized so far
+        self._lr_group: tuple[torch.optim.Optimizer, dict] | None = None  # (optimizer, the group holding γ)
 
     def regularize(self, optimizer: torch.optim.Optimizer, *, scaler: torch.amp.GradScaler | None = None) -> None:
         """grad(γ) += λ·sign(γ) on every ranked BN scale, after `backward` and before `optimizer.step`.
@@ -82,9 +83,11 @@ class Slimming:
                 pass
         with_grads = [g for g in self.gammas if g.grad is not None]
         add_sparsity_grad(with_grads, self.sparsity)
-        first = self.gammas[0]
-        lr = next((group["lr"] for group in optimizer.param_groups if any(p is first for p in group["params"])), 0.0)
-        self.applied_budget += self.sparsity * float(lr)
+        if self._lr_group is None or self._lr_group[0] is not optimizer:  # found once per optimizer, not per step
+            first = self.gammas[0]
+            group = next((g for g in optimizer.param_groups if any(p is first for p in g["params"])), {"lr": 0.0})
+            self._lr_group = (optimizer, group)
+        self.applied_budget += self.sparsity * float(self._lr_group[1]["lr"])
 
     def strength(self) -> dict[str, Any]:
         """λ, the L1 budget planned (when `lr_sum` was given) and the one applied so far, and the |γ| statistics."""

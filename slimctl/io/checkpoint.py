@@ -125,7 +125,7 @@ def make_checkpoint(
         "resume": resume,
         "versions": {"slimctl": __version__, "torch": str(torch.__version__)},
     }
-    return {**checkpoint, "digest": record_digest(checkpoint)}
+    return checkpoint  # its digest is computed by save_checkpoint, over what is written
 
 
 def save_checkpoint(path: str | Path, checkpoint: dict[str, Any]) -> None:
