@@ -24,8 +24,8 @@ from torch import nn
 from slimctl.base.registry import input_size as recorded_input_size
 from slimctl.core.recalibrate import recalibrate_bn
 from slimctl.core.sparsity import add_sparsity_grad, bn_scales, gamma_stats, sparsity_for_budget
-from slimctl.core.surgery import Pruned, applied_plan, prune_model
-from slimctl.core.exactness import measure_exactness
+from slimctl.core.plan import make_plan
+from slimctl.core.surgery import Pruned, measured_prune
 from slimctl.core.targets import parse_target, plan_for_target
 from slimctl.errors import SlimctlError
 from slimctl.models.layers import unwrap
@@ -45,8 +45,9 @@ class Slimming:
     ChannelSelection module where a BN feeds a concatenation or a residual sum.
     """
 
-    def __init__(self, model: nn.Module, example_input: torch.Tensor | tuple[int, ...], *, sparsity: float = 1e-4,
-                 budget: float | None = None, lr_sum: float | None = None, coupled: str = "keep") -> None:
+    def __init__(self, model: nn.Module, example_input: torch.Tensor | tuple[int, ...], *,
+                 sparsity: float | None = None, budget: float | None = None, lr_sum: float | None = None,
+                 coupled: str = "keep") -> None:
         self.model = unwrap(model)
         shape = tuple(example_input.shape[1:]) if isinstance(example_input, torch.Tensor) else tuple(example_input)
         if len(shape) != 3:
@@ -57,10 +58,12 @@ class Slimming:
         elif recorded_input_size(self.model) != shape:
             self.model.arch_spec = {**spec, "input_size": list(shape)}
         if budget is not None:
-            if lr_sum is None or lr_sum <= 0 or sparsity != 1e-4:
+            if lr_sum is None or lr_sum <= 0 or sparsity is not None:
                 raise SlimctlError("budget needs lr_sum (> 0: the learning rate summed over every step) and no "
                                    "sparsity: the budget sets λ = budget / lr_sum")
             sparsity = sparsity_for_budget(budget, lr_sum)
+        elif sparsity is None:
+            sparsity = 1e-4  # the paper's VGG λ
         if not sparsity >= 0:
             raise SlimctlError(f"sparsity must be >= 0, got {sparsity!r}")
         self.sparsity, self.coupled = float(sparsity), coupled
@@ -108,17 +111,14 @@ class Slimming:
             raise SlimctlError("give one of ratio, target_flops or target_params")
         training = self.model.training
         self.model.eval()
-        try:
+        try:  # the groups traced at construction, not a second trace
             if ratio is not None:
-                result = prune_model(self.model, ratio, min_channels=min_channels, round_to=round_to,
-                                     compensate=compensate, coupled=self.coupled)
+                plan = make_plan(self.model, self.groups, ratio, min_channels=min_channels, round_to=round_to)
             else:
                 kind, value = targets[0]
-                target = parse_target(kind, str(value))
-                plan, _ = plan_for_target(self.model, self.groups, target, min_channels=min_channels,
-                                          round_to=round_to, compensate=compensate)
-                pruned, notes, plan = applied_plan(self.model, plan, compensate=compensate)
-                result = Pruned(pruned, plan, measure_exactness(self.model, pruned, plan, compensate), notes)
+                plan, _ = plan_for_target(self.model, self.groups, parse_target(kind, str(value)),
+                                          min_channels=min_channels, round_to=round_to, compensate=compensate)
+            result = measured_prune(self.model, plan, compensate=compensate)
         finally:
             self.model.train(training)
         if recalibrate is not None:

@@ -149,6 +149,12 @@ def prune_model(
     kept, or pruned together ranked by max / mean / sum) → global-threshold plan → surgery, then the
     result measured against what `compensate` promises (`slimctl.core.exactness`)."""
     groups = channel_groups(model, coupled=coupled)
-    plan = make_plan(model, groups, ratio, min_channels=min_channels, round_to=round_to)
+    return measured_prune(model, make_plan(model, groups, ratio, min_channels=min_channels, round_to=round_to),
+                          compensate=compensate)
+
+
+def measured_prune(model: nn.Module, plan: ChannelPlan, *, compensate: str = "exact") -> Pruned:
+    """`plan` applied (groups that cannot be compensated kept whole) and the result measured against
+    what `compensate` promises: Pruned(model, plan applied, exactness, notes)."""
     pruned, notes, plan = applied_plan(model, plan, compensate=compensate)
     return Pruned(pruned, plan, measure_exactness(model, pruned, plan, compensate), notes)

@@ -101,6 +101,7 @@ def test_slimming_under_ddp_unwraps_and_matches_the_plain_model(tmp_path):
     ({"example_input": (3, 32)}, "expected a batch"),
     ({"sparsity": -1.0}, "sparsity must be >= 0"),
     ({"budget": 0.66}, "budget needs lr_sum"),
+    ({"budget": 0.66, "lr_sum": 1.0, "sparsity": 1e-4}, "and no sparsity"),
 ])
 def test_bad_arguments_are_one_line_errors(kwargs, message):
     args = {"example_input": (3, 32, 32), **kwargs}
