@@ -17,7 +17,9 @@ import torch.nn.functional as F
 
 from slimctl.io.config import DataConfig
 from slimctl.data.imagefolder import FolderLoader
-from slimctl.data.sets import ImageSet, _seed64, check_global_batch, input_size_of, load_dataset, take_subset
+from slimctl.data.sets import (
+    ImageSet, _seed64, check_global_batch, holdout_split, input_size_of, load_dataset, take_subset,
+)
 from slimctl.errors import SlimctlError
 
 
@@ -36,7 +38,8 @@ def build_loader(
 ) -> TensorLoader | FolderLoader:
     """The training or the test loader alone (`eval` and `prune` read no training data: for an
     ImageNet folder, listing it alone takes minutes). `subset` keeps that many samples (chosen by
-    data.seed); the training split defaults to data.subset, the test split to all of it."""
+    data.seed); the training split defaults to data.subset, the test split to all of it. With
+    data.holdout the test loader is the held-out training images and the training loader the rest."""
     batch_size = cfg.batch_size if train else cfg.test_batch_size
     if subset is None and train:
         subset = cfg.subset
@@ -44,7 +47,10 @@ def build_loader(
         return FolderLoader(Path(cfg.root) / ("train" if train else "val"), train=train, batch_size=batch_size,
                             image_size=input_size_of(cfg)[-1], workers=cfg.workers, device=device, seed=cfg.seed,
                             rank=rank, world_size=world_size, channels_last=channels_last, subset=subset)
-    data = load_dataset(cfg.name, cfg.root, train=train, download=cfg.download)
+    # With data.holdout both loaders read the training split: the held-out images are the test loader's.
+    data = load_dataset(cfg.name, cfg.root, train=train or cfg.holdout is not None, download=cfg.download)
+    if cfg.holdout is not None:
+        data = holdout_split(data, cfg.holdout, seed=cfg.seed, held_out=not train)
     if subset is not None:
         data = take_subset(data, subset, seed=cfg.seed)
     return TensorLoader(data, batch_size=batch_size, train=train, device=device, seed=cfg.seed,

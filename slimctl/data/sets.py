@@ -92,6 +92,20 @@ def take_subset(data: ImageSet, size: int, *, seed: int) -> ImageSet:
     return replace(data, images=data.images[keep].contiguous(), labels=data.labels[keep].contiguous())
 
 
+def holdout_split(data: ImageSet, size: int, *, seed: int, held_out: bool) -> ImageSet:
+    """The `size` samples a permutation seeded with `seed` holds out (`held_out`), or all the others;
+    either part in its original order. A validation split carved from the training set."""
+    n = len(data)
+    if size >= n:
+        raise SlimctlError(f"data.holdout {size} leaves no training images (the training split has {n:,}); "
+                           f"hold out fewer, e.g. {max(1, n // 10):,}")
+    generator = torch.Generator().manual_seed(_seed64(seed + 0x5EED))  # a stream apart from take_subset's
+    chosen = torch.zeros(n, dtype=torch.bool)
+    chosen[torch.randperm(n, generator=generator)[:size]] = True
+    keep = torch.nonzero(chosen if held_out else ~chosen).flatten()
+    return replace(data, images=data.images[keep].contiguous(), labels=data.labels[keep].contiguous())
+
+
 def check_name(name: str) -> None:
     """A SlimctlError naming the choices when `name` is not a data set slimctl reads."""
     if name not in DATASETS:

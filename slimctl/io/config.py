@@ -25,6 +25,7 @@ from slimctl.base.files import atomic_write_text
 from slimctl.base.registry import plain_data
 from slimctl.io.yaml_safe import MAX_CONFIG_BYTES, safe_yaml
 from slimctl.core.plan import validate_ratio
+from slimctl.core.sparsity import REGULARIZERS
 
 
 @dataclass(frozen=True)
@@ -53,7 +54,11 @@ class DataConfig:
     test_batch_size: int = 256
     # Keep at most this many training samples (chosen by `seed`); for smoke runs.
     subset: int | None = None
-    # Seeds the shuffling/augmentation stream and the choice of `subset`.
+    # Hold out this many training images (chosen by `seed`) and evaluate on them instead of the test
+    # set: a validation split for tuning a recipe without looking at test accuracy. The checkpoints
+    # record it, so eval/sweep/prune of them measure the held-out images too (tensor data sets only).
+    holdout: int | None = None
+    # Seeds the shuffling/augmentation stream and the choice of `subset` and `holdout`.
     seed: int = 0
     # imagefolder only: training crop size in pixels (default 224) and loader worker processes.
     image_size: int | None = None
@@ -78,6 +83,15 @@ class TrainConfig:
     # Which BN scales get it: the ones pruning ranks, or every BatchNorm2d (the same set for
     # slimctl's own families; differs for traced models with frozen spaces).
     sparsity_on: str = "ranked"
+    # The sparsity term: l1, the paper's λ·Σ|γ|; or polarization (Zhuang et al., NeurIPS 2020),
+    # λ·(t·Σ|γ| − Σ|γ − mean γ|) over the same scales, which pushes the smallest γ to 0 and the others
+    # away from it, with γ kept in [0, gamma_bound] after every step. λ / sparsity_budget set its
+    # strength either way (the budget is λ·Σ lr, as for L1).
+    regularizer: str = "l1"
+    # polarization only: t, the weight of its L1 part (the reference code's default 1.0; a larger t
+    # sends more channels to zero) and the upper bound of γ (the reference code clamps to [0, 1]).
+    polarization_t: float = 1.0
+    gamma_bound: float = 1.0
     seed: int = 0
     device: str = "auto"
     precision: str = "auto"
@@ -152,6 +166,8 @@ class Config:
         overrides = {k: v for k, v in dataclasses.asdict(self.finetune).items() if v is not None and k != "distill"}
         overrides["sparsity"] = 0.0
         overrides["sparsity_budget"] = None
+        # No term, so no polarization and no clamping of γ either.
+        overrides.update(regularizer="l1", polarization_t=1.0, gamma_bound=1.0)
         return dataclasses.replace(self.train, **overrides)
 
     def to_dict(self) -> dict[str, Any]:
@@ -329,6 +345,7 @@ def _check(ok: bool, key: str, rule: str, value: Any) -> None:
 MAX_EPOCHS = 1_000_000
 MAX_LR = 1e30  # also the largest λ; float32 overflows at 3.4e38
 MAX_BUDGET = 1e6
+MAX_POLARIZATION_T = 1e3  # t weighs the L1 part against the polarizing one, which has weight 1
 
 
 def validate_train(t: TrainConfig, section: str) -> None:
@@ -349,6 +366,13 @@ def validate_train(t: TrainConfig, section: str) -> None:
         )
     _check(0 <= t.seed < 2**63, f"{section}.seed", "in [0, 2^63)", t.seed)
     _check(t.sparsity_on in ("ranked", "all"), f"{section}.sparsity_on", "ranked or all", t.sparsity_on)
+    _check(t.regularizer in REGULARIZERS, f"{section}.regularizer", " or ".join(REGULARIZERS), t.regularizer)
+    _check(0 < t.polarization_t <= MAX_POLARIZATION_T, f"{section}.polarization_t",
+           f"in (0, {MAX_POLARIZATION_T:g}]", t.polarization_t)
+    _check(0 < t.gamma_bound <= MAX_BUDGET, f"{section}.gamma_bound", f"in (0, {MAX_BUDGET:g}]", t.gamma_bound)
+    if t.regularizer == "l1" and (t.polarization_t, t.gamma_bound) != (1.0, 1.0):
+        raise SlimctlError(f"config keys '{section}.polarization_t' and '{section}.gamma_bound' apply only with "
+                           f"{section}.regularizer: polarization (it is l1); set the regularizer or drop them")
     _check(t.device in DEVICES, f"{section}.device", f"one of {', '.join(DEVICES)}", t.device)
     _check(t.precision in PRECISIONS, f"{section}.precision", f"one of {', '.join(PRECISIONS)}", t.precision)
     _check(isinstance(t.compile, bool) or t.compile in COMPILE_MODES, f"{section}.compile",
@@ -363,6 +387,8 @@ def validate(cfg: Config) -> None:
     _check(d.batch_size >= 1, "data.batch_size", ">= 1", d.batch_size)
     _check(d.test_batch_size >= 1, "data.test_batch_size", ">= 1", d.test_batch_size)
     _check(d.subset is None or d.subset >= 1, "data.subset", ">= 1 or null", d.subset)
+    _check(d.holdout is None or (d.holdout >= 1 and d.name != "imagefolder"), "data.holdout",
+           ">= 1 or null, with a tensor data set (an imagefolder has its own val/ folder)", d.holdout)
     _check(d.workers >= 0, "data.workers", ">= 0", d.workers)
     _check(0 <= d.seed < 2**63, "data.seed", "in [0, 2^63)", d.seed)
     _check(d.image_size is None or (d.name == "imagefolder" and d.image_size >= 8), "data.image_size",

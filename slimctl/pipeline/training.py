@@ -137,14 +137,14 @@ def _train(
                               is_main=world.is_main, gammas=dict(zip(gamma_names, gammas)), held=held)
         log(
             f"{stage}: {model.arch_spec['arch']} on {cfg.data.name} ({train_loader.dataset_size} train / "
-            f"{test_loader.dataset_size} test images), {device.type}, {dtype or torch.float32}, "
+            f"{test_loader.dataset_size} {'held-out' if cfg.data.holdout else 'test'} images), {device.type}, {dtype or torch.float32}, "
             f"{train.epochs} epochs, λ={strength['sparsity']:.4g}"
-            + (f" (L1 budget {strength['l1_budget']:.3g})" if strength["sparsity"] else "")
+            + (f" ({term_label(train)}, budget {strength['l1_budget']:.3g})" if strength["sparsity"] else "")
             + (f", {world.world_size} processes" if world.enabled else "")
             + f" → {run_dir}"
         )
         warning = budget_warning(strength["l1_budget"], gamma_stats(gammas)["gamma_mean_abs"])
-        if warning and resume_state is None:
+        if warning and resume_state is None and train.regularizer == "l1":
             log(f"warning: {warning}")
         trained = _parallel(model, train, world, device)
         with out_of_memory_in_training(cfg, model, stage):
@@ -233,6 +233,13 @@ def out_of_memory_in_training(cfg: Config, model: nn.Module, stage: str):
     lower = ["data.batch_size", *(["model.width"] if stage == "sparse-train" else []),
              *(["data.image_size"] if size else [])]
     return out_of_memory_as_error(what, " or ".join(lower))
+
+
+def term_label(train: TrainConfig) -> str:
+    """How the log names the sparsity term: `L1` or `polarization t=…, γ in [0, …]`."""
+    if train.regularizer == "l1":
+        return "L1"
+    return f"polarization t={train.polarization_t:g}, γ in [0, {train.gamma_bound:g}]"
 
 
 def sparsity_strength(train: TrainConfig, *, steps_per_epoch: int) -> dict[str, float]:

@@ -14,7 +14,7 @@ from torch import nn
 from slimctl.base.device import compile_mode
 from slimctl.base.files import atomic_write_text
 from slimctl.io.config import TrainConfig
-from slimctl.core.sparsity import gamma_stats
+from slimctl.core.sparsity import SparsityTerm, gamma_stats
 from slimctl.data.plain import trainer_loader
 from slimctl.errors import SlimctlError
 from slimctl.train import distributed
@@ -227,7 +227,8 @@ def fit(
     """Train for `train.epochs` by the `train` recipe (lr, momentum, weight decay, milestones, compile
     mode), evaluating after each epoch; writes metrics.jsonl, last.pt and best.pt into `io.run_dir`.
 
-    `sparsity` is λ (the recipe may state it as a budget: the caller derives λ) on `gammas`.
+    `sparsity` is λ (the recipe may state it as a budget: the caller derives λ) of the regularizer
+    `train.regularizer` (l1 or polarization, with its t and γ bound) on `gammas`.
     `resume_state` (from a last.pt) continues a run exactly where it stopped, mid-epoch included.
     SIGINT/SIGTERM stop at the next step with a resumable last.pt (raises `Interrupted`).
     Under torchrun every rank calls this; only `io.is_main` (rank 0) writes and logs.
@@ -244,7 +245,8 @@ def fit(
                                        device=device, dtype=dtype)
     run = restore(resume_state, optimizer, scaler, is_main=io.is_main)
     bar = EpochBar(sinks.progress, epochs)
-    step = TrainStep(model, optimizer, gammas=gammas, sparsity=sparsity, device=device, dtype=dtype, scaler=scaler,
+    term = SparsityTerm(sparsity, train.regularizer, train.polarization_t, train.gamma_bound)
+    step = TrainStep(model, optimizer, gammas=gammas, sparsity=term, device=device, dtype=dtype, scaler=scaler,
                      mode=compile_mode(train.compile), warn=sinks.log, distill=distill)
     with graceful_stop() as flag:
         stop = StopSignal(flag, device)

@@ -1,4 +1,4 @@
-"""One training step and one epoch: the loss (with distillation), backward, the L1 subgradient on BN scales, the optimizer; eager or compiled; evaluation."""
+"""One training step and one epoch: the loss (with distillation), backward, the sparsity subgradient on BN scales, the optimizer; eager or compiled; evaluation."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from slimctl.base.device import autocast
-from slimctl.core.sparsity import add_sparsity_grad
+from slimctl.core.sparsity import SparsityTerm
 from slimctl.errors import is_out_of_memory
 from slimctl.train import distributed
 
@@ -57,7 +57,10 @@ class Distill:
 
 
 class TrainStep:
-    """One optimizer step: forward under autocast, backward, grad(γ) += λ·sign(γ), SGD; eager or compiled.
+    """One optimizer step: forward under autocast, backward, grad(γ) += λ·∂R/∂γ, SGD; eager or compiled.
+
+    `sparsity` is λ of the L1 term, or a `SparsityTerm` (λ and its regularizer: polarization also
+    clamps γ after the step).
 
     Compiled (`mode`, a torch.compile mode): two graphs, the model's forward+backward (AOTAutograd)
     and the update (the λ·sign(γ) foreach op and the SGD step, fused by inductor). Shapes are
@@ -69,12 +72,14 @@ class TrainStep:
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, gammas: list[nn.Parameter],
-                 sparsity: float, device: torch.device, dtype: torch.dtype | None,
+                 sparsity: float | SparsityTerm, device: torch.device, dtype: torch.dtype | None,
                  scaler: torch.amp.GradScaler | None = None, mode: str | None = None,
                  warn: Callable[[str], None] = print, distill: Distill | None = None) -> None:
         self.model, self.optimizer, self.scaler = model, optimizer, scaler
         self.distill = distill  # the teacher runs eager: only the student's graph is compiled
-        self.gammas, self.sparsity = gammas, sparsity
+        self.gammas = gammas
+        self.term = sparsity if isinstance(sparsity, SparsityTerm) else SparsityTerm(float(sparsity))
+        self.sparsity = self.term.sparsity
         self.device, self.dtype = device, dtype
         self.mode, self.warn = mode, warn
         self.batch_size: int | None = None  # the compiled graphs' batch size: the first batch's
@@ -87,9 +92,10 @@ class TrainStep:
         self.cudagraphs = mode in ("reduce-overhead", "max-autotune") and device.type == "cuda"
 
     def update(self) -> None:
-        """grad(γ) += λ·sign(γ), then the optimizer step (no GradScaler)."""
-        add_sparsity_grad(self.gammas, self.sparsity)
+        """grad(γ) += λ·∂R/∂γ, then the optimizer step (no GradScaler), then polarization's clamp."""
+        self.term.add_grad(self.gammas)
         self.optimizer.step()
+        self.term.after_step(self.gammas)
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Train on one batch; (loss as a 0-d float32 tensor, logits), both detached, still on the device."""
@@ -122,10 +128,11 @@ class TrainStep:
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
-            self.scaler.unscale_(self.optimizer)  # λ·sign(γ) must meet unscaled gradients
-            add_sparsity_grad(self.gammas, self.sparsity)
+            self.scaler.unscale_(self.optimizer)  # λ·∂R/∂γ must meet unscaled gradients
+            self.term.add_grad(self.gammas)
             self.scaler.step(self.optimizer)
             self.scaler.update()
+            self.term.after_step(self.gammas)
         else:
             loss.backward()
             update()
