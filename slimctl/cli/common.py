@@ -141,6 +141,23 @@ class FiniteFloat(click.FloatRange):
         return number
 
 
+class RatioOrAuto(click.ParamType):
+    """prune --ratio: a number in [0, 1), or `auto` (the widest clear gap of |γ|)."""
+
+    name = "ratio"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float | str:
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            return "auto"
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a valid ratio: give a number in [0, 1) or auto", param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a valid ratio: give a number in [0, 1) or auto", param, ctx)
+        return number
+
+
 # prune, sweep and eval: the test batch, lowered when evaluation runs out of memory
 test_batch_option = click.option(
     "--batch-size", type=click.IntRange(min=1), default=None,

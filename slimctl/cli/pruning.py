@@ -7,17 +7,18 @@ from pathlib import Path
 import click
 
 from slimctl.base.groups import COUPLED_MODES
-from slimctl.cli.common import (cli, err_console, FiniteFloat, out_console, print_json, recalibrate_option,
-                                test_batch_option, UserError)
+from slimctl.cli.common import (cli, err_console, FiniteFloat, out_console, print_json, RatioOrAuto,
+                                recalibrate_option, test_batch_option, UserError)
 from slimctl.core.compensate import COMPENSATE_MODES
 from slimctl.core.sweep import DEFAULT_RATIOS
 
 
 @cli.command("prune")
 @click.argument("checkpoint", type=click.Path(path_type=Path))
-@click.option("--ratio", type=float, default=None,
+@click.option("--ratio", type=RatioOrAuto(), default=None,
               help="Fraction of all BN channels to remove, in [0, 1), by one global |γ| threshold "
-                   "[default: the checkpoint config's prune.ratio].")
+                   "[default: the checkpoint config's prune.ratio]; or auto: cut at the widest clear gap of "
+                   "|γ| (a polarized model's), refused when there is none.")
 @click.option("-o", "--out", type=click.Path(path_type=Path), default=None,
               help="Pruned checkpoint to write [default: pruned-r<RATIO>.pt beside CHECKPOINT].")
 @click.option("--min-channels", type=int, default=None,
@@ -57,7 +58,7 @@ from slimctl.core.sweep import DEFAULT_RATIOS
               help="Write the threshold and kept-per-layer to TensorBoard: the parent run's tb/ (done anyway "
                    "when it exists), else OUT stem + _tb/.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables.")
-def prune_cmd(checkpoint: Path, ratio: float | None, out: Path | None, min_channels: int | None, round_to: int,
+def prune_cmd(checkpoint: Path, ratio: float | str | None, out: Path | None, min_channels: int | None, round_to: int,
               coupled: str, compensate: str, target_flops: str | None, target_params: str | None,
               target_latency: str | None, runtime: str, latency_batch: int, threads: int | None, precision: str,
               data_root: str | None, no_eval: bool, recalibrate: int, batch_size: int | None, device: str,
@@ -114,6 +115,11 @@ def prune_cmd(checkpoint: Path, ratio: float | None, out: Path | None, min_chann
                      "bias": "with only the removed γ zeroed (bias mode keeps a mean only)"}[result["compensate"]]
         out_console.print(f"checked: the pruned model computes the original {reference} to "
                           f"{exactness['max_rel_diff']:.1e} (relative, on a random {exactness['input_size']} probe)")
+    cut = result.get("auto_cut")
+    if cut is not None:
+        out_console.print(f"--ratio auto: the widest clear gap of |γ| lies between {cut['below']:.3g} and "
+                          f"{cut['above']:.3g} ({cut['factor']:.3g}×); the {cut['removed']} of {cut['total']} ranked "
+                          f"channels below it go (ratio {result['ratio']:.4g})")
     if result["target"] is not None:
         out_console.print(f"ratio {result['ratio']:.4g} meets --target-{result['target']['kind']} "
                           f"{result['target']['value']}")

@@ -91,6 +91,50 @@ def global_threshold(scores: torch.Tensor, ratio: float) -> float | None:
     return float(ordered[int(scores.numel() * ratio)])
 
 
+# --ratio auto. A gap between two consecutive sorted |γ| is clear when the larger is at least GAP_FACTOR
+# times the smaller; |γ| below FLOOR × the largest count as that floor (float noise of unused channels,
+# or polarization's exact zeros), so a run of near-zero values never makes a gap of its own.
+GAP_FACTOR = 10.0
+GAP_FLOOR = 1e-6
+
+
+@dataclass(frozen=True)
+class GapCut:
+    """Where `--ratio auto` cut: between the largest removed |γ| and the smallest kept one."""
+
+    ratio: float  # the ratio whose global threshold is `below`: keeps exactly the |γ| > below
+    below: float
+    above: float
+    removed: int
+    total: int
+
+    def as_dict(self) -> dict[str, float | int]:
+        return {"ratio": self.ratio, "below": self.below, "above": self.above, "removed": self.removed,
+                "total": self.total, "factor": self.above / max(self.below, GAP_FLOOR * self.above)}
+
+
+def gap_cut(scores: torch.Tensor) -> GapCut:
+    """The cut at the widest gap of the sorted |γ| on a log scale (what a polarized distribution has
+    between its zeros and the rest), if it is clear (GAP_FACTOR); else a SlimctlError."""
+    ordered = torch.sort(scores.detach().float().flatten()).values
+    total = int(ordered.numel())
+    if total < 2:
+        raise SlimctlError("--ratio auto needs at least two ranked channels")
+    floor = GAP_FLOOR * float(ordered[-1])
+    factors = ordered[1:] / ordered[:-1].clamp_min(floor) if floor > 0 else torch.zeros(total - 1)
+    k = int(factors.argmax())  # the gap between ordered[k] and ordered[k + 1]
+    if not float(factors[k]) >= GAP_FACTOR:
+        raise SlimctlError(
+            f"--ratio auto found no clear gap in |γ| (no |γ| is {GAP_FACTOR:g}× the one below it; the widest is "
+            f"{float(factors[k]):.3g}×): γ did not polarize; choose a --ratio from `slimctl sweep`, or sparse-train "
+            "with train.regularizer: polarization"
+        )
+    removed = k + 1
+    # global_threshold takes the |γ| at index int(total·ratio) = k, and keeps what is above it.
+    return GapCut(ratio=(removed - 0.5) / total, below=float(ordered[k]), above=float(ordered[k + 1]),
+                  removed=removed, total=total)
+
+
 def make_plan(
     model: nn.Module,
     groups: list[ChannelGroup],

@@ -21,7 +21,7 @@ from slimctl.base.files import check_output
 from slimctl.core.compensate import COMPENSATE_MODES
 from slimctl.core.exactness import measure_exactness
 from slimctl.core.flops import count_flops, count_params
-from slimctl.core.plan import group_scores, make_plan, validate_ratio
+from slimctl.core.plan import gap_cut, group_scores, make_plan, validate_ratio
 from slimctl.core.recalibrate import Recalibrator
 from slimctl.core.surgery import applied_plan, apply_plan
 from slimctl.core.sweep import largest_safe_ratio, sweep_model
@@ -102,7 +102,7 @@ def prune_checkpoint(
     checkpoint: Path,
     out: Path | None,
     *,
-    ratio: float | None = None,
+    ratio: float | str | None = None,
     target: Target | None = None,
     options: PruneOptions = PruneOptions(),
     data: DataAccess = DataAccess(),
@@ -111,8 +111,8 @@ def prune_checkpoint(
 ) -> dict[str, Any]:
     """Global-threshold pruning of a checkpoint → a narrower checkpoint, a |γ| histogram, a summary.
 
-    The ratio is `ratio`, or the smallest one that meets `target` (FLOPs or params), or the
-    checkpoint config's prune.ratio. `options.compensate` (exact | bias | none): see
+    The ratio is `ratio` (`auto`: at the widest clear gap of |γ|, `slimctl.core.plan.gap_cut`), or
+    the smallest one that meets `target` (FLOPs, params or latency), or the checkpoint config's prune.ratio. `options.compensate` (exact | bias | none): see
     slimctl.core.compensate. `options.recalibrate` > 0 re-estimates the pruned model's BN statistics
     on that many training images (slimctl.core.recalibrate); the checkpoint keeps them, and top-1 is
     reported before and after.
@@ -136,8 +136,9 @@ def prune_checkpoint(
     if min_channels >= widest > 0:
         raise SlimctlError(f"--min-channels {min_channels} keeps every channel: the widest group has {widest}; "
                            "nothing would be pruned")
-    plan, latency = _plan_for(model, groups, cfg, ratio=ratio, target=target, min_channels=min_channels,
-                              round_to=round_to, compensate=compensate)
+    cut = gap_cut(torch.cat([group_scores(model, g) for g in groups])) if ratio == "auto" else None
+    plan, latency = _plan_for(model, groups, cfg, ratio=cut.ratio if cut else ratio, target=target,
+                              min_channels=min_channels, round_to=round_to, compensate=compensate)
     ratio = plan.ratio
     if out is None:
         out = checkpoint.with_name(f"pruned-r{ratio:g}.pt")
@@ -147,6 +148,7 @@ def prune_checkpoint(
     result = _prune_result(ckpt, model, pruned, plan, ratio=ratio, min_channels=min_channels, round_to=round_to,
                            compensate=compensate, notes=notes, target=target)
     result["latency"] = None if latency is None else confirm(model, pruned, latency, target)
+    result["auto_cut"] = None if cut is None else cut.as_dict()
     test_set = None
     if evaluate_model and cfg is not None:
         try:
@@ -192,7 +194,8 @@ def _save_pruned(result: dict[str, Any], checkpoint: Path, out: Path, ckpt: dict
     """Write the pruned checkpoint (its prune record and metrics taken from `result`) and the |γ|
     histogram of the unpruned model beside it; {out, histogram}."""
     prune_info = {k: result[k] for k in ("ratio", "threshold", "min_channels", "round_to", "coupled", "compensate",
-                                         "recalibrated_images", "target", "layers", "exactness", "latency")}
+                                         "recalibrated_images", "target", "layers", "exactness", "latency",
+                                         "auto_cut")}
     metrics = {k: result[k] for k in ("params", "flops", "top1") if result[k] is not None}
     save_checkpoint(out, make_checkpoint(pruned.cpu(), stage="prune", config=ckpt.get("config"), parent=checkpoint,
                                          metrics=metrics, prune=prune_info))

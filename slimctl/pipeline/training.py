@@ -26,7 +26,8 @@ from slimctl.core.sparsity import bn_scales, budget_warning, gamma_stats, l1_bud
 from slimctl.data import build_loaders, input_size_of, num_classes_of
 from slimctl.errors import SlimctlError, out_of_memory_as_error
 from slimctl.io.checkpoint import load_checkpoint, make_checkpoint, model_from_checkpoint, save_checkpoint
-from slimctl.io.config import MAX_LR, Config, TrainConfig, save_config
+from slimctl.io.config import Config, TrainConfig, save_config
+from slimctl.io.validation import MAX_LR
 from slimctl.models import create_model
 from slimctl.models.layers import init_paper_weights
 from slimctl.output.tblog import EpochBoard, tensorboard_available
@@ -139,7 +140,7 @@ def _train(
             f"{stage}: {model.arch_spec['arch']} on {cfg.data.name} ({train_loader.dataset_size} train / "
             f"{test_loader.dataset_size} {'held-out' if cfg.data.holdout else 'test'} images), {device.type}, {dtype or torch.float32}, "
             f"{train.epochs} epochs, λ={strength['sparsity']:.4g}"
-            + (f" ({term_label(train)}, budget {strength['l1_budget']:.3g})" if strength["sparsity"] else "")
+            + (f" ({term_label(train)} {strength['l1_budget']:.3g})" if strength["sparsity"] else "")
             + (f", {world.world_size} processes" if world.enabled else "")
             + f" → {run_dir}"
         )
@@ -236,10 +237,10 @@ def out_of_memory_in_training(cfg: Config, model: nn.Module, stage: str):
 
 
 def term_label(train: TrainConfig) -> str:
-    """How the log names the sparsity term: `L1` or `polarization t=…, γ in [0, …]`."""
+    """How the log names the sparsity term before its budget: `L1 budget` or `polarization t=…, …, budget`."""
     if train.regularizer == "l1":
-        return "L1"
-    return f"polarization t={train.polarization_t:g}, γ in [0, {train.gamma_bound:g}]"
+        return "L1 budget"
+    return f"polarization t={train.polarization_t:g}, γ in [0, {train.gamma_bound:g}], budget"
 
 
 def sparsity_strength(train: TrainConfig, *, steps_per_epoch: int) -> dict[str, float]:

@@ -119,7 +119,7 @@ def test_bad_ratio(pipeline):
         expect_user_error("prune", root / "sparse" / "best.pt", "--ratio", ratio, "-o", root / "x.pt",
                           match="must be in [0, 1)")
     assert not (root / "x.pt").exists()
-    expect_user_error("prune", root / "sparse" / "best.pt", "--ratio", "abc", match="not a valid float")
+    expect_user_error("prune", root / "sparse" / "best.pt", "--ratio", "abc", match="not a valid ratio")
 
 
 def test_missing_unreadable_and_foreign_checkpoints(tmp_path):

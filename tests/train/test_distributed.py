@@ -48,7 +48,11 @@ def _torchrun(*args, timeout=240):
 
 def test_sparse_train_prune_finetune_under_torchrun(tmp_path):
     sparse = tmp_path / "sparse"
-    done = _torchrun("-m", "slimctl", "sparse-train", "-c", DEMO_CONFIG, "-o", sparse, "--set", "train.epochs=2", *SETS)
+    # The polarization term (its γ mean, its clamp) must keep the ranks as identical as L1 does; the
+    # two-process runs below keep L1.
+    polar = ["--set", "train.regularizer=polarization", "--set", "train.polarization_t=1.2"]
+    done = _torchrun("-m", "slimctl", "sparse-train", "-c", DEMO_CONFIG, "-o", sparse, "--set", "train.epochs=2",
+                     *polar, *SETS)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = [json.loads(line) for line in (sparse / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2]  # rank 0 alone writes: one line per epoch
@@ -58,7 +62,7 @@ def test_sparse_train_prune_finetune_under_torchrun(tmp_path):
     assert not any(k.startswith("module.") for k in ckpt["state_dict"])
     # --resume under torchrun: extend the finished run by one epoch.
     done = _torchrun("-m", "slimctl", "sparse-train", "-c", DEMO_CONFIG, "-o", sparse, "--set", "train.epochs=3",
-                     *SETS, "--resume")
+                     *polar, *SETS, "--resume")
     assert done.returncode == 0, done.stderr[-3000:]
     rows = [json.loads(line) for line in (sparse / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2, 3] and rows[2]["ddp_gamma_max_diff"] == 0.0
