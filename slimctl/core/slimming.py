@@ -1,4 +1,4 @@
-"""Network slimming inside your own training loop: trace once, add the L1 term each step, prune.
+"""Network slimming inside your own training loop: trace once, add the sparsity term each step, prune.
 
     slim = Slimming(model, example_input, sparsity=1e-4)   # the channel groups, traced once
     for x, y in loader:                                     # your loop, your optimizer
@@ -6,6 +6,7 @@
         loss.backward()
         slim.regularize(optimizer)                          # grad(γ) += λ·sign(γ), one fused op
         optimizer.step(); optimizer.zero_grad()
+        slim.clamp()                                        # polarization only: γ into [0, bound]
     pruned = slim.prune(ratio=0.5)                          # Pruned(model, plan, exactness, notes)
 
 The same groups, plan, compensation and measurement as `slimctl prune`; the CLI's trainer is not
@@ -16,6 +17,7 @@ with a GradScaler (pass it: the gradients are unscaled first, as for gradient cl
 
 from __future__ import annotations
 
+import math
 from typing import Any, Iterable
 
 import torch
@@ -23,7 +25,7 @@ from torch import nn
 
 from slimctl.base.registry import input_size as recorded_input_size
 from slimctl.core.recalibrate import recalibrate_bn
-from slimctl.core.sparsity import add_sparsity_grad, bn_scales, gamma_stats, sparsity_for_budget
+from slimctl.core.sparsity import REGULARIZERS, SparsityTerm, bn_scales, gamma_stats, sparsity_for_budget
 from slimctl.core.plan import make_plan
 from slimctl.core.surgery import Pruned, measured_prune
 from slimctl.core.targets import parse_target, plan_for_target
@@ -39,7 +41,9 @@ class Slimming:
     FLOPs counted at. The strength is λ (`sparsity`, the paper's 1e-4 by default) or an L1 budget
     (`budget` = λ·Σ lr over the run, what slimctl's recipes state, with `lr_sum` the sum of the
     learning rate over every step you will take). `coupled`: residual-coupled channels kept (the
-    paper) or pruned together ranked by `max` / `mean` / `sum` of their BNs' |γ|.
+    paper) or pruned together ranked by `max` / `mean` / `sum` of their BNs' |γ|. `regularizer`:
+    `l1` (the paper's) or `polarization` with its `polarization_t` and `gamma_bound`, as the
+    `train.*` keys of the same names (call `clamp()` after each optimizer step then).
 
     Create it before wrapping the model in DistributedDataParallel: tracing may insert a
     ChannelSelection module where a BN feeds a concatenation or a residual sum.
@@ -47,7 +51,8 @@ class Slimming:
 
     def __init__(self, model: nn.Module, example_input: torch.Tensor | tuple[int, ...], *,
                  sparsity: float | None = None, budget: float | None = None, lr_sum: float | None = None,
-                 coupled: str = "keep") -> None:
+                 coupled: str = "keep", regularizer: str = "l1", polarization_t: float = 1.0,
+                 gamma_bound: float = 1.0) -> None:
         self.model = unwrap(model)
         shape = tuple(example_input.shape[1:]) if isinstance(example_input, torch.Tensor) else tuple(example_input)
         if len(shape) != 3:
@@ -66,7 +71,12 @@ class Slimming:
             sparsity = 1e-4  # the paper's VGG λ
         if not sparsity >= 0:
             raise SlimctlError(f"sparsity must be >= 0, got {sparsity!r}")
+        if regularizer not in REGULARIZERS or not (math.isfinite(polarization_t) and polarization_t > 0
+                                                   and math.isfinite(gamma_bound) and gamma_bound > 0):
+            raise SlimctlError(f"regularizer must be one of {', '.join(REGULARIZERS)}, with a finite polarization_t "
+                               f"and gamma_bound > 0; got {regularizer!r}, {polarization_t!r}, {gamma_bound!r}")
         self.sparsity, self.coupled = float(sparsity), coupled
+        self.term = SparsityTerm(self.sparsity, regularizer, float(polarization_t), float(gamma_bound))
         self.planned_budget = None if lr_sum is None else self.sparsity * lr_sum
         self.groups = channel_groups(self.model, coupled=coupled)
         if not self.groups:
@@ -77,7 +87,7 @@ class Slimming:
         self._lr_group: tuple[torch.optim.Optimizer, dict] | None = None  # (optimizer, the group holding γ)
 
     def regularize(self, optimizer: torch.optim.Optimizer, *, scaler: torch.amp.GradScaler | None = None) -> None:
-        """grad(γ) += λ·sign(γ) on every ranked BN scale, after `backward` and before `optimizer.step`.
+        """grad(γ) += λ·∂R/∂γ (L1: λ·sign(γ)) on every ranked BN scale, after `backward` and before `optimizer.step`.
         No host sync; the learning rate is read from the optimizer group that holds the first γ."""
         if scaler is not None and scaler.is_enabled():
             try:
@@ -85,12 +95,16 @@ class Slimming:
             except RuntimeError:  # already unscaled for this step (e.g. for clipping): nothing to do
                 pass
         with_grads = [g for g in self.gammas if g.grad is not None]
-        add_sparsity_grad(with_grads, self.sparsity)
+        self.term.add_grad(with_grads)
         if self._lr_group is None or self._lr_group[0] is not optimizer:  # found once per optimizer, not per step
             first = self.gammas[0]
             group = next((g for g in optimizer.param_groups if any(p is first for p in g["params"])), {"lr": 0.0})
             self._lr_group = (optimizer, group)
         self.applied_budget += self.sparsity * float(self._lr_group[1]["lr"])
+
+    def clamp(self) -> None:
+        """After `optimizer.step`: polarization keeps every ranked γ in [0, gamma_bound]; L1 does nothing."""
+        self.term.after_step(self.gammas)
 
     def strength(self) -> dict[str, Any]:
         """λ, the L1 budget planned (when `lr_sum` was given) and the one applied so far, and the |γ| statistics."""

@@ -37,6 +37,31 @@ def test_regularize_adds_lambda_sign_gamma_and_counts_the_budget():
     assert budgeted.sparsity == pytest.approx(0.1) and budgeted.strength()["l1_budget_planned"] == pytest.approx(0.66)
 
 
+def test_polarization_in_your_own_loop_is_the_cli_trainers_step():
+    from slimctl.core.sparsity import SparsityTerm
+    from slimctl.train import TrainStep, train_one_epoch
+
+    x, y = torch.randn(4, 3, 32, 32), torch.arange(4)
+    mine = tiny()
+    slim = slimctl.Slimming(mine, x, sparsity=1e-2, regularizer="polarization", polarization_t=1.3, gamma_bound=0.8)
+    optimizer = torch.optim.SGD(mine.parameters(), lr=0.5, momentum=0.9)
+    theirs = copy.deepcopy(mine)
+    gammas = slimctl.bn_scales(theirs, [g.bn for g in slim.groups])
+    trainer = TrainStep(theirs, torch.optim.SGD(theirs.parameters(), lr=0.5, momentum=0.9), gammas=gammas,
+                        sparsity=SparsityTerm(1e-2, "polarization", 1.3, 0.8), device=torch.device("cpu"), dtype=None)
+    for _ in range(2):
+        mine.train()
+        step(mine, x, y)
+        slim.regularize(optimizer)
+        optimizer.step()
+        slim.clamp()
+        train_one_epoch(trainer, [(x, y)])
+    for a, b in zip(mine.parameters(), theirs.parameters()):
+        assert torch.allclose(a, b, atol=1e-6)
+    flat = torch.cat([g.detach() for g in slim.gammas])
+    assert float(flat.min()) >= 0 and float(flat.max()) == float(torch.tensor(0.8))  # clamped, in float32
+
+
 def test_with_a_grad_scaler_the_term_is_added_to_the_unscaled_gradients():
     x, y = torch.randn(4, 3, 32, 32), torch.arange(4)
     plain, scaled = tiny(), tiny()
@@ -102,6 +127,9 @@ def test_slimming_under_ddp_unwraps_and_matches_the_plain_model(tmp_path):
     ({"sparsity": -1.0}, "sparsity must be >= 0"),
     ({"budget": 0.66}, "budget needs lr_sum"),
     ({"budget": 0.66, "lr_sum": 1.0, "sparsity": 1e-4}, "and no sparsity"),
+    ({"regularizer": "l2"}, "regularizer must be one of l1, polarization"),
+    ({"regularizer": "polarization", "polarization_t": float("nan")}, "finite polarization_t"),
+    ({"regularizer": "polarization", "gamma_bound": 0.0}, "gamma_bound > 0"),
 ])
 def test_bad_arguments_are_one_line_errors(kwargs, message):
     args = {"example_input": (3, 32, 32), **kwargs}
