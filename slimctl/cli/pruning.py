@@ -48,6 +48,12 @@ from slimctl.core.sweep import DEFAULT_RATIOS
               help="With --target-latency: CPU threads [default: torch's, i.e. OMP_NUM_THREADS or the cores].")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="fp32",
               show_default=True, help="With --target-latency and --runtime torch: the precision timed.")
+@click.option("--keep-gathers", is_flag=True,
+              help="Keep whole every space the cut would reach through a gather (a selection over a DenseNet "
+                   "concatenation or a ShuffleNet split, whose BN and ReLU still run at full width); the speed "
+                   "check measures this alternative when a pruned model is slower.")
+@click.option("--no-speed-check", is_flag=True,
+              help="Skip timing the pruned model against the unpruned one (torch, batch 1, fp32, here).")
 @click.option("--data-root", default=None, help="Where the data set lives, if not where the checkpoint's config says.")
 @click.option("--no-eval", is_flag=True, help="Skip the test-set evaluation of the pruned model.")
 @recalibrate_option
@@ -61,7 +67,7 @@ from slimctl.core.sweep import DEFAULT_RATIOS
 def prune_cmd(checkpoint: Path, ratio: float | str | None, out: Path | None, min_channels: int | None, round_to: int,
               coupled: str, compensate: str, target_flops: str | None, target_params: str | None,
               target_latency: str | None, runtime: str, latency_batch: int, threads: int | None, precision: str,
-              data_root: str | None, no_eval: bool, recalibrate: int, batch_size: int | None, device: str,
+              keep_gathers: bool, no_speed_check: bool, data_root: str | None, no_eval: bool, recalibrate: int, batch_size: int | None, device: str,
               force: bool, tensorboard: bool, as_json: bool) -> None:
     """Remove the channels whose BN |γ| falls under one global threshold; write a narrower model.
 
@@ -88,7 +94,8 @@ def prune_cmd(checkpoint: Path, ratio: float | str | None, out: Path | None, min
                                precision=precision)
     result = prune_checkpoint(
         checkpoint, out, ratio=ratio, target=target, evaluate_model=not no_eval, force=force,
-        options=PruneOptions(min_channels, round_to, coupled, compensate, recalibrate),
+        options=PruneOptions(min_channels, round_to, coupled, compensate, recalibrate, keep_gathers,
+                             speed_check=not no_speed_check),
         data=DataAccess(data_root, batch_size, device),
     )
     events = prune_events(checkpoint, result, own=tensorboard)
@@ -132,7 +139,24 @@ def prune_cmd(checkpoint: Path, ratio: float | str | None, out: Path | None, min
         if not latency["met"]:
             err_console.print("[yellow]warning:[/] timed again, the pruned model misses the target (the machine's "
                               "timing noise); pass a slightly lower --target-latency")
+    if result["speed"] is not None:
+        print_speed(result["speed"])
     out_console.print(f"→ {result['out']}  (histogram {result['histogram']})")
+
+
+def print_speed(speed: dict) -> None:
+    """The speed check's line, and its warning (with the measured alternative) when pruning made it slower."""
+    line = (f"{speed['unpruned_ms']:.3g} ms → {speed['pruned_ms']:.3g} ms ({speed['speedup']:.2f}×), torch, batch 1, "
+            f"BNs folded; {speed['machine']}")
+    if not speed["slower"]:
+        out_console.print(f"speed: {line}")
+        return
+    advice = "try --round-to 8, or --target-latency to prune to a time measured here"
+    gathers = speed.get("gathers")
+    if gathers is not None:
+        advice = (f"with the spaces cut through gathers kept whole it runs at {gathers['kept_whole_ms']:.3g} ms "
+                  f"({gathers['speedup']:.2f}×): --keep-gathers; or {advice}")
+    err_console.print(f"[yellow]warning:[/] the pruned model is slower than the original: {line}. {advice}")
 
 
 @cli.command("sweep")

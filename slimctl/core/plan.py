@@ -58,6 +58,11 @@ class ChannelPlan:
     def total(self) -> int:
         return sum(g.total for g in self.groups)
 
+    def gathered(self) -> set[int]:
+        """The groups this plan cuts through a selection (a gather over a concatenation or a split,
+        whose BN and ReLU still run at full width)."""
+        return {i for i, g in enumerate(self.groups) if g.group.selection is not None and g.kept < g.total}
+
 
 def group_scores(model: nn.Module, group: ChannelGroup) -> torch.Tensor:
     """|γ| of the group's current channels (for a selection group: only the still-selected ones)."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 import statistics
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -26,6 +26,11 @@ from slimctl.errors import SlimctlError, out_of_memory_as_error
 from slimctl.pipeline.bench import RUNTIMES, latency_timer
 
 CONFIRM_ROUNDS = 3  # alternating unpruned / pruned timings behind the recorded figures
+
+# prune's speed check: the pruned model counts as slower only when its median is above the unpruned
+# one's by more than both margins (a shared machine's timing noise; sub-millisecond models jitter).
+SLOWER_BY = 0.05  # fraction of the unpruned latency
+SLOWER_MS = 0.05  # milliseconds
 
 
 @dataclass(frozen=True)
@@ -131,3 +136,20 @@ def conditions(target: LatencyTarget) -> dict[str, Any]:
         machine = machine_label(environment(torch.device("cpu"), dtype))
     return {"runtime": target.runtime, "batch_size": target.batch_size, "threads": threads,
             "precision": PRECISION_NAMES.get(dtype, "fp32"), "machine": machine}
+
+
+def speed_check(model: nn.Module, pruned: nn.Module, gathers_kept_whole: Callable[[], nn.Module | None]
+                ) -> dict[str, Any]:
+    """prune's check that pruning paid off: both models timed as deployed (torch, batch 1, fp32,
+    alternating), `slower` when the pruned one is beyond the noise margins. When it is and the plan
+    cut through gathers, the model with those spaces kept whole (`gathers_kept_whole()`, None when
+    there are none) is timed too: `gathers: {kept_whole_ms, speedup}`, the measured alternative."""
+    target = LatencyTarget("speed check", fraction=1.0, repeats=10)
+    record = confirm(model, pruned, conditions(target), target)
+    record["slower"] = record["pruned_ms"] > record["unpruned_ms"] * (1 + SLOWER_BY) + SLOWER_MS
+    del record["met"]
+    alternative = gathers_kept_whole() if record["slower"] else None
+    if alternative is not None:
+        ms = statistics.median(deployed_latency(alternative, target) for _ in range(CONFIRM_ROUNDS))
+        record["gathers"] = {"kept_whole_ms": ms, "speedup": record["unpruned_ms"] / ms}
+    return record

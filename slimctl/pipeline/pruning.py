@@ -27,7 +27,8 @@ from slimctl.core.surgery import applied_plan, apply_plan
 from slimctl.core.sweep import largest_safe_ratio, sweep_model
 from slimctl.core.targets import Target, plan_for_target
 from slimctl.data import build_loader
-from slimctl.pipeline.latency import LatencyTarget, conditions, confirm, deployed_latency, plan_for_latency
+from slimctl.pipeline.latency import (LatencyTarget, conditions, confirm, deployed_latency, plan_for_latency,
+                                      speed_check)
 from slimctl.errors import SlimctlError, out_of_memory_as_error
 from slimctl.io.checkpoint import load_checkpoint, make_checkpoint, model_from_checkpoint, save_checkpoint
 from slimctl.io.config import Config, DataConfig, config_from_dict
@@ -79,13 +80,17 @@ class PruneOptions:
     """How prune and sweep cut: the per-group floor and multiple (`min_channels` None: the
     checkpoint config's prune.min_channels for prune, 1 for sweep), residual-coupled spaces, what
     removed channels' constants become, and how many training images re-estimate the BN statistics
-    after the cut (0: none)."""
+    after the cut (0: none). prune only: `keep_gathers` keeps whole every space that would be cut
+    through a gather (a selection over a concatenation or a split), and `speed_check` times the
+    pruned model against the unpruned one (`slimctl.pipeline.latency.speed_check`)."""
 
     min_channels: int | None = None
     round_to: int = 1
     coupled: str = "keep"
     compensate: str = "exact"
     recalibrate: int = 0
+    keep_gathers: bool = False
+    speed_check: bool = True
 
 
 @dataclass(frozen=True)
@@ -140,6 +145,8 @@ def prune_checkpoint(
     plan, latency = _plan_for(model, groups, cfg, ratio=cut.ratio if cut else ratio, target=target,
                               min_channels=min_channels, round_to=round_to, compensate=compensate)
     ratio = plan.ratio
+    if options.keep_gathers:
+        plan = plan.keeping(plan.gathered())
     if out is None:
         out = checkpoint.with_name(f"pruned-r{ratio:g}.pt")
         _check_output(out, checkpoint, force)
@@ -149,6 +156,7 @@ def prune_checkpoint(
                            compensate=compensate, notes=notes, target=target)
     result["latency"] = None if latency is None else confirm(model, pruned, latency, target)
     result["auto_cut"] = None if cut is None else cut.as_dict()
+    result["speed"] = _speed(model, pruned, plan, compensate) if options.speed_check and latency is None else None
     test_set = None
     if evaluate_model and cfg is not None:
         try:
@@ -195,7 +203,7 @@ def _save_pruned(result: dict[str, Any], checkpoint: Path, out: Path, ckpt: dict
     histogram of the unpruned model beside it; {out, histogram}."""
     prune_info = {k: result[k] for k in ("ratio", "threshold", "min_channels", "round_to", "coupled", "compensate",
                                          "recalibrated_images", "target", "layers", "exactness", "latency",
-                                         "auto_cut")}
+                                         "auto_cut", "speed")}
     metrics = {k: result[k] for k in ("params", "flops", "top1") if result[k] is not None}
     save_checkpoint(out, make_checkpoint(pruned.cpu(), stage="prune", config=ckpt.get("config"), parent=checkpoint,
                                          metrics=metrics, prune=prune_info))
@@ -288,6 +296,16 @@ def _plan_for(model: nn.Module, groups, cfg: Config | None, *, ratio: float | No
             raise SlimctlError("--ratio is required (the checkpoint records no prune.ratio)")
     validate_ratio(ratio)
     return make_plan(model, groups, ratio, min_channels=min_channels, round_to=round_to), None
+
+
+def _speed(model: nn.Module, pruned: nn.Module, plan, compensate: str) -> dict[str, Any]:
+    """The speed check's record; the alternative it measures when the pruned model is slower: the
+    same plan with the spaces it cuts through gathers kept whole."""
+    def gathers_kept_whole() -> nn.Module | None:
+        gathered = plan.gathered()
+        return applied_plan(model, plan.keeping(gathered), compensate=compensate)[0].eval() if gathered else None
+
+    return speed_check(model, pruned, gathers_kept_whole)
 
 
 def _pruned_scores(model: nn.Module, plan, pruned: nn.Module, compensate: str, test_set: TestSet | None,

@@ -78,3 +78,53 @@ def test_sweep_shows_latency_beside_top1_when_asked(tiny_run):
     assert timed["latency"]["runtime"] == "torch" and timed["latency"]["batch_size"] == 1
     assert curve["latency_ms"] > 0 and all(r["latency_ms"] > 0 for r in curve["rows"])
     assert " ms " in run("sweep", tiny_run / "best.pt", "--ratios", "0.5", "--subset", "50", "--latency").output
+
+
+def test_prune_times_the_pruned_model_against_the_unpruned_one(sparse_checkpoint, tmp_path, flops_as_time):
+    result = json.loads(run("prune", sparse_checkpoint, "--ratio", "0.5", "-o", tmp_path / "p.pt", "--no-eval",
+                            "--json").output)
+    speed = result["speed"]
+    assert speed["unpruned_ms"] == result["flops_before"] / 1e6 and speed["pruned_ms"] == result["flops"] / 1e6
+    assert not speed["slower"] and "gathers" not in speed and {"threads", "machine", "runtime"} <= set(speed)
+    assert "speed: " in run("prune", sparse_checkpoint, "--ratio", "0.5", "-o", tmp_path / "q.pt", "--no-eval").output
+    skipped = json.loads(run("prune", sparse_checkpoint, "--ratio", "0.5", "-o", tmp_path / "r.pt", "--no-eval",
+                             "--no-speed-check", "--json").output)
+    assert skipped["speed"] is None
+
+
+@pytest.fixture
+def densenet_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    path = tmp_path / "densenet.pt"
+    model = strongly_sparse(slimctl.create_model("densenet", 10, depth=10, growth=4))
+    slimctl.save_model(model, path, stage="sparse-train")
+    return path
+
+
+@pytest.fixture
+def gathers_cost(monkeypatch):
+    """A clock on which every gather that drops channels costs 1 ms beside FLOPs / 1e6 ms: DenseNet's
+    selections then make the pruned model slower than the original."""
+    from slimctl.base.inserted import ChannelSelection
+
+    def clock(model, target):
+        gathers = sum(1 for m in model.modules() if isinstance(m, ChannelSelection)
+                      and m.indices.numel() < max(int(m.indices.max()) + 1, 1))
+        return slimctl.count_flops(model) / 1e6 + 1.0 * gathers
+
+    monkeypatch.setattr(latency, "deployed_latency", clock)
+
+
+def test_a_slower_pruned_model_is_warned_about_with_the_measured_alternative(densenet_checkpoint, tmp_path,
+                                                                          gathers_cost):
+    result = run("prune", densenet_checkpoint, "--ratio", "0.5", "-o", tmp_path / "p.pt", "--no-eval")
+    assert "warning: the pruned model is slower than the original" in result.output
+    assert "--keep-gathers" in result.output
+    speed = slimctl.load_checkpoint(tmp_path / "p.pt")["prune"]["speed"]
+    assert speed["slower"] and speed["gathers"]["speedup"] >= 1 > speed["speedup"]  # every space here is gathered
+    # --keep-gathers: the spaces cut through a selection stay whole, and the model is faster than the original.
+    kept = json.loads(run("prune", densenet_checkpoint, "--ratio", "0.5", "-o", tmp_path / "k.pt", "--no-eval",
+                          "--keep-gathers", "--json").output)
+    assert not kept["speed"]["slower"] and kept["speed"]["pruned_ms"] == pytest.approx(speed["gathers"]["kept_whole_ms"])
+    assert kept["channels_kept"] > json.loads(run("prune", densenet_checkpoint, "--ratio", "0.5", "-o",
+                                                  tmp_path / "j.pt", "--no-eval", "--json").output)["channels_kept"]
