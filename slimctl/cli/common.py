@@ -158,6 +158,17 @@ class RatioOrAuto(click.ParamType):
         return number
 
 
+class RoundTo(click.ParamType):
+    """prune --round-to: a multiple N >= 1, or `auto` (each layer's count chosen by measurement)."""
+
+    name = "N|auto"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int | str:
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            return "auto"
+        return click.IntRange(min=1).convert(value, param, ctx)
+
+
 # prune, sweep and eval: the test batch, lowered when evaluation runs out of memory
 test_batch_option = click.option(
     "--batch-size", type=click.IntRange(min=1), default=None,

@@ -8,7 +8,7 @@ import click
 
 from slimctl.base.groups import COUPLED_MODES
 from slimctl.cli.common import (cli, err_console, FiniteFloat, out_console, print_json, RatioOrAuto,
-                                recalibrate_option, test_batch_option, UserError)
+                                recalibrate_option, RoundTo, test_batch_option, UserError)
 from slimctl.core.compensate import COMPENSATE_MODES
 from slimctl.core.sweep import DEFAULT_RATIOS
 
@@ -23,8 +23,10 @@ from slimctl.core.sweep import DEFAULT_RATIOS
               help="Pruned checkpoint to write [default: pruned-r<RATIO>.pt beside CHECKPOINT].")
 @click.option("--min-channels", type=int, default=None,
               help="No layer keeps fewer channels than this (its largest |γ|) [default: prune.min_channels, 1].")
-@click.option("--round-to", type=int, default=1, show_default=True,
-              help="Keep a multiple of N channels per layer (faster on GPUs/vector units); 1 = the paper.")
+@click.option("--round-to", type=RoundTo(), default=1, show_default=True,
+              help="Keep a multiple of N channels per layer (faster on GPUs/vector units); 1 = the paper; auto = "
+                   "per layer the count, at or a little above γ's, whose operators time fastest here (torch, "
+                   "batch 1, fp32; cached in ~/.cache/slimctl).")
 @click.option("--coupled", type=click.Choice(COUPLED_MODES), default="keep", show_default=True,
               help="Traced models: keep residual-coupled channels (the paper), or prune each coupled set "
                    "together, ranked by the max/mean/sum of its BNs' |γ|.")
@@ -64,7 +66,8 @@ from slimctl.core.sweep import DEFAULT_RATIOS
               help="Write the threshold and kept-per-layer to TensorBoard: the parent run's tb/ (done anyway "
                    "when it exists), else OUT stem + _tb/.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables.")
-def prune_cmd(checkpoint: Path, ratio: float | str | None, out: Path | None, min_channels: int | None, round_to: int,
+def prune_cmd(checkpoint: Path, ratio: float | str | None, out: Path | None, min_channels: int | None,
+              round_to: int | str,
               coupled: str, compensate: str, target_flops: str | None, target_params: str | None,
               target_latency: str | None, runtime: str, latency_batch: int, threads: int | None, precision: str,
               keep_gathers: bool, no_speed_check: bool, data_root: str | None, no_eval: bool, recalibrate: int, batch_size: int | None, device: str,
@@ -139,6 +142,11 @@ def prune_cmd(checkpoint: Path, ratio: float | str | None, out: Path | None, min
         if not latency["met"]:
             err_console.print("[yellow]warning:[/] timed again, the pruned model misses the target (the machine's "
                               "timing noise); pass a slightly lower --target-latency")
+    widths = result.get("widths")
+    if widths is not None:
+        out_console.print(f"--round-to auto: {len(widths['changed'])} layers keep more channels than γ chose, where "
+                          f"that timed faster ({widths['timed']} operator shapes timed now, the rest cached in "
+                          f"{widths['cache']})")
     if result["speed"] is not None:
         print_speed(result["speed"])
     out_console.print(f"→ {result['out']}  (histogram {result['histogram']})")

@@ -165,14 +165,18 @@ def make_plan(
         n_keep = total if threshold is None else int((score > threshold).sum())
         n_keep = max(n_keep, min(min_channels, total))
         n_keep = min(total, -(-n_keep // round_to) * round_to)  # round up to a multiple of round_to
-        if group.divisions > 1:
-            keep = _keep_per_division(score, n_keep, group.divisions)
-        else:
-            # Largest |γ| first; a stable sort makes ties resolve by position, reproducibly.
-            order = torch.sort(score, descending=True, stable=True).indices
-            keep = torch.sort(order[:n_keep]).values
-        plans.append(GroupPlan(group=group, keep=keep, total=total))
+        plans.append(GroupPlan(group=group, keep=keep_largest(score, n_keep, group.divisions), total=total))
     return ChannelPlan(ratio=ratio, threshold=threshold, groups=tuple(plans))
+
+
+def keep_largest(score: torch.Tensor, n_keep: int, divisions: int = 1) -> torch.Tensor:
+    """The sorted positions of the `n_keep` largest scores (the same count in each of `divisions`
+    equal chunks when > 1)."""
+    if divisions > 1:
+        return _keep_per_division(score, n_keep, divisions)
+    # Largest |γ| first; a stable sort makes ties resolve by position, reproducibly.
+    order = torch.sort(score, descending=True, stable=True).indices
+    return torch.sort(order[:n_keep]).values
 
 
 def _keep_per_division(score: torch.Tensor, n_keep: int, divisions: int) -> torch.Tensor:

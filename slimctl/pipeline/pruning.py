@@ -27,6 +27,7 @@ from slimctl.core.surgery import applied_plan, apply_plan
 from slimctl.core.sweep import largest_safe_ratio, sweep_model
 from slimctl.core.targets import Target, plan_for_target
 from slimctl.data import build_loader
+from slimctl.pipeline.widths import OpClock, measured_widths
 from slimctl.pipeline.latency import (LatencyTarget, conditions, confirm, deployed_latency, plan_for_latency,
                                       speed_check)
 from slimctl.errors import SlimctlError, out_of_memory_as_error
@@ -85,7 +86,7 @@ class PruneOptions:
     pruned model against the unpruned one (`slimctl.pipeline.latency.speed_check`)."""
 
     min_channels: int | None = None
-    round_to: int = 1
+    round_to: int | str = 1  # prune also takes "auto": slimctl.pipeline.widths
     coupled: str = "keep"
     compensate: str = "exact"
     recalibrate: int = 0
@@ -143,8 +144,14 @@ def prune_checkpoint(
                            "nothing would be pruned")
     cut = gap_cut(torch.cat([group_scores(model, g) for g in groups])) if ratio == "auto" else None
     plan, latency = _plan_for(model, groups, cfg, ratio=cut.ratio if cut else ratio, target=target,
-                              min_channels=min_channels, round_to=round_to, compensate=compensate)
+                              min_channels=min_channels, round_to=1 if round_to == "auto" else round_to,
+                              compensate=compensate)
     ratio = plan.ratio
+    widths = None
+    if round_to == "auto":
+        clock = OpClock(conditions(LatencyTarget("widths", fraction=1.0)))
+        plan, changes = measured_widths(model, plan, clock)
+        widths = {"changed": changes, "timed": clock.timed, "cache": str(clock.path)}
     if options.keep_gathers:
         plan = plan.keeping(plan.gathered())
     if out is None:
@@ -156,6 +163,7 @@ def prune_checkpoint(
                            compensate=compensate, notes=notes, target=target)
     result["latency"] = None if latency is None else confirm(model, pruned, latency, target)
     result["auto_cut"] = None if cut is None else cut.as_dict()
+    result["widths"] = widths
     result["speed"] = _speed(model, pruned, plan, compensate) if options.speed_check and latency is None else None
     test_set = None
     if evaluate_model and cfg is not None:
@@ -203,7 +211,7 @@ def _save_pruned(result: dict[str, Any], checkpoint: Path, out: Path, ckpt: dict
     histogram of the unpruned model beside it; {out, histogram}."""
     prune_info = {k: result[k] for k in ("ratio", "threshold", "min_channels", "round_to", "coupled", "compensate",
                                          "recalibrated_images", "target", "layers", "exactness", "latency",
-                                         "auto_cut", "speed")}
+                                         "auto_cut", "speed", "widths")}
     metrics = {k: result[k] for k in ("params", "flops", "top1") if result[k] is not None}
     save_checkpoint(out, make_checkpoint(pruned.cpu(), stage="prune", config=ckpt.get("config"), parent=checkpoint,
                                          metrics=metrics, prune=prune_info))

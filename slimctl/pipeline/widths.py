@@ -1,0 +1,213 @@
+"""`prune --round-to auto`: each pruned layer's channel count chosen by measuring its operators.
+
+γ decides how many channels a layer needs (n); a vector unit or a kernel library may run n + 3
+channels faster than n (16 at the price of 13). For each group the plan cuts, the candidate counts
+are n and the multiples of 2…64 at most SLACK above it (at least up to the next multiple of 8), never
+more than the layer has and never fewer than n. A count's cost is the time of the convolutions and
+linear layers whose shapes it sets: the group's producers (out = count; a depthwise conv in = out =
+groups = count) and consumers (in = the columns it reads), each at the width the plan gives its
+other side. The cheapest count wins; a larger one only when it is faster by more than PREFER_FEWER
+(timing noise must not buy channels). Keeping extra channels keeps the next-highest γ.
+
+The timings are cached per machine, runtime, batch size, threads and precision in the user's cache
+folder ($XDG_CACHE_HOME/slimctl or ~/.cache/slimctl, `op_latency.json`): a second prune on this
+machine times only shapes it has not seen. Groups are chosen one at a time, each with the others
+at γ's counts; the speed check after pruning measures the whole model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from slimctl.base.device import autocast, resolve_precision
+from slimctl.base.files import atomic_write_text
+from slimctl.base.registry import input_size
+from slimctl.core.plan import ChannelPlan, GroupPlan, group_scores, keep_largest, plan_masks
+
+SLACK = 0.125  # a layer may keep up to 12.5% more channels than γ chose
+QUANTA = (2, 4, 8, 16, 32, 64)
+PREFER_FEWER = 0.02  # a larger count must be this much faster (fraction of the cost) to be chosen
+REPEATS, WARMUP = 15, 3
+
+
+def candidates(n: int, total: int) -> list[int]:
+    """γ's count `n` and the multiples of QUANTA a little above it, at most `total`."""
+    top = min(total, max(math.ceil(n * (1 + SLACK)), -(-n // 8) * 8))
+    return sorted({n} | {-(-n // q) * q for q in QUANTA if -(-n // q) * q <= top})
+
+
+def cache_path() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "slimctl" / "op_latency.json"
+
+
+@dataclass
+class OpClock:
+    """Milliseconds of one convolution or linear layer at given shapes, timed under `conditions`
+    (on the CPU, torch) and remembered in `path` across runs."""
+
+    conditions: dict[str, Any]
+    path: Path = field(default_factory=cache_path)
+    timed: int = 0  # shapes timed now (the rest came from the cache)
+    entries: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        try:
+            stored = json.loads(self.path.read_text())
+            self.entries = {k: float(v) for k, v in stored.get(self.key_prefix(), {}).items()}
+        except (OSError, ValueError, AttributeError, TypeError):  # none yet, or unreadable: time afresh
+            self.entries = {}
+
+    def key_prefix(self) -> str:
+        c = self.conditions
+        return f"{c['machine']}|{c['runtime']}|batch {c['batch_size']}|{c['threads']} threads|{c['precision']}"
+
+    def ms(self, spec: tuple) -> float:
+        key = ",".join(map(str, spec))
+        if key not in self.entries:
+            self.entries[key] = time_op(spec, batch_size=self.conditions["batch_size"],
+                                        precision=self.conditions["precision"])
+            self.timed += 1
+        return self.entries[key]
+
+    def save(self) -> None:
+        try:
+            stored = json.loads(self.path.read_text()) if self.path.exists() else {}
+            if not isinstance(stored, dict):
+                stored = {}
+        except (OSError, ValueError):
+            stored = {}
+        stored[self.key_prefix()] = self.entries
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.path, json.dumps(stored))
+        except OSError:  # a read-only home: the choice stands, only the cache is lost
+            pass
+
+
+def time_op(spec: tuple, *, batch_size: int, precision: str) -> float:
+    """Median milliseconds of one op: ("conv", in, out, kh, kw, sh, sw, ph, pw, dh, dw, groups, H, W)
+    or ("linear", in, out), on random inputs in inference mode."""
+    dtype = resolve_precision(precision, torch.device("cpu"))
+    if spec[0] == "linear":
+        _, c_in, c_out = spec
+        x, w = torch.randn(batch_size, c_in), torch.randn(c_out, c_in)
+        def run() -> None:
+            F.linear(x, w)
+    else:
+        _, c_in, c_out, kh, kw, sh, sw, ph, pw, dh, dw, groups, height, width = spec
+        x = torch.randn(batch_size, c_in, height, width).contiguous(memory_format=torch.channels_last)
+        w = torch.randn(c_out, c_in // groups, kh, kw).contiguous(memory_format=torch.channels_last)
+        def run() -> None:
+            F.conv2d(x, w, None, (sh, sw), (ph, pw), (dh, dw), groups)
+    times = []
+    with torch.inference_mode(), autocast(torch.device("cpu"), dtype):
+        for i in range(WARMUP + REPEATS):
+            start = time.perf_counter()
+            run()
+            if i >= WARMUP:
+                times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def measured_widths(model: nn.Module, plan: ChannelPlan, clock: OpClock) -> tuple[ChannelPlan, list[dict]]:
+    """`plan` with each cut group's count chosen among `candidates` by `clock`; and per changed group
+    {name, gamma, chosen, ms_gamma, ms_chosen}."""
+    modules = dict(model.named_modules())
+    out_keep, in_mask, _ = plan_masks(modules, plan)
+    planned = {name: (int(in_mask[name].sum()) if name in in_mask else _width(m, "in"),
+                      len(out_keep[name]) if name in out_keep else _width(m, "out"))
+               for name, m in modules.items() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    sizes = _input_sizes(model)
+    groups, changes = [], []
+    for gp in plan.groups:
+        if gp.kept == gp.total or gp.group.selection is not None:  # a gather's cost is not a width's
+            groups.append(gp)
+            continue
+        costs = {c: _cost(gp, c, modules, planned, sizes, clock) for c in candidates(gp.kept, gp.total)}
+        best = gp.kept
+        for count in sorted(costs):
+            if costs[count] < costs[best] * (1 - PREFER_FEWER):
+                best = count
+        groups.append(_with_count(model, gp, best))
+        if best != gp.kept:
+            changes.append({"name": gp.group.bn, "gamma": gp.kept, "chosen": best, "ms_gamma": costs[gp.kept],
+                            "ms_chosen": costs[best]})
+    clock.save()
+    return ChannelPlan(plan.ratio, plan.threshold, tuple(groups)), changes
+
+
+def _cost(gp: GroupPlan, count: int, modules: dict[str, nn.Module], planned: dict[str, tuple[int, int]],
+          sizes: dict[str, tuple[int, int]], clock: OpClock) -> float:
+    """Milliseconds of the ops whose shapes the group's count sets, at `count` channels."""
+    widths: dict[str, list[int]] = {}
+    for name in gp.group.producers:  # BNs and other per-channel layers cost little: only convs and linears
+        if name in planned:
+            widths.setdefault(name, list(planned[name]))[1] = count
+    for consumer in gp.group.consumers:
+        if consumer.module in planned:
+            width = widths.setdefault(consumer.module, list(planned[consumer.module]))
+            width[0] += (count - gp.kept) * consumer.repeat
+    total = 0.0
+    for name, (c_in, c_out) in widths.items():
+        module = modules[name]
+        if isinstance(module, nn.Linear):
+            total += clock.ms(("linear", c_in, c_out))
+            continue
+        groups = module.groups
+        if groups > 1 and groups == module.in_channels == module.out_channels:  # depthwise: one width
+            c_in = c_out = groups = count
+        total += clock.ms(("conv", c_in, c_out, *module.kernel_size, *module.stride, *_padding(module),
+                           *module.dilation, groups, *sizes[name]))
+    return total
+
+
+def _with_count(model: nn.Module, gp: GroupPlan, count: int) -> GroupPlan:
+    if count == gp.kept:
+        return gp
+    keep = keep_largest(group_scores(model, gp.group), count, gp.group.divisions)
+    return GroupPlan(group=gp.group, keep=keep, total=gp.total)
+
+
+def _width(module: nn.Module, side: str) -> int:
+    if isinstance(module, nn.Linear):
+        return module.in_features if side == "in" else module.out_features
+    return module.in_channels if side == "in" else module.out_channels
+
+
+def _padding(conv: nn.Conv2d) -> tuple[int, int]:
+    if isinstance(conv.padding, str):  # "same"/"valid": what it comes to for an odd kernel at stride 1
+        return (0, 0) if conv.padding == "valid" else tuple(d * (k - 1) // 2 for k, d in zip(conv.kernel_size, conv.dilation))
+    return tuple(conv.padding)
+
+
+@torch.no_grad()
+def _input_sizes(model: nn.Module) -> dict[str, tuple[int, int]]:
+    """Each convolution's input height and width, from one forward pass at the model's input size."""
+    sizes: dict[str, tuple[int, int]] = {}
+
+    def record(name: str):
+        def hook(module: nn.Module, args: tuple) -> None:  # returns None: the input passes unchanged
+            sizes.setdefault(name, tuple(args[0].shape[-2:]))
+        return hook
+
+    hooks = [m.register_forward_pre_hook(record(name)) for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    training = model.training
+    try:
+        model.eval()(torch.zeros(1, *input_size(model)))
+    finally:
+        model.train(training)
+        for hook in hooks:
+            hook.remove()
+    return sizes

@@ -1,0 +1,109 @@
+"""prune --round-to auto: per-layer channel counts chosen by timing their operators, cached."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import slimctl
+from conftest import run, strongly_sparse
+from slimctl.pipeline import widths
+from slimctl.pipeline.widths import candidates
+
+
+def test_candidates_are_gammas_count_and_multiples_a_little_above_it():
+    assert candidates(13, 64) == [13, 14, 16]
+    assert candidates(100, 256) == [100, 104, 112]  # up to 12.5% more (128 is beyond)
+    assert candidates(61, 62) == [61, 62] and candidates(60, 62) == [60]  # never more than the layer has
+    assert candidates(1, 1) == [1] and all(c >= 13 for c in candidates(13, 64))
+
+
+@pytest.fixture
+def sparse_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    path = tmp_path / "sparse.pt"
+    slimctl.save_model(strongly_sparse(slimctl.create_model("vgg11", 10, width=0.25)), path, stage="sparse-train")
+    return path
+
+
+@pytest.fixture
+def eights_are_fast(monkeypatch, tmp_path):
+    """A noiseless operator clock: cost ∝ the multiply-adds, halved when every width is a multiple of 8;
+    the cache goes to tmp_path. Returns the list of shapes it timed."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    timed = []
+
+    def clock(spec, *, batch_size, precision):
+        timed.append(spec)
+        if spec[0] == "linear":
+            return spec[1] * spec[2] * 1e-6
+        _, c_in, c_out, kh, kw, *_, groups, height, width = spec
+        cost = c_in // groups * c_out * kh * kw * height * width * 1e-6
+        return cost / 2 if c_in % 8 == 0 and c_out % 8 == 0 else cost
+
+    monkeypatch.setattr(widths, "time_op", clock)
+    return timed
+
+
+def _prune(checkpoint, out, *extra):
+    return json.loads(run("prune", checkpoint, "--ratio", "0.5", "-o", out, "--no-eval", "--no-speed-check",
+                          "--json", *extra).output)
+
+
+def test_auto_keeps_the_faster_count_and_the_next_highest_gamma(sparse_checkpoint, tmp_path, eights_are_fast):
+    plain = _prune(sparse_checkpoint, tmp_path / "plain.pt")
+    auto = _prune(sparse_checkpoint, tmp_path / "auto.pt", "--round-to", "auto")
+    assert auto["widths"]["changed"] and auto["round_to"] == "auto"
+    by_name = {layer["name"]: layer for layer in plain["layers"]}
+    for change in auto["widths"]["changed"]:
+        gamma = by_name[change["name"]]["kept"]
+        assert change["gamma"] == gamma < change["chosen"] <= by_name[change["name"]]["total"]
+        assert change["ms_chosen"] < change["ms_gamma"]
+    for layer in auto["layers"]:  # never fewer than γ chose
+        assert layer["kept"] >= by_name[layer["name"]]["kept"]
+    # The extra channels are the next-highest |γ|: every channel γ kept is still kept.
+    model = slimctl.load_model(sparse_checkpoint)
+    gamma_plan = slimctl.make_plan(model, slimctl.channel_groups(model), 0.5)
+    auto_keep = {gp.group.bn: set(gp.keep.tolist()) for gp in _auto_plan(model, tmp_path).groups}
+    for gp in gamma_plan.groups:
+        kept = set(gp.keep.tolist())
+        assert kept <= auto_keep[gp.group.bn]
+        extra = auto_keep[gp.group.bn] - kept
+        if extra:
+            scores = slimctl.group_scores(model, gp.group)
+            dropped = set(range(gp.total)) - auto_keep[gp.group.bn]
+            assert min(scores[i] for i in extra) >= max((scores[i] for i in dropped), default=0)
+    assert auto["exactness"]["max_rel_diff"] < 1e-4  # the pruned model still computes the γ-zeroed original
+
+
+def _auto_plan(model, tmp_path):
+    from slimctl.pipeline.latency import LatencyTarget, conditions
+
+    plan = slimctl.make_plan(model, slimctl.channel_groups(model), 0.5)
+    return widths.measured_widths(model, plan, widths.OpClock(conditions(LatencyTarget("t", fraction=1.0))))[0]
+
+
+def test_timings_are_cached_per_conditions(sparse_checkpoint, tmp_path, eights_are_fast, monkeypatch):
+    first = _prune(sparse_checkpoint, tmp_path / "a.pt", "--round-to", "auto")
+    assert first["widths"]["timed"] == len(set(eights_are_fast)) > 0
+    stored = json.loads((tmp_path / "cache" / "slimctl" / "op_latency.json").read_text())
+    [key] = stored
+    assert "batch 1" in key and "fp32" in key and "threads" in key
+    monkeypatch.setattr(widths, "time_op", lambda *a, **k: pytest.fail("timed a shape the cache holds"))
+    second = _prune(sparse_checkpoint, tmp_path / "b.pt", "--round-to", "auto")
+    assert second["widths"]["timed"] == 0 and second["layers"] == first["layers"]
+
+
+def test_a_clock_without_a_preference_changes_nothing(sparse_checkpoint, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(widths, "time_op", lambda spec, **k: float(spec[1] * spec[2]))  # more channels: slower
+    plain = _prune(sparse_checkpoint, tmp_path / "plain.pt")
+    auto = _prune(sparse_checkpoint, tmp_path / "auto.pt", "--round-to", "auto")
+    assert auto["widths"]["changed"] == [] and auto["layers"] == plain["layers"]
+
+
+def test_a_bad_round_to_is_exit_2(sparse_checkpoint, tmp_path):
+    result = run("prune", sparse_checkpoint, "--round-to", "fast", "-o", tmp_path / "p.pt", code=2)
+    assert "fast" in result.output and not (tmp_path / "p.pt").exists()
