@@ -28,6 +28,7 @@ Measuring
 The CLI's stages and the trainer behind them
     load_config(path, overrides)                     a recipe, validated (what -c and --set give the CLI)
     sparse_train, finetune, prune_checkpoint(…, options=PruneOptions(...))
+    parse_latency(text, runtime=..., ...)            a --target-latency for prune_checkpoint(target=...)
     load_dataset(name, root, ...), TensorLoader      the datasets and the on-device loader training uses
     fit(model, train_loader, test_loader, cfg.train, ..., io=RunIO(...))   the trainer (plain DataLoaders too)
     TrainStep, train_one_epoch, make_optimizer       the fused step (loss, L1 on γ, optimizer)
@@ -67,6 +68,7 @@ from slimctl.output.results import markdown_table, read_run
 from slimctl.pipeline.bench import bench_checkpoints, latency_timer
 from slimctl.pipeline.export import export_checkpoint
 from slimctl.pipeline.inspection import explain_groups
+from slimctl.pipeline.latency import parse_latency
 from slimctl.pipeline.pruning import PruneOptions, prune_checkpoint
 from slimctl.pipeline.training import finetune, sparse_train, teacher_for, teacher_on_device
 from slimctl.trace import channel_groups
@@ -78,7 +80,8 @@ __all__ = [
     "bench_checkpoints", "bn_scales", "channel_groups", "count_flops", "count_params", "create_model",
     "environment", "explain_groups", "export_checkpoint", "finetune", "fit", "fold_bn", "group_scores", "latency_timer",
     "load_checkpoint", "load_config", "load_dataset", "load_model", "machine_label", "make_checkpoint",
-    "make_optimizer", "make_plan", "markdown_table", "measure_exactness", "plot_gamma_comparison", "plot_runs",
+    "make_optimizer", "make_plan", "markdown_table", "measure_exactness", "parse_latency", "plot_gamma_comparison",
+    "plot_runs",
     "prune_checkpoint", "prune_model", "read_run", "recalibrate_bn", "register_builder", "removed_positions", "resolve_device",
     "resolve_precision", "save_checkpoint", "save_model", "sparse_train", "teacher_for", "teacher_on_device",
     "train_one_epoch",
