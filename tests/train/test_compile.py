@@ -10,7 +10,7 @@ from torch import nn
 from slimctl.data import ImageSet, TensorLoader
 from slimctl.base.device import COMPILE_MODES, compile_mode
 from slimctl.errors import SlimctlError
-from slimctl.core.sparsity import bn_scales
+from slimctl.core.sparsity import SparsityTerm, bn_scales
 from slimctl.train import TrainStep, train_one_epoch
 
 from conftest import DEMO_CONFIG, TINY, run, sets
@@ -27,11 +27,13 @@ def small_net() -> nn.Module:
     )
 
 
-def stepper(model: nn.Module, *, mode: str | None, momentum: float = 0.0, warn=print) -> TrainStep:
+def stepper(model: nn.Module, *, mode: str | None, momentum: float = 0.0, warn=print,
+            regularizer: str = "l1") -> TrainStep:
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=momentum, weight_decay=1e-4)
     gammas = bn_scales(model, ["1", "4"])
     # λ large enough that a wrong or missing sign step would show above float noise.
-    return TrainStep(model, optimizer, gammas=gammas, sparsity=1e-2, device=CPU, dtype=None, mode=mode, warn=warn)
+    term = SparsityTerm(1e-2, regularizer, 1.2 if regularizer == "polarization" else 1.0)
+    return TrainStep(model, optimizer, gammas=gammas, sparsity=term, device=CPU, dtype=None, mode=mode, warn=warn)
 
 
 def batches(sizes: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -171,10 +173,11 @@ def tiny_loader(samples: int) -> TensorLoader:
     return TensorLoader(data, batch_size=8, train=True, pad=2)
 
 
-def test_the_step_loop_reads_the_device_once_per_epoch_not_once_per_step(host_reads):
+@pytest.mark.parametrize("regularizer", ["l1", "polarization"])  # polarization's γ mean stays on the device
+def test_the_step_loop_reads_the_device_once_per_epoch_not_once_per_step(host_reads, regularizer):
     def epoch_reads(samples: int) -> int:
         model = small_net()
-        step = stepper(model, mode=None)
+        step = stepper(model, mode=None, regularizer=regularizer)
         loader = tiny_loader(samples)
         host_reads["n"] = 0
         state = train_one_epoch(step, loader, on_step=lambda n, loss: None)
