@@ -153,6 +153,18 @@ def sets(*items: str) -> list[str]:
 
 
 @pytest.fixture
+def sparse_checkpoint(tmp_path) -> Path:
+    """A VGG-11 ×0.25 with half of each BN's γ near zero (`strongly_sparse`), saved as a sparse-train
+    checkpoint: something to prune without training."""
+    import slimctl
+
+    torch.manual_seed(0)
+    path = tmp_path / "sparse.pt"
+    slimctl.save_model(strongly_sparse(slimctl.create_model("vgg11", 10, width=0.25)), path, stage="sparse-train")
+    return path
+
+
+@pytest.fixture
 def tiny_overrides() -> tuple[str, ...]:
     return TINY
 

@@ -141,32 +141,29 @@ class FiniteFloat(click.FloatRange):
         return number
 
 
-class RatioOrAuto(click.ParamType):
-    """prune --ratio: a number in [0, 1), or `auto` (the widest clear gap of |γ|)."""
+class OrAuto(click.ParamType):
+    """A value of `base`, or the word `auto` (prune --ratio auto, --round-to auto)."""
 
-    name = "ratio"
+    def __init__(self, base: click.ParamType, what: str, hint: str) -> None:
+        self.base, self.what, self.hint, self.name = base, what, hint, f"{base.name}|auto"
 
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float | str:
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
         if isinstance(value, str) and value.strip().lower() == "auto":
             return "auto"
         try:
-            number = float(value)
-        except (TypeError, ValueError):
-            self.fail(f"{value!r} is not a valid ratio: give a number in [0, 1) or auto", param, ctx)
-        if not math.isfinite(number):
-            self.fail(f"{value!r} is not a valid ratio: give a number in [0, 1) or auto", param, ctx)
-        return number
+            return self.base.convert(value, param, ctx)
+        except click.BadParameter:
+            self.fail(f"{value!r} is not a valid {self.what}: give {self.hint} or auto", param, ctx)
 
 
-class RoundTo(click.ParamType):
+def ratio_or_auto() -> OrAuto:
+    """prune --ratio: a finite number (its range is checked with the plan), or `auto`."""
+    return OrAuto(FiniteFloat(), "ratio", "a number in [0, 1)")
+
+
+def round_to_or_auto() -> OrAuto:
     """prune --round-to: a multiple N >= 1, or `auto` (each layer's count chosen by measurement)."""
-
-    name = "N|auto"
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int | str:
-        if isinstance(value, str) and value.strip().lower() == "auto":
-            return "auto"
-        return click.IntRange(min=1).convert(value, param, ctx)
+    return OrAuto(click.IntRange(min=1), "--round-to", "an integer >= 1")
 
 
 # prune, sweep and eval: the test batch, lowered when evaluation runs out of memory

@@ -7,15 +7,15 @@ from pathlib import Path
 import click
 
 from slimctl.base.groups import COUPLED_MODES
-from slimctl.cli.common import (cli, err_console, FiniteFloat, out_console, print_json, RatioOrAuto,
-                                recalibrate_option, RoundTo, test_batch_option, UserError)
+from slimctl.cli.common import (cli, err_console, FiniteFloat, out_console, print_json, ratio_or_auto,
+                                recalibrate_option, round_to_or_auto, test_batch_option, UserError)
 from slimctl.core.compensate import COMPENSATE_MODES
 from slimctl.core.sweep import DEFAULT_RATIOS
 
 
 @cli.command("prune")
 @click.argument("checkpoint", type=click.Path(path_type=Path))
-@click.option("--ratio", type=RatioOrAuto(), default=None,
+@click.option("--ratio", type=ratio_or_auto(), default=None,
               help="Fraction of all BN channels to remove, in [0, 1), by one global |γ| threshold "
                    "[default: the checkpoint config's prune.ratio]; or auto: cut at the widest clear gap of "
                    "|γ| (a polarized model's), refused when there is none.")
@@ -23,7 +23,7 @@ from slimctl.core.sweep import DEFAULT_RATIOS
               help="Pruned checkpoint to write [default: pruned-r<RATIO>.pt beside CHECKPOINT].")
 @click.option("--min-channels", type=int, default=None,
               help="No layer keeps fewer channels than this (its largest |γ|) [default: prune.min_channels, 1].")
-@click.option("--round-to", type=RoundTo(), default=1, show_default=True,
+@click.option("--round-to", type=round_to_or_auto(), default=1, show_default=True,
               help="Keep a multiple of N channels per layer (faster on GPUs/vector units); 1 = the paper; auto = "
                    "per layer the count, at or a little above γ's, whose operators time fastest here (torch, "
                    "batch 1, fp32; cached in ~/.cache/slimctl).")

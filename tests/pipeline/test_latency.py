@@ -14,13 +14,6 @@ from slimctl.pipeline import latency
 from slimctl.pipeline.latency import parse_latency
 
 
-@pytest.fixture
-def sparse_checkpoint(tmp_path):
-    torch.manual_seed(0)
-    path = tmp_path / "sparse.pt"
-    slimctl.save_model(strongly_sparse(slimctl.create_model("vgg11", 10, width=0.25)), path, stage="sparse-train")
-    return path
-
 
 @pytest.fixture
 def flops_as_time(monkeypatch):

@@ -5,10 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 import slimctl
-from conftest import run, strongly_sparse
+from conftest import run
 from slimctl.pipeline import widths
 from slimctl.pipeline.widths import candidates
 
@@ -19,13 +18,6 @@ def test_candidates_are_gammas_count_and_multiples_a_little_above_it():
     assert candidates(61, 62) == [61, 62] and candidates(60, 62) == [60]  # never more than the layer has
     assert candidates(1, 1) == [1] and all(c >= 13 for c in candidates(13, 64))
 
-
-@pytest.fixture
-def sparse_checkpoint(tmp_path):
-    torch.manual_seed(0)
-    path = tmp_path / "sparse.pt"
-    slimctl.save_model(strongly_sparse(slimctl.create_model("vgg11", 10, width=0.25)), path, stage="sparse-train")
-    return path
 
 
 @pytest.fixture
