@@ -142,7 +142,8 @@ def prune_checkpoint(
     if min_channels >= widest > 0:
         raise SlimctlError(f"--min-channels {min_channels} keeps every channel: the widest group has {widest}; "
                            "nothing would be pruned")
-    cut = gap_cut(torch.cat([group_scores(model, g) for g in groups])) if ratio == "auto" else None
+    auto = ratio == "auto" and target is None  # beside a target, _plan_for refuses the pair
+    cut = gap_cut(torch.cat([group_scores(model, g) for g in groups])) if auto else None
     plan, latency = _plan_for(model, groups, cfg, ratio=cut.ratio if cut else ratio, target=target,
                               min_channels=min_channels, round_to=1 if round_to == "auto" else round_to,
                               compensate=compensate)

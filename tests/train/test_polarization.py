@@ -208,6 +208,8 @@ def test_ratio_auto_is_refused_without_a_gap(tiny_run, tmp_path):
     result = run("prune", tiny_run / "best.pt", "--ratio", "auto", "-o", tmp_path / "p.pt", code=2)
     assert "no clear gap" in result.output and result.output.strip().count("\n") == 0
     assert not (tmp_path / "p.pt").exists()
+    both = run("prune", tiny_run / "best.pt", "--ratio", "auto", "--target-flops", "0.5", code=2).output
+    assert "not both" in both  # the pair is refused before any gap is looked for
     bad = run("prune", tiny_run / "best.pt", "--ratio", "half", code=2).output
     assert "is not a valid ratio: give a number in [0, 1) or auto" in bad
 
