@@ -154,6 +154,9 @@ def prune_cmd(checkpoint: Path, ratio: float | str | None, out: Path | None, min
 
 def print_speed(speed: dict) -> None:
     """The speed check's line, and its warning (with the measured alternative) when pruning made it slower."""
+    if "skipped" in speed:
+        err_console.print(f"[yellow]note:[/] speed check skipped: {speed['skipped']}")
+        return
     line = (f"{speed['unpruned_ms']:.3g} ms → {speed['pruned_ms']:.3g} ms ({speed['speedup']:.2f}×), torch, batch 1, "
             f"BNs folded; {speed['machine']}")
     if not speed["slower"]:

@@ -7,6 +7,7 @@ declared and traced groups feed the same functions.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -101,6 +102,8 @@ def global_threshold(scores: torch.Tensor, ratio: float) -> float | None:
 # or polarization's exact zeros), so a run of near-zero values never makes a gap of its own.
 GAP_FACTOR = 10.0
 GAP_FLOOR = 1e-6
+GAP_MIN_KEPT = 0.05  # the cut keeps at least this share of the channels: a few large |γ| above an
+# unpolarized spread make a wide gap too, at the top, and cutting there would remove nearly everything
 
 
 @dataclass(frozen=True)
@@ -127,6 +130,8 @@ def gap_cut(scores: torch.Tensor) -> GapCut:
         raise SlimctlError("--ratio auto needs at least two ranked channels")
     floor = GAP_FLOOR * float(ordered[-1])
     factors = ordered[1:] / ordered[:-1].clamp_min(floor) if floor > 0 else torch.zeros(total - 1)
+    last = max(0, total - 1 - math.ceil(GAP_MIN_KEPT * total))  # the highest cut that keeps GAP_MIN_KEPT
+    factors = factors[: last + 1]
     k = int(factors.argmax())  # the gap between ordered[k] and ordered[k + 1]
     if not float(factors[k]) >= GAP_FACTOR:
         raise SlimctlError(

@@ -142,8 +142,11 @@ def prune_checkpoint(
     if min_channels >= widest > 0:
         raise SlimctlError(f"--min-channels {min_channels} keeps every channel: the widest group has {widest}; "
                            "nothing would be pruned")
+    if target is not None and (round_to == "auto" or options.keep_gathers):
+        raise SlimctlError("--round-to auto and --keep-gathers widen the plan after the --target search, which would "
+                           "then miss its target; use one or the other")
     auto = ratio == "auto" and target is None  # beside a target, _plan_for refuses the pair
-    cut = gap_cut(torch.cat([group_scores(model, g) for g in groups])) if auto else None
+    cut = gap_cut(torch.cat([group_scores(model, g) for g in groups] or [torch.zeros(0)])) if auto else None
     plan, latency = _plan_for(model, groups, cfg, ratio=cut.ratio if cut else ratio, target=target,
                               min_channels=min_channels, round_to=1 if round_to == "auto" else round_to,
                               compensate=compensate)
@@ -314,7 +317,10 @@ def _speed(model: nn.Module, pruned: nn.Module, plan, compensate: str) -> dict[s
         gathered = plan.gathered()
         return applied_plan(model, plan.keeping(gathered), compensate=compensate)[0].eval() if gathered else None
 
-    return speed_check(model, pruned, gathers_kept_whole)
+    try:
+        return speed_check(model, pruned, gathers_kept_whole)
+    except SlimctlError as exc:  # e.g. a model fx cannot trace (fold_bn traces): the prune itself stands
+        return {"skipped": str(exc)}
 
 
 def _pruned_scores(model: nn.Module, plan, pruned: nn.Module, compensate: str, test_set: TestSet | None,

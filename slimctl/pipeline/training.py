@@ -280,6 +280,7 @@ def finetune(checkpoint: Path, cfg: Config, run_dir: Path, *, resume: bool = Fal
     ckpt = load_checkpoint(checkpoint)
     model = model_from_checkpoint(ckpt, source=str(checkpoint))
     check_names(cfg)
+    check_same_holdout(cfg, ckpt, checkpoint)
     distill = teacher_for(cfg, ckpt, checkpoint)
     prepare_run_dir(run_dir, resume=resume, force=force)
     torch.manual_seed(cfg.finetune_train().seed)
@@ -287,6 +288,20 @@ def finetune(checkpoint: Path, cfg: Config, run_dir: Path, *, resume: bool = Fal
         log(f"distilling from {distill.source} (alpha {distill.alpha:g}, temperature {distill.temperature:g})")
     return _train(model, cfg=cfg, train=cfg.finetune_train(), stage="finetune", run_dir=run_dir,
                   parent=checkpoint, resume=resume, progress=progress, log=log, distill=distill)
+
+
+def check_same_holdout(cfg: Config, ckpt: dict[str, Any], checkpoint: Path) -> None:
+    """A run that continues from a checkpoint holds out the images its parent held out (data.holdout
+    and data.seed): a different split would train on the images the parent was scored on."""
+    data = ((ckpt.get("config") or {}).get("data") or {})
+    recorded = (data.get("holdout"), data.get("seed", 0))
+    if recorded[0] is None and cfg.data.holdout is None:
+        return
+    if recorded != (cfg.data.holdout, cfg.data.seed):
+        raise SlimctlError(
+            f"{checkpoint} was trained with data.holdout {recorded[0]} and data.seed {recorded[1]}, this config has "
+            f"{cfg.data.holdout} and {cfg.data.seed}: the held-out images would leak into training; use the same "
+            f"(--set data.holdout={'null' if recorded[0] is None else recorded[0]} --set data.seed={recorded[1]})")
 
 
 SCRATCH_BUDGETS = ("epochs", "flops")

@@ -65,8 +65,9 @@ class OpClock:
     def __post_init__(self) -> None:
         try:
             stored = json.loads(self.path.read_text())
-            self.entries = {k: float(v) for k, v in stored.get(self.key_prefix(), {}).items()}
-        except (OSError, ValueError, AttributeError, TypeError):  # none yet, or unreadable: time afresh
+            self.entries = {k: float(v) for k, v in stored.get(self.key_prefix(), {}).items()
+                            if isinstance(v, (int, float)) and math.isfinite(v) and v > 0}
+        except (OSError, ValueError, AttributeError, TypeError, RecursionError):  # none yet, or unreadable
             self.entries = {}
 
     def key_prefix(self) -> str:
@@ -86,7 +87,7 @@ class OpClock:
             stored = json.loads(self.path.read_text()) if self.path.exists() else {}
             if not isinstance(stored, dict):
                 stored = {}
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):
             stored = {}
         stored[self.key_prefix()] = self.entries
         try:
@@ -135,7 +136,9 @@ def measured_widths(model: nn.Module, plan: ChannelPlan, clock: OpClock) -> tupl
         if gp.kept == gp.total or gp.group.selection is not None:  # a gather's cost is not a width's
             groups.append(gp)
             continue
-        costs = {c: _cost(gp, c, modules, planned, sizes, clock) for c in candidates(gp.kept, gp.total)}
+        step = _step(gp, modules)  # a count must split evenly into the group's divisions and conv groups
+        counts = [c for c in candidates(gp.kept, gp.total) if c == gp.kept or c % step == 0]
+        costs = {c: _cost(gp, c, modules, planned, sizes, clock) for c in counts}
         best = gp.kept
         for count in sorted(costs):
             if costs[count] < costs[best] * (1 - PREFER_FEWER):
@@ -171,6 +174,18 @@ def _cost(gp: GroupPlan, count: int, modules: dict[str, nn.Module], planned: dic
         total += clock.ms(("conv", c_in, c_out, *module.kernel_size, *module.stride, *_padding(module),
                            *module.dilation, groups, *sizes[name]))
     return total
+
+
+def _step(gp: GroupPlan, modules: dict[str, nn.Module]) -> int:
+    """The multiple every count of this group must be: its divisions, and the groups of each grouped
+    (not depthwise) convolution that produces or reads it."""
+    step = max(1, gp.group.divisions)
+    for name in (*gp.group.producers, *(c.module for c in gp.group.consumers)):
+        module = modules.get(name)
+        if isinstance(module, nn.Conv2d) and 1 < module.groups and not module.groups == module.in_channels == \
+                module.out_channels:
+            step = math.lcm(step, module.groups)
+    return step
 
 
 def _with_count(model: nn.Module, gp: GroupPlan, count: int) -> GroupPlan:

@@ -121,3 +121,13 @@ def test_a_slower_pruned_model_is_warned_about_with_the_measured_alternative(den
     assert not kept["speed"]["slower"] and kept["speed"]["pruned_ms"] == pytest.approx(speed["gathers"]["kept_whole_ms"])
     assert kept["channels_kept"] > json.loads(run("prune", densenet_checkpoint, "--ratio", "0.5", "-o",
                                                   tmp_path / "j.pt", "--no-eval", "--json").output)["channels_kept"]
+
+
+def test_a_speed_check_that_cannot_run_leaves_the_prune_standing(sparse_checkpoint, tmp_path, monkeypatch):
+    def untraceable(*args, **kwargs):
+        raise slimctl.SlimctlError("cannot trace Net")
+
+    monkeypatch.setattr("slimctl.pipeline.pruning.speed_check", untraceable)
+    result = run("prune", sparse_checkpoint, "--ratio", "0.5", "-o", tmp_path / "p.pt", "--no-eval")
+    assert "speed check skipped: cannot trace Net" in result.output and (tmp_path / "p.pt").exists()
+    assert slimctl.load_checkpoint(tmp_path / "p.pt")["prune"]["speed"] == {"skipped": "cannot trace Net"}

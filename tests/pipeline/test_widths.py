@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
+from torch import nn
 
 import slimctl
 from conftest import run
@@ -99,3 +101,45 @@ def test_a_clock_without_a_preference_changes_nothing(sparse_checkpoint, tmp_pat
 def test_a_bad_round_to_is_exit_2(sparse_checkpoint, tmp_path):
     result = run("prune", sparse_checkpoint, "--round-to", "fast", "-o", tmp_path / "p.pt", code=2)
     assert "fast" in result.output and not (tmp_path / "p.pt").exists()
+
+
+def test_grouped_convolutions_get_counts_their_groups_divide(tmp_path, monkeypatch):
+    from slimctl.pipeline.latency import LatencyTarget, conditions
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(widths, "time_op", lambda spec, **k: 1.0 if spec[2] % 8 else 0.5)  # 8s look fast
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 24, 3, padding=1), nn.BatchNorm2d(24), nn.ReLU(),
+                          nn.Conv2d(24, 24, 3, padding=1, groups=3), nn.BatchNorm2d(24), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(24, 10)).eval()
+    model.arch_spec = {"arch": None, "num_classes": 10, "arch_args": {}, "input_size": [3, 16, 16]}
+    plan = slimctl.make_plan(model, slimctl.channel_groups(model), 0.4)
+    chosen, _ = widths.measured_widths(model, plan, widths.OpClock(conditions(LatencyTarget("t", fraction=1.0))))
+    for gp in chosen.groups:  # every count runs: a multiple of the grouped conv's 3 groups
+        assert gp.kept % 3 == 0
+    slimctl.apply_plan(model, chosen)(torch.zeros(1, 3, 16, 16))
+
+
+@pytest.mark.parametrize("content", ["[" * 100_000 + "]" * 100_000, "negative", "nan", "not json"])
+def test_a_corrupt_cache_is_timed_afresh(tmp_path, monkeypatch, content):
+    from slimctl.pipeline.latency import LatencyTarget, conditions
+
+    cache = tmp_path / "slimctl" / "op_latency.json"
+    cache.parent.mkdir()
+    now = conditions(LatencyTarget("t", fraction=1.0))
+    prefix = widths.OpClock(now, path=cache).key_prefix()
+    if content in ("negative", "nan"):  # well-formed, but a cost no operator has
+        content = json.dumps({prefix: {"linear,4,4": -1.0 if content == "negative" else float("nan")}})
+    cache.write_text(content)
+    clock = widths.OpClock(now, path=cache)
+    assert clock.entries == {}
+    monkeypatch.setattr(widths, "time_op", lambda spec, **k: 2.0)
+    assert clock.ms(("linear", 4, 4)) == 2.0 and clock.timed == 1
+    clock.save()
+    assert widths.OpClock(clock.conditions, path=cache).entries == {"linear,4,4": 2.0}
+
+
+def test_a_target_with_a_widening_option_is_refused(sparse_checkpoint, tmp_path):
+    for option in (["--round-to", "auto"], ["--keep-gathers"]):
+        result = run("prune", sparse_checkpoint, "--target-flops", "0.5", *option, "-o", tmp_path / "p.pt", code=2)
+        assert "use one or the other" in result.output and not (tmp_path / "p.pt").exists()

@@ -225,3 +225,13 @@ def test_gap_cut_on_known_distributions():
         gap_cut(torch.linspace(0.05, 1.0, 50))
     with pytest.raises(SlimctlError, match="no clear gap"):
         gap_cut(torch.zeros(10))
+    with pytest.raises(SlimctlError, match="no clear gap"):  # one large |γ| on top is no place to cut
+        gap_cut(torch.cat([torch.linspace(0.05, 1.0, 50), torch.tensor([12.0])]))
+
+
+def test_finetuning_holds_out_what_its_parent_held_out(polarized, tmp_path):
+    run("prune", polarized / "best.pt", "--ratio", "0.3", "-o", tmp_path / "p.pt", "--no-eval", "--no-speed-check")
+    for other in (["data.holdout=100"], ["data.holdout=null"], ["data.seed=1"]):
+        result = run("finetune", tmp_path / "p.pt", "-c", DEMO_CONFIG, "-o", tmp_path / "ft",
+                     *sets(*TINY, "data.holdout=200", *other), code=2)
+        assert "would leak into training" in result.output and not (tmp_path / "ft").exists()
