@@ -125,6 +125,12 @@ def prune_cmd(checkpoint: Path, ratio: float | str | None, out: Path | None, min
                      "bias": "with only the removed γ zeroed (bias mode keeps a mean only)"}[result["compensate"]]
         out_console.print(f"checked: the pruned model computes the original {reference} to "
                           f"{exactness['max_rel_diff']:.1e} (relative, on a random {exactness['input_size']} probe)")
+    print_how_it_cut(result)
+    out_console.print(f"→ {result['out']}  (histogram {result['histogram']})")
+
+
+def print_how_it_cut(result: dict) -> None:
+    """What chose the cut (--ratio auto's gap, a target, measured widths) and what it measured (latency, speed)."""
     cut = result.get("auto_cut")
     if cut is not None:
         out_console.print(f"--ratio auto: the widest clear gap of |γ| lies between {cut['below']:.3g} and "
@@ -149,7 +155,6 @@ def prune_cmd(checkpoint: Path, ratio: float | str | None, out: Path | None, min
                           f"{widths['cache']})")
     if result["speed"] is not None:
         print_speed(result["speed"])
-    out_console.print(f"→ {result['out']}  (histogram {result['histogram']})")
 
 
 def print_speed(speed: dict) -> None:
