@@ -121,6 +121,7 @@ $(eval $(call RECIPE,imagenet,resnet50,0.3))
 
 # CPU-scale reproductions on real CIFAR-10 (shortened schedules; see the configs).
 $(eval $(call RECIPE,cifar10,vgg19_w025,0.5 0.7))
+$(eval $(call RECIPE,cifar10,vgg19_w025_polar,0.7))
 $(eval $(call RECIPE,cifar10,preresnet56,0.4 0.6))
 
 # $(1) = recipe folder name, $(2) = its ratios: the plots of one recipe (|γ| histograms, test error
