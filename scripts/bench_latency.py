@@ -101,13 +101,18 @@ def variants(name: str, *, ratio: float, size: int, seed: int, folder: Path, tp_
         return load_model(folder / f"{name}-{tag}.pt")
 
     out = {"unpruned": model, "slimctl": slimctl_prune("default", ratio=ratio)}
-    out["auto"] = slimctl_prune("auto", ratio=ratio, round_to="auto")
+    builders: dict[str, Callable[[], nn.Module]] = {"auto": lambda: slimctl_prune("auto", ratio=ratio, round_to="auto")}
     one = speedups({"unpruned": model, "slimctl": out["slimctl"]}, runtime="torch", batch_size=1, size=size,
                    rounds=1, repeats=5)["slimctl"]
-    out["latency"] = slimctl_prune("latency", target=parse_latency(f"{min(0.95, 1 / one):.3f}"))
+    builders["latency"] = lambda: slimctl_prune("latency", target=parse_latency(f"{min(0.95, 1 / one):.3f}"))
     for round_to in tp_settings:
-        out[f"TP {round_to or 'none'}"] = torch_pruning(model, flops=count_flops(out["slimctl"]), size=size,
-                                                        round_to=round_to)
+        builders[f"TP {round_to or 'none'}"] = lambda r=round_to: torch_pruning(
+            model, flops=count_flops(out["slimctl"]), size=size, round_to=r)
+    for tag, build in builders.items():
+        try:
+            out[tag] = build()
+        except Exception as exc:  # noqa: BLE001 - one variant failing (e.g. a peer's tracer) keeps the others
+            click.echo(f"{name} {tag}: failed ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})", err=True)
     return out
 
 
