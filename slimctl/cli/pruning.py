@@ -150,9 +150,11 @@ def print_how_it_cut(result: dict) -> None:
                               "timing noise); pass a slightly lower --target-latency")
     widths = result.get("widths")
     if widths is not None:
-        out_console.print(f"--round-to auto: {len(widths['changed'])} layers keep more channels than γ chose, where "
-                          f"that timed faster ({widths['timed']} operator shapes timed now, the rest cached in "
-                          f"{widths['cache']})")
+        verdict = (f"; as a whole it timed {widths['ms_gamma']:.3g} → {widths['ms_chosen']:.3g} ms"
+                   + (", so γ's counts stand" if widths.get("reverted") else "") if "ms_gamma" in widths else "")
+        out_console.print(f"--round-to auto: {len(widths.get('reverted') or widths['changed'])} layers timed faster "
+                          f"with more channels than γ chose ({widths['timed']} operator shapes timed now, the rest "
+                          f"cached in {widths['cache']}){verdict}")
     if result["speed"] is not None:
         print_speed(result["speed"])
 

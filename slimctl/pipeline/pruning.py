@@ -27,7 +27,7 @@ from slimctl.core.surgery import applied_plan, apply_plan
 from slimctl.core.sweep import largest_safe_ratio, sweep_model
 from slimctl.core.targets import Target, plan_for_target
 from slimctl.data import build_loader
-from slimctl.pipeline.widths import OpClock, measured_widths
+from slimctl.pipeline.widths import auto_widths
 from slimctl.pipeline.latency import (LatencyTarget, conditions, confirm, deployed_latency, plan_for_latency,
                                       speed_check)
 from slimctl.errors import SlimctlError, out_of_memory_as_error
@@ -153,9 +153,7 @@ def prune_checkpoint(
     ratio = plan.ratio
     widths = None
     if round_to == "auto":
-        clock = OpClock(conditions(LatencyTarget("widths", fraction=1.0)))
-        plan, changes = measured_widths(model, plan, clock)
-        widths = {"changed": changes, "timed": clock.timed, "cache": str(clock.path)}
+        plan, widths = auto_widths(model, plan, compensate=compensate)
     if options.keep_gathers:
         plan = plan.keeping(plan.gathered())
     if out is None:

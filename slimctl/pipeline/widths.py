@@ -12,7 +12,8 @@ other side. The cheapest count wins; a larger one only when it is faster by more
 The timings are cached per machine, runtime, batch size, threads and precision in the user's cache
 folder ($XDG_CACHE_HOME/slimctl or ~/.cache/slimctl, `op_latency.json`): a second prune on this
 machine times only shapes it has not seen. Groups are chosen one at a time, each with the others
-at γ's counts; the speed check after pruning measures the whole model.
+at γ's counts, so the whole model decides last (`auto_widths`): γ's plan and the chosen one are
+timed as deployed, alternating, and the chosen counts are kept only if that model is faster.
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ from slimctl.base.device import autocast, resolve_precision
 from slimctl.base.files import atomic_write_text
 from slimctl.base.registry import input_size
 from slimctl.core.plan import ChannelPlan, GroupPlan, group_scores, keep_largest, plan_masks
+from slimctl.core.surgery import applied_plan
+from slimctl.pipeline.latency import CONFIRM_ROUNDS, LatencyTarget, conditions, deployed_latency
 
 SLACK = 0.125  # a layer may keep up to 12.5% more channels than γ chose
 QUANTA = (2, 4, 8, 16, 32, 64)
@@ -120,6 +123,28 @@ def time_op(spec: tuple, *, batch_size: int, precision: str) -> float:
             if i >= WARMUP:
                 times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times)
+
+
+def auto_widths(model: nn.Module, plan: ChannelPlan, *, compensate: str) -> tuple[ChannelPlan, dict[str, Any]]:
+    """`prune --round-to auto`: the counts `measured_widths` chooses, kept only when the whole model
+    with them runs faster than with γ's counts (torch, batch 1, fp32, BNs folded, alternating
+    rounds); the record says which and what was measured."""
+    target = LatencyTarget("widths", fraction=1.0)
+    clock = OpClock(conditions(target))
+    chosen, changes = measured_widths(model, plan, clock)
+    record: dict[str, Any] = {"changed": changes, "timed": clock.timed, "cache": str(clock.path)}
+    if not changes:
+        return plan, record
+    models = [applied_plan(model, p, compensate=compensate)[0].eval() for p in (plan, chosen)]
+    times: list[list[float]] = [[], []]
+    for _ in range(CONFIRM_ROUNDS):
+        for i, m in enumerate(models):
+            times[i].append(deployed_latency(m, target))
+    record["ms_gamma"], record["ms_chosen"] = (statistics.median(t) for t in times)
+    if record["ms_chosen"] < record["ms_gamma"]:
+        return chosen, record
+    record["reverted"], record["changed"] = changes, []  # faster op by op, not as a whole: γ's counts stand
+    return plan, record
 
 
 def measured_widths(model: nn.Module, plan: ChannelPlan, clock: OpClock) -> tuple[ChannelPlan, list[dict]]:

@@ -38,7 +38,14 @@ def eights_are_fast(monkeypatch, tmp_path):
         return cost / 2 if c_in % 8 == 0 and c_out % 8 == 0 else cost
 
     monkeypatch.setattr(widths, "time_op", clock)
+    monkeypatch.setattr(widths, "deployed_latency", odd_widths_clock)
     return timed
+
+
+def odd_widths_clock(model, target):
+    """The whole model on the same terms: each convolution width that is not a multiple of 8 costs 1 ms."""
+    return float(sum((m.in_channels % 8 != 0) + (m.out_channels % 8 != 0)
+                     for m in model.modules() if isinstance(m, nn.Conv2d)))
 
 
 def _prune(checkpoint, out, *extra):
@@ -70,6 +77,19 @@ def test_auto_keeps_the_faster_count_and_the_next_highest_gamma(sparse_checkpoin
             dropped = set(range(gp.total)) - auto_keep[gp.group.bn]
             assert min(scores[i] for i in extra) >= max((scores[i] for i in dropped), default=0)
     assert auto["exactness"]["max_rel_diff"] < 1e-4  # the pruned model still computes the γ-zeroed original
+    assert auto["widths"]["ms_chosen"] < auto["widths"]["ms_gamma"] and "reverted" not in auto["widths"]
+
+
+def test_counts_faster_op_by_op_but_not_as_a_whole_are_reverted(sparse_checkpoint, tmp_path, eights_are_fast,
+                                                               monkeypatch):
+    monkeypatch.setattr(widths, "deployed_latency", lambda model, target: slimctl.count_flops(model) / 1e6)
+    plain = _prune(sparse_checkpoint, tmp_path / "plain.pt")
+    auto = _prune(sparse_checkpoint, tmp_path / "auto.pt", "--round-to", "auto")
+    assert auto["widths"]["reverted"] and auto["widths"]["changed"] == []
+    assert auto["widths"]["ms_chosen"] >= auto["widths"]["ms_gamma"] and auto["layers"] == plain["layers"]
+    shown = run("prune", sparse_checkpoint, "--ratio", "0.5", "-o", tmp_path / "shown.pt", "--no-eval",
+                "--no-speed-check", "--round-to", "auto").output
+    assert "so γ's counts stand" in shown
 
 
 def _auto_plan(model, tmp_path):
