@@ -96,8 +96,12 @@ def variants(name: str, *, ratio: float, size: int, seed: int, folder: Path, tp_
 
     def slimctl_prune(tag: str, **kwargs: Any) -> nn.Module:
         options = PruneOptions(round_to=kwargs.pop("round_to", 1), speed_check=False)
-        prune_checkpoint(source, folder / f"{name}-{tag}.pt", evaluate_model=False, force=True, options=options,
-                         **kwargs)
+        result = prune_checkpoint(source, folder / f"{name}-{tag}.pt", evaluate_model=False, force=True,
+                                  options=options, **kwargs)
+        if result["latency"] is not None:  # the prune's own alternating confirmation of its target
+            record = result["latency"]
+            click.echo(f"{name} {tag}: target {record['target_ms']:.3g} ms, confirmed {record['pruned_ms']:.3g} ms "
+                       f"against {record['unpruned_ms']:.3g} ms ({'met' if record['met'] else 'missed'})", err=True)
         return load_model(folder / f"{name}-{tag}.pt")
 
     out = {"unpruned": model, "slimctl": slimctl_prune("default", ratio=ratio)}
