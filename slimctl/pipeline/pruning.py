@@ -118,8 +118,8 @@ def prune_checkpoint(
     """Global-threshold pruning of a checkpoint → a narrower checkpoint, a |γ| histogram, a summary.
 
     The ratio is `ratio` (`auto`: at the widest clear gap of |γ|, `slimctl.core.plan.gap_cut`), or
-    the smallest one that meets `target` (FLOPs, params or latency), or the checkpoint config's prune.ratio. `options.compensate` (exact | bias | none): see
-    slimctl.core.compensate. `options.recalibrate` > 0 re-estimates the pruned model's BN statistics
+    the smallest one that meets `target` (FLOPs, params or latency), or the checkpoint config's
+    prune.ratio. `options.compensate` (exact | bias | none): see slimctl.core.compensate. `options.recalibrate` > 0 re-estimates the pruned model's BN statistics
     on that many training images (slimctl.core.recalibrate); the checkpoint keeps them, and top-1 is
     reported before and after.
     """
