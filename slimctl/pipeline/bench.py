@@ -27,7 +27,7 @@ from slimctl.core.fold import batchnorm_count, fold_bn as fold_batchnorms
 RUNTIMES = ("torch", "onnxruntime")
 
 
-def _median_ms(run: Callable[[], Any], *, repeats: int, warmup: int, sync: Callable[[], None]) -> float:
+def median_ms(run: Callable[[], Any], *, repeats: int, warmup: int, sync: Callable[[], None]) -> float:
     times = []
     for i in range(warmup + repeats):
         sync()
@@ -58,7 +58,7 @@ def latency_timer(
         raise SlimctlError(f"unknown runtime {runtime}; use {' or '.join(RUNTIMES)}")
     if runtime == "onnxruntime":
         session, feed = _onnxruntime_session(model, batch_size=batch_size, input_size=input_size)
-        return lambda repeats=20, warmup=3: _median_ms(lambda: session.run(["logits"], feed), repeats=repeats,
+        return lambda repeats=20, warmup=3: median_ms(lambda: session.run(["logits"], feed), repeats=repeats,
                                                        warmup=warmup, sync=lambda: None)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     model = model.to(device, memory_format=fmt).eval()
@@ -70,7 +70,7 @@ def latency_timer(
             model(x)
 
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
-    return lambda repeats=20, warmup=3: _median_ms(forward, repeats=repeats, warmup=warmup, sync=sync)
+    return lambda repeats=20, warmup=3: median_ms(forward, repeats=repeats, warmup=warmup, sync=sync)
 
 
 def bench_checkpoints(

@@ -21,8 +21,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import statistics
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,7 +34,8 @@ from slimctl.base.files import atomic_write_text
 from slimctl.base.registry import input_size
 from slimctl.core.plan import ChannelPlan, GroupPlan, group_scores, keep_largest, plan_masks
 from slimctl.core.surgery import applied_plan
-from slimctl.pipeline.latency import CONFIRM_ROUNDS, LatencyTarget, conditions, deployed_latency
+from slimctl.pipeline.bench import median_ms
+from slimctl.pipeline.latency import LatencyTarget, conditions, confirm
 
 SLACK = 0.125  # a layer may keep up to 12.5% more channels than γ chose
 QUANTA = (2, 4, 8, 16, 32, 64)
@@ -115,14 +114,8 @@ def time_op(spec: tuple, *, batch_size: int, precision: str) -> float:
         w = torch.randn(c_out, c_in // groups, kh, kw).contiguous(memory_format=torch.channels_last)
         def run() -> None:
             F.conv2d(x, w, None, (sh, sw), (ph, pw), (dh, dw), groups)
-    times = []
     with torch.inference_mode(), autocast(torch.device("cpu"), dtype):
-        for i in range(WARMUP + REPEATS):
-            start = time.perf_counter()
-            run()
-            if i >= WARMUP:
-                times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+        return median_ms(run, repeats=REPEATS, warmup=WARMUP, sync=lambda: None)
 
 
 def auto_widths(model: nn.Module, plan: ChannelPlan, *, compensate: str) -> tuple[ChannelPlan, dict[str, Any]]:
@@ -135,12 +128,9 @@ def auto_widths(model: nn.Module, plan: ChannelPlan, *, compensate: str) -> tupl
     record: dict[str, Any] = {"changed": changes, "timed": clock.timed, "cache": str(clock.path)}
     if not changes:
         return plan, record
-    models = [applied_plan(model, p, compensate=compensate)[0].eval() for p in (plan, chosen)]
-    times: list[list[float]] = [[], []]
-    for _ in range(CONFIRM_ROUNDS):
-        for i, m in enumerate(models):
-            times[i].append(deployed_latency(m, target))
-    record["ms_gamma"], record["ms_chosen"] = (statistics.median(t) for t in times)
+    gamma_model, chosen_model = (applied_plan(model, p, compensate=compensate)[0].eval() for p in (plan, chosen))
+    timed = confirm(gamma_model, chosen_model, {}, target)  # alternating rounds, medians
+    record["ms_gamma"], record["ms_chosen"] = timed["unpruned_ms"], timed["pruned_ms"]
     if record["ms_chosen"] < record["ms_gamma"]:
         return chosen, record
     record["reverted"], record["changed"] = changes, []  # faster op by op, not as a whole: γ's counts stand

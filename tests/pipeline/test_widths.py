@@ -10,7 +10,7 @@ from torch import nn
 
 import slimctl
 from conftest import run
-from slimctl.pipeline import widths
+from slimctl.pipeline import latency, widths
 from slimctl.pipeline.widths import candidates
 
 
@@ -38,7 +38,7 @@ def eights_are_fast(monkeypatch, tmp_path):
         return cost / 2 if c_in % 8 == 0 and c_out % 8 == 0 else cost
 
     monkeypatch.setattr(widths, "time_op", clock)
-    monkeypatch.setattr(widths, "deployed_latency", odd_widths_clock)
+    monkeypatch.setattr(latency, "deployed_latency", odd_widths_clock)  # the whole model, as confirm times it
     return timed
 
 
@@ -82,7 +82,7 @@ def test_auto_keeps_the_faster_count_and_the_next_highest_gamma(sparse_checkpoin
 
 def test_counts_faster_op_by_op_but_not_as_a_whole_are_reverted(sparse_checkpoint, tmp_path, eights_are_fast,
                                                                monkeypatch):
-    monkeypatch.setattr(widths, "deployed_latency", lambda model, target: slimctl.count_flops(model) / 1e6)
+    monkeypatch.setattr(latency, "deployed_latency", lambda model, target: slimctl.count_flops(model) / 1e6)
     plain = _prune(sparse_checkpoint, tmp_path / "plain.pt")
     auto = _prune(sparse_checkpoint, tmp_path / "auto.pt", "--round-to", "auto")
     assert auto["widths"]["reverted"] and auto["widths"]["changed"] == []
