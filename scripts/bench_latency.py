@@ -4,23 +4,30 @@
         [--batch-sizes 1,16] [--ratio 0.5] [--size 224] [--markdown FILE]
 
 For each torchvision model (random weights, γ ~ U(0, 1) seeded: the structure and speed of a prune
-do not need a trained model), in this one invocation:
-  slimctl       `prune --ratio R` with the defaults (exact compensation, coupled channels kept)
-  auto          the same with `--round-to auto` (per-layer counts chosen by timing, cached)
-  latency       `prune --target-latency F`, F = the default prune's measured torch batch-1 time
-                fraction (so it aims at the same speed by measurement instead of by γ alone)
+do not need a trained model) and each cell (runtime × batch size), each slimctl variant is pruned
+for that cell, as a user deploying there would (`--runtime R --latency-batch B`):
+  slimctl       `prune --ratio R` with the defaults (exact compensation, coupled channels kept, the
+                speed check, which writes a faster alternative cut when the first one is slower)
+  auto          the same with `--round-to auto`
+  latency       `prune --target-latency F`, F = the time fraction slimctl's default reached in the
+                cell (so it aims at the same speed by measurement instead of by γ alone); the cell
+                shows the speed-up aimed at
   TP none / TP 8  Torch-Pruning (pip install torch-pruning; only this script uses it): BN-scale
                 importance, global pruning, the final classifier ignored, its pruning ratio
-                searched until its FLOPs match the slimctl default's within 1%; round_to None and 8
-Every model is timed as deployed (BNs folded into the convs, eval, inference mode, fp32), under each
-runtime and batch size, in alternating rounds with the unpruned model in the same process; the
-speed-up is unpruned / pruned (median of medians). The table prints FLOPs removed and speed-ups.
+                searched until its FLOPs match slimctl's default in the cell within 1%; round_to
+                None and 8
+Every model is timed as deployed (BNs folded into the convs, eval, inference mode, fp32) in
+alternating rounds with the unpruned model in the same process; the speed-up is unpruned / pruned
+(median of medians), with the FLOPs removed beside it. A summary scores the issue's goals: cells
+where slimctl's default is slower than the original, cells and models where it is at least as fast
+as Torch-Pruning's better setting, and latency targets met within ±10%.
 """
 
 from __future__ import annotations
 
 import statistics
 import tempfile
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable
 
@@ -28,8 +35,8 @@ import click
 import torch
 from torch import nn
 
-from slimctl import (PruneOptions, count_flops, create_model, environment, fold_bn, latency_timer, load_model,
-                     machine_label, make_checkpoint, parse_latency, prune_checkpoint, save_checkpoint)
+from slimctl import (Deploy, PruneOptions, count_flops, create_model, environment, fold_bn, latency_timer,
+                     load_model, machine_label, make_checkpoint, parse_latency, prune_checkpoint, save_checkpoint)
 
 MODELS = ("resnet18,resnet50,mobilenet_v2,mobilenet_v3_large,efficientnet_b0,regnet_x_400mf,resnext50_32x4d,"
           "densenet121,shufflenet_v2_x1_0")
@@ -88,36 +95,84 @@ def speedups(models: dict[str, nn.Module], *, runtime: str, batch_size: int, siz
     return {name: base / statistics.median(t) for name, t in times.items() if name != "unpruned"}
 
 
-def variants(name: str, *, ratio: float, size: int, seed: int, folder: Path, tp_settings: list[int | None]
-             ) -> dict[str, nn.Module]:
-    model = random_gammas(create_model(f"torchvision.{name}", 1000, input_size=(3, size, size)), seed)
-    source = folder / f"{name}.pt"
-    save_checkpoint(source, make_checkpoint(model, stage="sparse-train"))
+class Model:
+    """One model's unpruned network, its checkpoint, and the pruned variants built so far."""
 
-    def slimctl_prune(tag: str, **kwargs: Any) -> nn.Module:
-        options = PruneOptions(round_to=kwargs.pop("round_to", 1), speed_check=False)
-        result = prune_checkpoint(source, folder / f"{name}-{tag}.pt", evaluate_model=False, force=True,
-                                  options=options, **kwargs)
-        if result["latency"] is not None:  # the prune's own alternating confirmation of its target
-            record = result["latency"]
-            click.echo(f"{name} {tag}: target {record['target_ms']:.3g} ms, confirmed {record['pruned_ms']:.3g} ms "
-                       f"against {record['unpruned_ms']:.3g} ms ({'met' if record['met'] else 'missed'})", err=True)
-        return load_model(folder / f"{name}-{tag}.pt")
+    def __init__(self, name: str, *, size: int, seed: int, folder: Path) -> None:
+        self.name, self.size, self.folder = name, size, folder
+        self.model = random_gammas(create_model(f"torchvision.{name}", 1000, input_size=(3, size, size)), seed)
+        self.source = folder / f"{name}.pt"
+        save_checkpoint(self.source, make_checkpoint(self.model, stage="sparse-train"))
+        self.flops = count_flops(self.model)
+        self.tp_cache: dict[tuple[int | None, int], nn.Module] = {}
 
-    out = {"unpruned": model, "slimctl": slimctl_prune("default", ratio=ratio)}
-    builders: dict[str, Callable[[], nn.Module]] = {"auto": lambda: slimctl_prune("auto", ratio=ratio, round_to="auto")}
-    one = speedups({"unpruned": model, "slimctl": out["slimctl"]}, runtime="torch", batch_size=1, size=size,
-                   rounds=1, repeats=5)["slimctl"]
-    builders["latency"] = lambda: slimctl_prune("latency", target=parse_latency(f"{min(0.95, 1 / one):.3f}"))
+    def prune(self, tag: str, deploy: Deploy, **kwargs: Any) -> tuple[nn.Module, dict[str, Any]]:
+        out = self.folder / f"{self.name}-{tag}.pt"
+        options = PruneOptions(round_to=kwargs.pop("round_to", 1), deploy=deploy)
+        result = prune_checkpoint(self.source, out, evaluate_model=False, force=True, options=options, **kwargs)
+        return load_model(out), result
+
+    def torch_pruning(self, flops: int, round_to: int | None) -> nn.Module:
+        key = (round_to, round(200 * flops / self.flops))  # matched within 0.5%: reuse
+        if key not in self.tp_cache:
+            self.tp_cache[key] = torch_pruning(self.model, flops=flops, size=self.size, round_to=round_to)
+        return self.tp_cache[key]
+
+
+def cell_variants(m: Model, deploy: Deploy, *, ratio: float, tp_settings: list[int | None]
+                  ) -> tuple[dict[str, nn.Module], dict[str, str]]:
+    """The variants pruned for one cell, and per variant a note for its cell (the alternative the speed
+    check wrote; the speed-up a latency target aimed at)."""
+    out, notes = {"unpruned": m.model}, {}
+    out["slimctl"], result = m.prune("default", deploy, ratio=ratio)
+    notes["slimctl"] = SHORT.get((result["speed"] or {}).get("adopted"), "")
+    builders: dict[str, Callable[[], nn.Module]] = {
+        "auto": lambda: m.prune("auto", deploy, ratio=ratio, round_to="auto")[0]}
+    speed = result["speed"] if "pruned_ms" in (result["speed"] or {}) else {"pruned_ms": 0.95, "unpruned_ms": 1}
+    fraction = min(0.95, speed["pruned_ms"] / speed["unpruned_ms"])
+
+    def latency() -> nn.Module:
+        model, _ = m.prune("latency", deploy, target=parse_latency(f"{fraction:.3f}", **asdict(deploy)))
+        notes["latency"] = f"aim {1 / fraction:.2f}×"
+        return model
+
+    builders["latency"] = latency
     for round_to in tp_settings:
-        builders[f"TP {round_to or 'none'}"] = lambda r=round_to: torch_pruning(
-            model, flops=count_flops(out["slimctl"]), size=size, round_to=r)
+        builders[f"TP {round_to or 'none'}"] = lambda r=round_to: m.torch_pruning(count_flops(out["slimctl"]), r)
     for tag, build in builders.items():
         try:
             out[tag] = build()
-        except Exception as exc:  # noqa: BLE001 - one variant failing (e.g. a peer's tracer) keeps the others
-            click.echo(f"{name} {tag}: failed ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})", err=True)
-    return out
+        except Exception as exc:  # noqa: BLE001 - one variant failing (a peer's tracer, a target) keeps the others
+            click.echo(f"{m.name} {tag} {deploy.runtime} bs {deploy.batch_size}: failed "
+                       f"({type(exc).__name__}: {str(exc).splitlines()[0][:160]})", err=True)
+            notes[tag] = "failed"
+    return out, notes
+
+
+# What the speed check wrote instead of the first cut, in a cell: short tags.
+SHORT = {"gathers kept whole": "whole", "multiples of 8": "8s", "multiples of 16": "16s",
+         "gathers kept whole, multiples of 8": "whole, 8s", "gathers kept whole, multiples of 16": "whole, 16s"}
+
+
+def summary(results: dict[str, dict[tuple[str, int], dict[str, tuple[float, str]]]]) -> list[str]:
+    """The goals, counted: slower cells, cells and models at least as fast as Torch-Pruning's better
+    setting, latency targets met within ±10%."""
+    cells = [(name, cell, row) for name, by_cell in results.items() for cell, row in by_cell.items()]
+    slower = [f"{name} {cell[0]} bs {cell[1]}" for name, cell, row in cells if row["slimctl"][0] < 1]
+    lines = [f"slimctl's default slower than the original in {len(slower)} of {len(cells)} cells"
+             + (f": {', '.join(slower)}" if slower else "")]
+    contested = [(name, cell, row) for name, cell, row in cells if any(k.startswith("TP") for k in row)]
+    won = {(name, cell): row["slimctl"][0] >= max(v[0] for k, v in row.items() if k.startswith("TP"))
+           for name, cell, row in contested}
+    models = sorted({name for name, _ in won})
+    all_won = [name for name in models if all(w for (n, _), w in won.items() if n == name)]
+    lines.append(f"at least as fast as Torch-Pruning's better setting at its FLOPs: {sum(won.values())} of "
+                 f"{len(won)} cells; in every cell on {len(all_won)} of {len(models)} models ({', '.join(all_won)})")
+    aimed = [(row["latency"][0], float(row["latency"][1].split("aim ")[1].rstrip("×")))
+             for _, _, row in cells if "aim " in row.get("latency", (0, ""))[1]]
+    within = sum(abs(got / aim - 1) <= 0.10 for got, aim in aimed)
+    lines.append(f"--target-latency within ±10% of its aim: {within} of {len(aimed)} cells")
+    return lines
 
 
 @click.command()
@@ -135,23 +190,33 @@ def main(models: str, ratio: float, size: int, runtimes: str, batch_sizes: str, 
          no_torch_pruning: bool, seed: int, markdown: Path | None) -> None:
     cells = [(r, int(b)) for r in runtimes.split(",") for b in batch_sizes.split(",")]
     tp_settings = [] if no_torch_pruning else [None, 8]
-    header = ["model", "variant", "FLOPs removed", *(f"{r} bs {b}" for r, b in cells)]
+    header = ["model", "variant", *(f"{r} bs {b}" for r, b in cells)]
+    results: dict[str, dict[tuple[str, int], dict[str, tuple[float, str]]]] = {}
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in models.split(","):
-            found = variants(name, ratio=ratio, size=size, seed=seed, folder=Path(tmp), tp_settings=tp_settings)
-            flops = count_flops(found["unpruned"])
-            measured = {cell: speedups(found, runtime=cell[0], batch_size=cell[1], size=size, rounds=rounds,
-                                       repeats=repeats) for cell in cells}
-            for variant in [v for v in found if v != "unpruned"]:
-                rows.append([name, variant, f"{100 * (1 - count_flops(found[variant]) / flops):.1f}%",
-                             *(f"{measured[cell][variant]:.2f}×" for cell in cells)])
-                click.echo(" | ".join(rows[-1]), err=True)
+            m = Model(name, size=size, seed=seed, folder=Path(tmp))
+            results[name] = {}
+            for cell in cells:
+                found, notes = cell_variants(m, Deploy(cell[0], cell[1]), ratio=ratio, tp_settings=tp_settings)
+                measured = speedups(found, runtime=cell[0], batch_size=cell[1], size=size, rounds=rounds,
+                                    repeats=repeats)
+                results[name][cell] = {
+                    v: (x, ", ".join(filter(None, [f"{100 * (1 - count_flops(found[v]) / m.flops):.0f}%",
+                                                   notes.get(v)])))
+                    for v, x in measured.items()}
+                click.echo(f"{name} {cell}: " + "; ".join(f"{v} {x:.2f}× ({n})"
+                                                          for v, (x, n) in results[name][cell].items()), err=True)
+            for variant in ("slimctl", "auto", "latency", *(f"TP {r or 'none'}" for r in tp_settings)):
+                rows.append([name, variant, *(f"{results[name][c][variant][0]:.2f}× ({results[name][c][variant][1]})"
+                                              if variant in results[name][c] else "failed" for c in cells)])
     machine = machine_label(environment(torch.device("cpu"), None))
     text = "\n".join("| " + " | ".join(line) + " |" for line in [header, ["---"] * len(header), *rows])
-    click.echo(f"speed-up = unpruned / pruned latency, BNs folded, fp32, {size}×{size}; {machine}\n\n{text}")
+    goals = "\n".join(f"- {line}" for line in summary(results))
+    click.echo(f"speed-up = unpruned / pruned latency (FLOPs removed), BNs folded, fp32, {size}×{size}; "
+               f"{machine}\n\n{text}\n\n{goals}")
     if markdown is not None:
-        markdown.write_text(f"{machine}\n\n{text}\n")
+        markdown.write_text(f"{machine}\n\n{text}\n\n{goals}\n")
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ The CLI's stages and the trainer behind them
     load_config(path, overrides)                     a recipe, validated (what -c and --set give the CLI)
     sparse_train, finetune, prune_checkpoint(…, options=PruneOptions(...))
     parse_latency(text, runtime=..., ...)            a --target-latency for prune_checkpoint(target=...)
+    Deploy(runtime=..., batch_size=...)              where prune's timings run (PruneOptions(deploy=...))
     load_dataset(name, root, ...), TensorLoader      the datasets and the on-device loader training uses
     fit(model, train_loader, test_loader, cfg.train, ..., io=RunIO(...))   the trainer (plain DataLoaders too)
     TrainStep, train_one_epoch, make_optimizer       the fused step (loss, L1 on γ, optimizer)
@@ -68,14 +69,14 @@ from slimctl.output.results import markdown_table, read_run
 from slimctl.pipeline.bench import bench_checkpoints, latency_timer
 from slimctl.pipeline.export import export_checkpoint
 from slimctl.pipeline.inspection import explain_groups
-from slimctl.pipeline.latency import parse_latency
+from slimctl.pipeline.latency import Deploy, parse_latency
 from slimctl.pipeline.pruning import PruneOptions, prune_checkpoint
 from slimctl.pipeline.training import finetune, sparse_train, teacher_for, teacher_on_device
 from slimctl.trace import channel_groups
 from slimctl.train import RunIO, TrainStep, fit, make_optimizer, train_one_epoch
 
 __all__ = [
-    "CIFAR_MEAN", "CIFAR_STD", "COMPENSATE_MODES", "COMPILE_MODES", "ChannelPlan", "Exactness", "PruneOptions",
+    "CIFAR_MEAN", "CIFAR_STD", "COMPENSATE_MODES", "COMPILE_MODES", "ChannelPlan", "Deploy", "Exactness", "PruneOptions",
     "Pruned", "RunIO", "SlimctlError", "Slimming", "TensorLoader", "TrainStep", "__version__", "apply_plan", "atomic_write_text",
     "bench_checkpoints", "bn_scales", "channel_groups", "count_flops", "count_params", "create_model",
     "environment", "explain_groups", "export_checkpoint", "finetune", "fit", "fold_bn", "group_scores", "latency_timer",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 
 import click
@@ -25,8 +26,9 @@ from slimctl.core.sweep import DEFAULT_RATIOS
               help="No layer keeps fewer channels than this (its largest |γ|) [default: prune.min_channels, 1].")
 @click.option("--round-to", type=round_to_or_auto(), default=1, show_default=True,
               help="Keep a multiple of N channels per layer (faster on GPUs/vector units); 1 = the paper; auto = "
-                   "per layer the count, at or a little above γ's, whose operators time fastest here (torch, "
-                   "batch 1, fp32; cached in ~/.cache/slimctl).")
+                   "the fastest, timed here as whole models under --runtime/--latency-batch/--threads/--precision, "
+                   "of γ's counts, counts chosen per layer by timing its operators (torch; cached in "
+                   "~/.cache/slimctl), and every count rounded up to 8 or 16.")
 @click.option("--coupled", type=click.Choice(COUPLED_MODES), default="keep", show_default=True,
               help="Traced models: keep residual-coupled channels (the paper), or prune each coupled set "
                    "together, ranked by the max/mean/sum of its BNs' |γ|.")
@@ -40,22 +42,24 @@ from slimctl.core.sweep import DEFAULT_RATIOS
 @click.option("--target-params", default=None, metavar="X", help="The same for parameters (e.g. 0.7 or 2.5M).")
 @click.option("--target-latency", default=None, metavar="X",
               help="Instead of --ratio: the smallest ratio whose pruned model runs in at most X of the unpruned "
-                   "model's time (e.g. 0.6) or in X (e.g. 8ms), measured here as deployed (BNs folded) under "
-                   "--runtime, --latency-batch, --threads and --precision.")
+                   "model's time (e.g. 0.6) or in X (e.g. 8ms), measured here as deployed (BNs folded).")
 @click.option("--runtime", type=click.Choice(["torch", "onnxruntime"]), default="torch", show_default=True,
-              help="With --target-latency: what times the model (onnxruntime: fp32, pip install 'slimctl[export]').")
+              help="Where the model will run: every timing prune makes (--target-latency, --round-to auto, the speed "
+                   "check) uses it (onnxruntime: fp32, pip install 'slimctl[export]').")
 @click.option("--latency-batch", type=click.IntRange(min=1), default=1, show_default=True,
-              help="With --target-latency: the batch size timed.")
+              help="The batch size those timings use.")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
-              help="With --target-latency: CPU threads [default: torch's, i.e. OMP_NUM_THREADS or the cores].")
+              help="CPU threads those timings use [default: torch's, i.e. OMP_NUM_THREADS or the cores].")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="fp32",
-              show_default=True, help="With --target-latency and --runtime torch: the precision timed.")
+              show_default=True, help="With --runtime torch: the precision those timings use.")
 @click.option("--keep-gathers", is_flag=True,
               help="Keep whole every space the cut would reach through a gather (a selection over a DenseNet "
                    "concatenation or a ShuffleNet split, whose BN and ReLU still run at full width); the speed "
                    "check measures this alternative when a pruned model is slower.")
 @click.option("--no-speed-check", is_flag=True,
-              help="Skip timing the pruned model against the unpruned one (torch, batch 1, fp32, here).")
+              help="Skip timing the pruned model against the unpruned one under --runtime etc. (by default, when it is "
+                   "slower, prune times alternative cuts, e.g. gathers kept whole or counts rounded to 8, and writes "
+                   "the fastest).")
 @click.option("--data-root", default=None, help="Where the data set lives, if not where the checkpoint's config says.")
 @click.option("--no-eval", is_flag=True, help="Skip the test-set evaluation of the pruned model.")
 @recalibrate_option
@@ -83,8 +87,9 @@ def prune_cmd(checkpoint: Path, ratio: float | str | None, out: Path | None, min
     from slimctl.pipeline.pruning import DataAccess, PruneOptions, prune_checkpoint, prune_events
     from slimctl.core.targets import parse_target
 
-    from slimctl.pipeline.latency import parse_latency
+    from slimctl.pipeline.latency import Deploy, parse_latency
 
+    deploy = Deploy(runtime, latency_batch, threads, precision)
     if sum(t is not None for t in (target_flops, target_params, target_latency)) > 1:
         raise UserError("give one of --target-flops, --target-params and --target-latency")
     target = None
@@ -93,12 +98,11 @@ def prune_cmd(checkpoint: Path, ratio: float | str | None, out: Path | None, min
     elif target_params is not None:
         target = parse_target("params", target_params)
     elif target_latency is not None:
-        target = parse_latency(target_latency, runtime=runtime, batch_size=latency_batch, threads=threads,
-                               precision=precision)
+        target = parse_latency(target_latency, **asdict(deploy))
     result = prune_checkpoint(
         checkpoint, out, ratio=ratio, target=target, evaluate_model=not no_eval, force=force,
         options=PruneOptions(min_channels, round_to, coupled, compensate, recalibrate, keep_gathers,
-                             speed_check=not no_speed_check),
+                             speed_check=not no_speed_check, deploy=deploy),
         data=DataAccess(data_root, batch_size, device),
     )
     events = prune_events(checkpoint, result, own=tensorboard)
@@ -150,31 +154,34 @@ def print_how_it_cut(result: dict) -> None:
                               "timing noise); pass a slightly lower --target-latency")
     widths = result.get("widths")
     if widths is not None:
-        verdict = (f"; as a whole it timed {widths['ms_gamma']:.3g} → {widths['ms_chosen']:.3g} ms"
-                   + (", so γ's counts stand" if widths.get("reverted") else "") if "ms_gamma" in widths else "")
-        out_console.print(f"--round-to auto: {len(widths.get('reverted') or widths['changed'])} layers timed faster "
-                          f"with more channels than γ chose ({widths['timed']} operator shapes timed now, the rest "
-                          f"cached in {widths['cache']}){verdict}")
+        out_console.print(f"--round-to auto: {widths['chosen']}" + (
+            f" ({len(widths['changed'])} layers wider than γ chose)" if widths["changed"] else "") + (
+            "; timed as whole models: " + ", ".join(f"{name} {ms:.3g} ms" for name, ms in widths["candidates"].items())
+            if widths["candidates"] else "; no other count timed faster op by op"))
     if result["speed"] is not None:
         print_speed(result["speed"])
 
 
 def print_speed(speed: dict) -> None:
-    """The speed check's line, and its warning (with the measured alternative) when pruning made it slower."""
+    """The speed check's line; the alternative it wrote when the first cut was slower; a warning when
+    the written model is still slower."""
     if "skipped" in speed:
         err_console.print(f"[yellow]note:[/] speed check skipped: {speed['skipped']}")
         return
-    line = (f"{speed['unpruned_ms']:.3g} ms → {speed['pruned_ms']:.3g} ms ({speed['speedup']:.2f}×), torch, batch 1, "
-            f"BNs folded; {speed['machine']}")
+    line = (f"{speed['unpruned_ms']:.3g} ms → {speed['pruned_ms']:.3g} ms ({speed['speedup']:.2f}×), "
+            f"{speed['runtime']}, batch {speed['batch_size']}, {speed['precision']}, BNs folded; {speed['machine']}")
+    if "adopted" in speed:
+        tried = ", ".join(f"{name} {ms:.3g} ms" for name, ms in speed["alternatives"].items())
+        out_console.print(f"speed: the first cut was slower than the original ({speed['first_ms']:.3g} ms); "
+                          f"written instead, measured fastest: {speed['adopted']} ({tried})")
     if not speed["slower"]:
         out_console.print(f"speed: {line}")
         return
-    advice = "try --round-to 8, or --target-latency to prune to a time measured here"
-    gathers = speed.get("gathers")
-    if gathers is not None:
-        advice = (f"with the spaces cut through gathers kept whole it runs at {gathers['kept_whole_ms']:.3g} ms "
-                  f"({gathers['speedup']:.2f}×): --keep-gathers; or {advice}")
-    err_console.print(f"[yellow]warning:[/] the pruned model is slower than the original: {line}. {advice}")
+    advice = ("none of the alternatives measured was faster (" + ", ".join(
+        f"{name} {ms:.3g} ms" for name, ms in speed["alternatives"].items()) + "); " if "alternatives" in speed
+              else "")
+    err_console.print(f"[yellow]warning:[/] the pruned model is slower than the original: {line}. {advice}try a lower "
+                      "--ratio, or --target-latency to prune to a time measured here")
 
 
 @cli.command("sweep")

@@ -136,5 +136,8 @@ def _onnxruntime_session(model: nn.Module, *, batch_size: int, input_size: tuple
         WRITERS["onnx"](model.float().eval(), example, path, meta={}, opset=None, dynamic_batch=False)
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = torch.get_num_threads()
+        # Idle worker threads would spin for a while after each run; with several sessions alive (a model
+        # timed against another, alternating) one session's spinning steals the cores the next one runs on.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     return session, {"input": example.numpy()}

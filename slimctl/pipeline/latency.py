@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 import statistics
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -31,6 +31,22 @@ CONFIRM_ROUNDS = 3  # alternating unpruned / pruned timings behind the recorded 
 # one's by more than both margins (a shared machine's timing noise; sub-millisecond models jitter).
 SLOWER_BY = 0.05  # fraction of the unpruned latency
 SLOWER_MS = 0.05  # milliseconds
+
+
+@dataclass(frozen=True)
+class Deploy:
+    """Where the pruned model will run: every timing prune makes (`--target-latency`, `--round-to auto`,
+    the speed check) is measured under these conditions, on this machine's CPU."""
+
+    runtime: str = "torch"
+    batch_size: int = 1
+    threads: int | None = None  # None: torch's current thread count
+    precision: str = "fp32"  # torch only; onnxruntime runs fp32
+
+    def target(self, text: str, *, repeats: int = 20) -> LatencyTarget:
+        """A 'no slower than the unpruned model' target under these conditions (for timing only)."""
+        return LatencyTarget(text, fraction=1.0, runtime=self.runtime, batch_size=self.batch_size,
+                             threads=self.threads, precision=self.precision, repeats=repeats)
 
 
 @dataclass(frozen=True)
@@ -138,18 +154,28 @@ def conditions(target: LatencyTarget) -> dict[str, Any]:
             "precision": PRECISION_NAMES.get(dtype, "fp32"), "machine": machine}
 
 
-def speed_check(model: nn.Module, pruned: nn.Module, gathers_kept_whole: Callable[[], nn.Module | None]
-                ) -> dict[str, Any]:
-    """prune's check that pruning paid off: both models timed as deployed (torch, batch 1, fp32,
-    alternating), `slower` when the pruned one is beyond the noise margins. When it is and the plan
-    cut through gathers, the model with those spaces kept whole (`gathers_kept_whole()`, None when
-    there are none) is timed too: `gathers: {kept_whole_ms, speedup}`, the measured alternative."""
-    target = LatencyTarget("speed check", fraction=1.0, repeats=10)
+def speed_check(model: nn.Module, pruned: nn.Module, deploy: Deploy = Deploy()) -> dict[str, Any]:
+    """prune's check that pruning paid off: both models timed as deployed under `deploy` (alternating
+    rounds, medians), `slower` when the pruned one is beyond the noise margins (SLOWER_BY, SLOWER_MS)."""
+    target = deploy.target("speed check", repeats=10)
     record = confirm(model, pruned, conditions(target), target)
-    record["slower"] = record["pruned_ms"] > record["unpruned_ms"] * (1 + SLOWER_BY) + SLOWER_MS
+    record["slower"] = is_slower(record["pruned_ms"], record["unpruned_ms"])
     del record["met"]
-    alternative = gathers_kept_whole() if record["slower"] else None
-    if alternative is not None:
-        ms = statistics.median(deployed_latency(alternative, target) for _ in range(CONFIRM_ROUNDS))
-        record["gathers"] = {"kept_whole_ms": ms, "speedup": record["unpruned_ms"] / ms}
     return record
+
+
+def is_slower(ms: float, unpruned_ms: float) -> bool:
+    """Slower than the unpruned model beyond the noise margins."""
+    return ms > unpruned_ms * (1 + SLOWER_BY) + SLOWER_MS
+
+
+def time_alternatives(model: nn.Module, alternatives: dict[str, nn.Module], deploy: Deploy) -> dict[str, float]:
+    """Median milliseconds of each alternative pruned model, alternating with the unpruned `model`
+    (CONFIRM_ROUNDS rounds), under `deploy`; key "unpruned" is the unpruned model's time."""
+    target = deploy.target("alternatives", repeats=10)
+    times: dict[str, list[float]] = {name: [] for name in ("unpruned", *alternatives)}
+    for _ in range(CONFIRM_ROUNDS):
+        times["unpruned"].append(deployed_latency(model, target))
+        for name, alternative in alternatives.items():
+            times[name].append(deployed_latency(alternative, target))
+    return {name: statistics.median(t) for name, t in times.items()}

@@ -28,8 +28,9 @@ from slimctl.core.sweep import largest_safe_ratio, sweep_model
 from slimctl.core.targets import Target, plan_for_target
 from slimctl.data import build_loader
 from slimctl.pipeline.widths import auto_widths
-from slimctl.pipeline.latency import (LatencyTarget, conditions, confirm, deployed_latency, plan_for_latency,
-                                      speed_check)
+from slimctl.pipeline.latency import (Deploy, LatencyTarget, conditions, confirm, deployed_latency,
+                                      plan_for_latency)
+from slimctl.pipeline.speed import checked_speed
 from slimctl.errors import SlimctlError, out_of_memory_as_error
 from slimctl.io.checkpoint import load_checkpoint, make_checkpoint, model_from_checkpoint, save_checkpoint
 from slimctl.io.config import Config, DataConfig, config_from_dict
@@ -82,8 +83,9 @@ class PruneOptions:
     checkpoint config's prune.min_channels for prune, 1 for sweep), residual-coupled spaces, what
     removed channels' constants become, and how many training images re-estimate the BN statistics
     after the cut (0: none). prune only: `keep_gathers` keeps whole every space that would be cut
-    through a gather (a selection over a concatenation or a split), and `speed_check` times the
-    pruned model against the unpruned one (`slimctl.pipeline.latency.speed_check`)."""
+    through a gather (a selection over a concatenation or a split); `speed_check` times the pruned
+    model against the unpruned one under `deploy`, and writes a faster alternative cut when it is slower
+    (`slimctl.pipeline.speed`); `deploy` is also what `round_to="auto"` times under."""
 
     min_channels: int | None = None
     round_to: int | str = 1  # prune also takes "auto": slimctl.pipeline.widths
@@ -92,6 +94,7 @@ class PruneOptions:
     recalibrate: int = 0
     keep_gathers: bool = False
     speed_check: bool = True
+    deploy: Deploy = Deploy()  # prune only: the conditions of --round-to auto's and the speed check's timings
 
 
 @dataclass(frozen=True)
@@ -153,7 +156,7 @@ def prune_checkpoint(
     ratio = plan.ratio
     widths = None
     if round_to == "auto":
-        plan, widths = auto_widths(model, plan, compensate=compensate)
+        plan, widths = auto_widths(model, plan, compensate=compensate, deploy=options.deploy)
     if options.keep_gathers:
         plan = plan.keeping(plan.gathered())
     if out is None:
@@ -161,12 +164,15 @@ def prune_checkpoint(
         _check_output(out, checkpoint, force)
     pruned, notes, plan = applied_plan(model, plan, compensate=compensate)  # groups it could not compensate kept
     pruned.eval()
+    speed = None
+    if options.speed_check and latency is None:
+        speed, plan, pruned, notes = _speed(model, plan, pruned, notes, compensate, options)
     result = _prune_result(ckpt, model, pruned, plan, ratio=ratio, min_channels=min_channels, round_to=round_to,
                            compensate=compensate, notes=notes, target=target)
     result["latency"] = None if latency is None else confirm(model, pruned, latency, target)
     result["auto_cut"] = None if cut is None else cut.as_dict()
     result["widths"] = widths
-    result["speed"] = _speed(model, pruned, plan, compensate) if options.speed_check and latency is None else None
+    result["speed"] = speed
     test_set = None
     if evaluate_model and cfg is not None:
         try:
@@ -308,17 +314,13 @@ def _plan_for(model: nn.Module, groups, cfg: Config | None, *, ratio: float | No
     return make_plan(model, groups, ratio, min_channels=min_channels, round_to=round_to), None
 
 
-def _speed(model: nn.Module, pruned: nn.Module, plan, compensate: str) -> dict[str, Any]:
-    """The speed check's record; the alternative it measures when the pruned model is slower: the
-    same plan with the spaces it cuts through gathers kept whole."""
-    def gathers_kept_whole() -> nn.Module | None:
-        gathered = plan.gathered()
-        return applied_plan(model, plan.keeping(gathered), compensate=compensate)[0].eval() if gathered else None
-
+def _speed(model: nn.Module, plan, pruned: nn.Module, notes: list, compensate: str, options: PruneOptions):
+    """`slimctl.pipeline.speed.checked_speed` (alternatives tried unless the gathers were kept by
+    request); a model it cannot time (e.g. one fx cannot trace for folding) keeps its prune."""
     try:
-        return speed_check(model, pruned, gathers_kept_whole)
-    except SlimctlError as exc:  # e.g. a model fx cannot trace (fold_bn traces): the prune itself stands
-        return {"skipped": str(exc)}
+        return checked_speed(model, plan, pruned, notes, compensate=compensate, deploy=options.deploy)
+    except SlimctlError as exc:
+        return {"skipped": str(exc)}, plan, pruned, notes
 
 
 def _pruned_scores(model: nn.Module, plan, pruned: nn.Module, compensate: str, test_set: TestSet | None,

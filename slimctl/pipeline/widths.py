@@ -35,12 +35,13 @@ from slimctl.base.registry import input_size
 from slimctl.core.plan import ChannelPlan, GroupPlan, group_scores, keep_largest, plan_masks
 from slimctl.core.surgery import applied_plan
 from slimctl.pipeline.bench import median_ms
-from slimctl.pipeline.latency import LatencyTarget, conditions, confirm
+from slimctl.pipeline.latency import Deploy, conditions, time_alternatives
 
 SLACK = 0.125  # a layer may keep up to 12.5% more channels than γ chose
 QUANTA = (2, 4, 8, 16, 32, 64)
 PREFER_FEWER = 0.02  # a larger count must be this much faster (fraction of the cost) to be chosen
 REPEATS, WARMUP = 15, 3
+WHOLE_QUANTA = (8, 16)  # the uniform multiples also timed as whole models
 
 
 def candidates(n: int, total: int) -> list[int]:
@@ -118,23 +119,69 @@ def time_op(spec: tuple, *, batch_size: int, precision: str) -> float:
         return median_ms(run, repeats=REPEATS, warmup=WARMUP, sync=lambda: None)
 
 
-def auto_widths(model: nn.Module, plan: ChannelPlan, *, compensate: str) -> tuple[ChannelPlan, dict[str, Any]]:
-    """`prune --round-to auto`: the counts `measured_widths` chooses, kept only when the whole model
-    with them runs faster than with γ's counts (torch, batch 1, fp32, BNs folded, alternating
-    rounds); the record says which and what was measured."""
-    target = LatencyTarget("widths", fraction=1.0)
-    clock = OpClock(conditions(target))
-    chosen, changes = measured_widths(model, plan, clock)
-    record: dict[str, Any] = {"changed": changes, "timed": clock.timed, "cache": str(clock.path)}
-    if not changes:
+def auto_widths(model: nn.Module, plan: ChannelPlan, *, compensate: str, deploy: Deploy = Deploy()
+                ) -> tuple[ChannelPlan, dict[str, Any]]:
+    """`prune --round-to auto`: the fastest, timed as a whole under `deploy` (BNs folded, alternating
+    rounds), of γ's counts, the counts `measured_widths` chooses op by op (torch only: its clock times
+    torch operators) and every count rounded up to a multiple of each of WHOLE_QUANTA. Another plan
+    than γ's must be faster by more than PREFER_FEWER. The record says which won and what each timed."""
+    record: dict[str, Any] = {"changed": [], "timed": 0, "cache": None}
+    options, op_costs = {"γ's counts": plan}, {}
+    if deploy.runtime == "torch":
+        clock = OpClock(conditions(deploy.target("widths")))
+        chosen, changes = measured_widths(model, plan, clock)
+        record.update(timed=clock.timed, cache=str(clock.path))
+        options["per layer"] = chosen
+        op_costs = {c["name"]: c for c in changes}
+    options.update(rounded_plans(model, plan))
+    options = _distinct(options)
+    if len(options) == 1:
+        record.update(chosen="γ's counts", candidates={})
         return plan, record
-    gamma_model, chosen_model = (applied_plan(model, p, compensate=compensate)[0].eval() for p in (plan, chosen))
-    timed = confirm(gamma_model, chosen_model, {}, target)  # alternating rounds, medians
-    record["ms_gamma"], record["ms_chosen"] = timed["unpruned_ms"], timed["pruned_ms"]
-    if record["ms_chosen"] < record["ms_gamma"]:
-        return chosen, record
-    record["reverted"], record["changed"] = changes, []  # faster op by op, not as a whole: γ's counts stand
-    return plan, record
+    built = {name: applied_plan(model, p, compensate=compensate)[0].eval() for name, p in options.items()}
+    gamma_model = built.pop("γ's counts")
+    times = time_alternatives(gamma_model, built, deploy)
+    times = {"γ's counts": times.pop("unpruned"), **times}
+    best = min(times, key=times.get)
+    if times[best] >= times["γ's counts"] * (1 - PREFER_FEWER):
+        best = "γ's counts"
+    record.update(chosen=best, candidates=times)
+    if best != "γ's counts":
+        record["changed"] = [{"name": new.group.bn, "gamma": old.kept, "chosen": new.kept,
+                              **({k: op_costs[new.group.bn][k] for k in ("ms_gamma", "ms_chosen")}
+                                 if best == "per layer" else {})}
+                             for old, new in zip(plan.groups, options[best].groups) if new.kept != old.kept]
+    return options[best], record
+
+
+def rounded_plans(model: nn.Module, plan: ChannelPlan) -> dict[str, ChannelPlan]:
+    """`plan` with every cut group's count rounded up to a multiple of q (and of the group's grouped
+    convolutions' groups; at most its width), for each q of WHOLE_QUANTA: a kernel library's blocked
+    layouts (onnxruntime's, oneDNN's) want such widths throughout, which no single operator's timing shows.
+    The extra channels are the next-highest γ."""
+    modules = dict(model.named_modules())
+    out = {}
+    for q in WHOLE_QUANTA:
+        groups = []
+        for gp in plan.groups:
+            if gp.kept == gp.total or gp.group.selection is not None:
+                groups.append(gp)
+                continue
+            step = math.lcm(q, _step(gp, modules))
+            groups.append(_with_count(model, gp, min(gp.total, -(-gp.kept // step) * step)))
+        out[f"multiples of {q}"] = ChannelPlan(plan.ratio, plan.threshold, tuple(groups))
+    return out
+
+
+def _distinct(options: dict[str, ChannelPlan]) -> dict[str, ChannelPlan]:
+    """The plans whose counts differ from every earlier one's (the first of equals stays)."""
+    seen, out = set(), {}
+    for name, p in options.items():
+        counts = tuple(gp.kept for gp in p.groups)
+        if counts not in seen:
+            seen.add(counts)
+            out[name] = p
+    return out
 
 
 def measured_widths(model: nn.Module, plan: ChannelPlan, clock: OpClock) -> tuple[ChannelPlan, list[dict]]:

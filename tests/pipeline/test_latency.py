@@ -78,7 +78,7 @@ def test_prune_times_the_pruned_model_against_the_unpruned_one(sparse_checkpoint
                             "--json").output)
     speed = result["speed"]
     assert speed["unpruned_ms"] == result["flops_before"] / 1e6 and speed["pruned_ms"] == result["flops"] / 1e6
-    assert not speed["slower"] and "gathers" not in speed and {"threads", "machine", "runtime"} <= set(speed)
+    assert not speed["slower"] and "alternatives" not in speed and {"threads", "machine", "runtime"} <= set(speed)
     assert "speed: " in run("prune", sparse_checkpoint, "--ratio", "0.5", "-o", tmp_path / "q.pt", "--no-eval").output
     skipped = json.loads(run("prune", sparse_checkpoint, "--ratio", "0.5", "-o", tmp_path / "r.pt", "--no-eval",
                              "--no-speed-check", "--json").output)
@@ -108,26 +108,41 @@ def gathers_cost(monkeypatch):
     monkeypatch.setattr(latency, "deployed_latency", clock)
 
 
-def test_a_slower_pruned_model_is_warned_about_with_the_measured_alternative(densenet_checkpoint, tmp_path,
-                                                                          gathers_cost):
+def test_a_slower_cut_is_replaced_by_the_fastest_alternative_measured(densenet_checkpoint, tmp_path, gathers_cost):
     result = run("prune", densenet_checkpoint, "--ratio", "0.5", "-o", tmp_path / "p.pt", "--no-eval")
-    assert "warning: the pruned model is slower than the original" in result.output
-    assert "--keep-gathers" in result.output
+    assert "the first cut was slower than the original" in result.output and "gathers kept whole" in result.output
+    assert "warning" not in result.output
     speed = slimctl.load_checkpoint(tmp_path / "p.pt")["prune"]["speed"]
-    assert speed["slower"] and speed["gathers"]["speedup"] >= 1 > speed["speedup"]  # every space here is gathered
-    # --keep-gathers: the spaces cut through a selection stay whole, and the model is faster than the original.
+    assert speed["adopted"] == "gathers kept whole" and not speed["slower"] and speed["speedup"] >= 1
+    assert speed["first_ms"] > speed["unpruned_ms"] and set(speed["alternatives"]) >= {"as cut", "gathers kept whole"}
+    assert speed["pruned_ms"] == min(speed["alternatives"].values())
+    # What was written is the cut --keep-gathers makes (the alternative, measured and chosen).
     kept = json.loads(run("prune", densenet_checkpoint, "--ratio", "0.5", "-o", tmp_path / "k.pt", "--no-eval",
                           "--keep-gathers", "--json").output)
-    assert not kept["speed"]["slower"] and kept["speed"]["pruned_ms"] == pytest.approx(speed["gathers"]["kept_whole_ms"])
-    assert kept["channels_kept"] > json.loads(run("prune", densenet_checkpoint, "--ratio", "0.5", "-o",
-                                                  tmp_path / "j.pt", "--no-eval", "--json").output)["channels_kept"]
+    assert not kept["speed"]["slower"] and kept["speed"]["pruned_ms"] == pytest.approx(speed["pruned_ms"])
+    assert kept["layers"] == slimctl.load_checkpoint(tmp_path / "p.pt")["prune"]["layers"]
+    # Without the check the first cut is written.
+    first = json.loads(run("prune", densenet_checkpoint, "--ratio", "0.5", "-o", tmp_path / "j.pt", "--no-eval",
+                           "--no-speed-check", "--json").output)
+    assert kept["channels_kept"] > first["channels_kept"]
+
+
+def test_a_model_no_alternative_speeds_up_is_warned_about(sparse_checkpoint, tmp_path, monkeypatch):
+    full = slimctl.count_flops(slimctl.load_model(sparse_checkpoint))
+    monkeypatch.setattr(latency, "deployed_latency", lambda model, target: 1.0 if slimctl.count_flops(model) == full
+                        else 2.0)  # every pruned model takes twice the original's time
+    result = run("prune", sparse_checkpoint, "--ratio", "0.5", "-o", tmp_path / "p.pt", "--no-eval")
+    assert "warning: the pruned model is slower than the original" in result.output
+    assert "none of the alternatives measured was faster" in result.output and "multiples of 8" in result.output
+    speed = slimctl.load_checkpoint(tmp_path / "p.pt")["prune"]["speed"]
+    assert speed["slower"] and "adopted" not in speed and speed["speedup"] == pytest.approx(0.5)
 
 
 def test_a_speed_check_that_cannot_run_leaves_the_prune_standing(sparse_checkpoint, tmp_path, monkeypatch):
     def untraceable(*args, **kwargs):
         raise slimctl.SlimctlError("cannot trace Net")
 
-    monkeypatch.setattr("slimctl.pipeline.pruning.speed_check", untraceable)
+    monkeypatch.setattr("slimctl.pipeline.speed.speed_check", untraceable)
     result = run("prune", sparse_checkpoint, "--ratio", "0.5", "-o", tmp_path / "p.pt", "--no-eval")
     assert "speed check skipped: cannot trace Net" in result.output and (tmp_path / "p.pt").exists()
     assert slimctl.load_checkpoint(tmp_path / "p.pt")["prune"]["speed"] == {"skipped": "cannot trace Net"}

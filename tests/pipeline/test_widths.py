@@ -56,12 +56,18 @@ def _prune(checkpoint, out, *extra):
 def test_auto_keeps_the_faster_count_and_the_next_highest_gamma(sparse_checkpoint, tmp_path, eights_are_fast):
     plain = _prune(sparse_checkpoint, tmp_path / "plain.pt")
     auto = _prune(sparse_checkpoint, tmp_path / "auto.pt", "--round-to", "auto")
-    assert auto["widths"]["changed"] and auto["round_to"] == "auto"
+    record = auto["widths"]
+    assert record["changed"] and auto["round_to"] == "auto"
+    # γ's counts, the per-layer choice and the uniform multiples were each timed as a whole; the fastest won.
+    assert {"γ's counts", "per layer", "multiples of 16"} <= set(record["candidates"])
+    assert record["chosen"] == min(record["candidates"], key=record["candidates"].get) != "γ's counts"
+    assert record["candidates"][record["chosen"]] < record["candidates"]["γ's counts"]
     by_name = {layer["name"]: layer for layer in plain["layers"]}
-    for change in auto["widths"]["changed"]:
+    for change in record["changed"]:
         gamma = by_name[change["name"]]["kept"]
         assert change["gamma"] == gamma < change["chosen"] <= by_name[change["name"]]["total"]
-        assert change["ms_chosen"] < change["ms_gamma"]
+        if record["chosen"] == "per layer":
+            assert change["ms_chosen"] < change["ms_gamma"]
     for layer in auto["layers"]:  # never fewer than γ chose
         assert layer["kept"] >= by_name[layer["name"]]["kept"]
     # The extra channels are the next-highest |γ|: every channel γ kept is still kept.
@@ -77,7 +83,19 @@ def test_auto_keeps_the_faster_count_and_the_next_highest_gamma(sparse_checkpoin
             dropped = set(range(gp.total)) - auto_keep[gp.group.bn]
             assert min(scores[i] for i in extra) >= max((scores[i] for i in dropped), default=0)
     assert auto["exactness"]["max_rel_diff"] < 1e-4  # the pruned model still computes the γ-zeroed original
-    assert auto["widths"]["ms_chosen"] < auto["widths"]["ms_gamma"] and "reverted" not in auto["widths"]
+
+
+def test_under_onnxruntime_the_whole_models_decide_without_operator_timing(sparse_checkpoint, tmp_path,
+                                                                           eights_are_fast, monkeypatch):
+    monkeypatch.setattr(widths, "time_op", lambda *a, **k: pytest.fail("timed a torch operator for onnxruntime"))
+    seen = []
+    monkeypatch.setattr(latency, "deployed_latency", lambda model, target: seen.append(target) or
+                        odd_widths_clock(model, target))
+    auto = _prune(sparse_checkpoint, tmp_path / "auto.pt", "--round-to", "auto", "--runtime", "onnxruntime",
+                  "--latency-batch", "4")
+    assert "per layer" not in auto["widths"]["candidates"] and auto["widths"]["chosen"] == "multiples of 8"
+    assert all(layer["kept"] % 8 == 0 or layer["kept"] == layer["total"] for layer in auto["layers"])
+    assert {(t.runtime, t.batch_size) for t in seen} == {("onnxruntime", 4)}
 
 
 def test_counts_faster_op_by_op_but_not_as_a_whole_are_reverted(sparse_checkpoint, tmp_path, eights_are_fast,
@@ -85,11 +103,11 @@ def test_counts_faster_op_by_op_but_not_as_a_whole_are_reverted(sparse_checkpoin
     monkeypatch.setattr(latency, "deployed_latency", lambda model, target: slimctl.count_flops(model) / 1e6)
     plain = _prune(sparse_checkpoint, tmp_path / "plain.pt")
     auto = _prune(sparse_checkpoint, tmp_path / "auto.pt", "--round-to", "auto")
-    assert auto["widths"]["reverted"] and auto["widths"]["changed"] == []
-    assert auto["widths"]["ms_chosen"] >= auto["widths"]["ms_gamma"] and auto["layers"] == plain["layers"]
+    assert auto["widths"]["chosen"] == "γ's counts" and auto["widths"]["changed"] == []
+    assert len(auto["widths"]["candidates"]) >= 3 and auto["layers"] == plain["layers"]
     shown = run("prune", sparse_checkpoint, "--ratio", "0.5", "-o", tmp_path / "shown.pt", "--no-eval",
                 "--no-speed-check", "--round-to", "auto").output
-    assert "so γ's counts stand" in shown
+    assert "--round-to auto: γ's counts; timed as whole models: γ's counts" in " ".join(shown.split())
 
 
 def _auto_plan(model, tmp_path):
@@ -113,6 +131,7 @@ def test_timings_are_cached_per_conditions(sparse_checkpoint, tmp_path, eights_a
 def test_a_clock_without_a_preference_changes_nothing(sparse_checkpoint, tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.setattr(widths, "time_op", lambda spec, **k: float(spec[1] * spec[2]))  # more channels: slower
+    monkeypatch.setattr(latency, "deployed_latency", lambda model, target: slimctl.count_flops(model) / 1e6)
     plain = _prune(sparse_checkpoint, tmp_path / "plain.pt")
     auto = _prune(sparse_checkpoint, tmp_path / "auto.pt", "--round-to", "auto")
     assert auto["widths"]["changed"] == [] and auto["layers"] == plain["layers"]

@@ -1,0 +1,67 @@
+"""prune's speed check, and what it does when pruning made the model slower.
+
+The pruned model is timed against the unpruned one as deployed (`slimctl.pipeline.latency.Deploy`:
+runtime, batch, threads, precision). When it is slower beyond the noise margins, the same cut is
+built the ways that most often undo a slowdown, each timed under the same conditions:
+- *gathers kept whole*: the spaces the plan cuts through a selection (a DenseNet concatenation, a
+  ShuffleNet split) keep their width, since a gather plus a full-width BN and ReLU can cost more
+  than the narrower consumer saves;
+- *multiples of 8 / 16*: every cut count rounded up (the next-highest γ), for kernel libraries whose
+  blocked layouts want such widths (onnxruntime's depthwise convolutions run at half the time);
+- both together, when the plan has gathers.
+The fastest is written instead when it beats the first cut by more than PREFER_FEWER; the record
+keeps every time measured and which was chosen, and prune says so. A model that is still slower is
+warned about.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from slimctl.core.plan import ChannelPlan
+from slimctl.core.surgery import applied_plan
+from slimctl.pipeline.latency import Deploy, is_slower, speed_check, time_alternatives
+from slimctl.pipeline.widths import PREFER_FEWER, rounded_plans
+
+
+def checked_speed(model: nn.Module, plan: ChannelPlan, pruned: nn.Module, notes: list, *, compensate: str,
+                  deploy: Deploy, alternatives: bool = True) -> tuple[dict[str, Any], ChannelPlan, nn.Module, list]:
+    """(the speed record, and the plan, pruned model and compensation notes to write). With
+    `alternatives` (prune's default), a slower model is replaced by the fastest alternative cut
+    (module docstring), which `record["adopted"]` names."""
+    record = speed_check(model, pruned, deploy)
+    if not (record["slower"] and alternatives):
+        return record, plan, pruned, notes
+    options = alternative_plans(model, plan)
+    built = {name: applied_plan(model, p, compensate=compensate) for name, p in options.items()}
+    times = time_alternatives(model, {"as cut": pruned, **{name: b[0].eval() for name, b in built.items()}}, deploy)
+    unpruned_ms = times.pop("unpruned")
+    best = min(times, key=times.get)
+    record["alternatives"] = times
+    if best == "as cut" or times[best] >= times["as cut"] * (1 - PREFER_FEWER):
+        return record, plan, pruned, notes
+    pruned, new_notes, new_plan = built[best]
+    record.update(adopted=best, first_ms=times["as cut"], unpruned_ms=unpruned_ms, pruned_ms=times[best],
+                  speedup=unpruned_ms / times[best], slower=is_slower(times[best], unpruned_ms))
+    return record, new_plan, pruned.eval(), new_notes
+
+
+def alternative_plans(model: nn.Module, plan: ChannelPlan) -> dict[str, ChannelPlan]:
+    """The cuts the speed check tries beside `plan` (module docstring), the same ones only once."""
+    options: dict[str, ChannelPlan] = {}
+    gathered = plan.gathered()
+    whole = plan.keeping(gathered) if gathered else None
+    counts = {tuple(gp.kept for gp in plan.groups)}
+    if whole is not None:
+        options["gathers kept whole"] = whole
+        counts.add(tuple(gp.kept for gp in whole.groups))
+    for name, rounded in rounded_plans(model, plan).items():
+        for label, candidate in [(name, rounded)] + ([(f"gathers kept whole, {name}", rounded.keeping(gathered))]
+                                                     if whole is not None else []):
+            key = tuple(gp.kept for gp in candidate.groups)
+            if key not in counts:
+                counts.add(key)
+                options[label] = candidate
+    return options
