@@ -12,6 +12,8 @@ for that cell, as a user deploying there would (`--runtime R --latency-batch B`)
   latency       `prune --target-latency F`, F = the time fraction slimctl's default reached in the
                 cell (so it aims at the same speed by measurement instead of by γ alone); the cell
                 shows the speed-up aimed at
+  coupled       `prune --coupled max --target-flops N`, N = the FLOPs of slimctl's default in the cell:
+                residual-coupled channels pruned too (as Torch-Pruning does), at the same FLOPs
   TP none / TP 8  Torch-Pruning (pip install torch-pruning; only this script uses it): BN-scale
                 importance, global pruning, the final classifier ignored, its pruning ratio
                 searched until its FLOPs match slimctl's default in the cell within 1%; round_to
@@ -37,6 +39,7 @@ from torch import nn
 
 from slimctl import (Deploy, PruneOptions, count_flops, create_model, environment, fold_bn, latency_timer,
                      load_model, machine_label, make_checkpoint, parse_latency, prune_checkpoint, save_checkpoint)
+from slimctl.core.targets import parse_target
 
 MODELS = ("resnet18,resnet50,mobilenet_v2,mobilenet_v3_large,efficientnet_b0,regnet_x_400mf,resnext50_32x4d,"
           "densenet121,shufflenet_v2_x1_0")
@@ -108,7 +111,7 @@ class Model:
 
     def prune(self, tag: str, deploy: Deploy, **kwargs: Any) -> tuple[nn.Module, dict[str, Any]]:
         out = self.folder / f"{self.name}-{tag}.pt"
-        options = PruneOptions(round_to=kwargs.pop("round_to", 1), deploy=deploy)
+        options = PruneOptions(round_to=kwargs.pop("round_to", 1), coupled=kwargs.pop("coupled", "keep"), deploy=deploy)
         result = prune_checkpoint(self.source, out, evaluate_model=False, force=True, options=options, **kwargs)
         return load_model(out), result
 
@@ -137,6 +140,8 @@ def cell_variants(m: Model, deploy: Deploy, *, ratio: float, tp_settings: list[i
         return model
 
     builders["latency"] = latency
+    builders["coupled"] = lambda: m.prune("coupled", deploy, coupled="max",
+                                          target=parse_target("flops", str(count_flops(out["slimctl"]))))[0]
     for round_to in tp_settings:
         builders[f"TP {round_to or 'none'}"] = lambda r=round_to: m.torch_pruning(count_flops(out["slimctl"]), r)
     for tag, build in builders.items():
@@ -162,11 +167,12 @@ def summary(results: dict[str, dict[tuple[str, int], dict[str, tuple[float, str]
     lines = [f"slimctl's default slower than the original in {len(slower)} of {len(cells)} cells"
              + (f": {', '.join(slower)}" if slower else "")]
     contested = [(name, cell, row) for name, cell, row in cells if any(k.startswith("TP") for k in row)]
-    won = {(name, cell): row["slimctl"][0] >= max(v[0] for k, v in row.items() if k.startswith("TP"))
-           for name, cell, row in contested}
+    won = {(name, cell): max(row["slimctl"][0], row.get("coupled", (0,))[0]) >=
+           max(v[0] for k, v in row.items() if k.startswith("TP")) for name, cell, row in contested}
     models = sorted({name for name, _ in won})
     all_won = [name for name in models if all(w for (n, _), w in won.items() if n == name)]
-    lines.append(f"at least as fast as Torch-Pruning's better setting at its FLOPs: {sum(won.values())} of "
+    lines.append(f"slimctl's better setting (default or coupled) at least as fast as Torch-Pruning's better "
+                 f"setting at the same FLOPs: {sum(won.values())} of "
                  f"{len(won)} cells; in every cell on {len(all_won)} of {len(models)} models ({', '.join(all_won)})")
     aimed = [(row["latency"][0], float(row["latency"][1].split("aim ")[1].rstrip("×")))
              for _, _, row in cells if "aim " in row.get("latency", (0, ""))[1]]
@@ -207,7 +213,7 @@ def main(models: str, ratio: float, size: int, runtimes: str, batch_sizes: str, 
                     for v, x in measured.items()}
                 click.echo(f"{name} {cell}: " + "; ".join(f"{v} {x:.2f}× ({n})"
                                                           for v, (x, n) in results[name][cell].items()), err=True)
-            for variant in ("slimctl", "auto", "latency", *(f"TP {r or 'none'}" for r in tp_settings)):
+            for variant in ("slimctl", "auto", "latency", "coupled", *(f"TP {r or 'none'}" for r in tp_settings)):
                 rows.append([name, variant, *(f"{results[name][c][variant][0]:.2f}× ({results[name][c][variant][1]})"
                                               if variant in results[name][c] else "failed" for c in cells)])
     machine = machine_label(environment(torch.device("cpu"), None))

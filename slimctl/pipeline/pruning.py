@@ -166,7 +166,8 @@ def prune_checkpoint(
     pruned.eval()
     speed = None
     if options.speed_check and latency is None:
-        speed, plan, pruned, notes = _speed(model, plan, pruned, notes, compensate, options)
+        speed, plan, pruned, notes = _speed(model, plan, pruned, notes, compensate, options,
+                                            alternatives=target is None)  # a wider cut would miss the target
     result = _prune_result(ckpt, model, pruned, plan, ratio=ratio, min_channels=min_channels, round_to=round_to,
                            compensate=compensate, notes=notes, target=target)
     result["latency"] = None if latency is None else confirm(model, pruned, latency, target)
@@ -314,11 +315,13 @@ def _plan_for(model: nn.Module, groups, cfg: Config | None, *, ratio: float | No
     return make_plan(model, groups, ratio, min_channels=min_channels, round_to=round_to), None
 
 
-def _speed(model: nn.Module, plan, pruned: nn.Module, notes: list, compensate: str, options: PruneOptions):
-    """`slimctl.pipeline.speed.checked_speed` (alternatives tried unless the gathers were kept by
-    request); a model it cannot time (e.g. one fx cannot trace for folding) keeps its prune."""
+def _speed(model: nn.Module, plan, pruned: nn.Module, notes: list, compensate: str, options: PruneOptions, *,
+           alternatives: bool):
+    """`slimctl.pipeline.speed.checked_speed`; a model it cannot time (e.g. one fx cannot trace for
+    folding) keeps its prune."""
     try:
-        return checked_speed(model, plan, pruned, notes, compensate=compensate, deploy=options.deploy)
+        return checked_speed(model, plan, pruned, notes, compensate=compensate, deploy=options.deploy,
+                             alternatives=alternatives)
     except SlimctlError as exc:
         return {"skipped": str(exc)}, plan, pruned, notes
 

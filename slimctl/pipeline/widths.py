@@ -1,4 +1,4 @@
-"""`prune --round-to auto`: each pruned layer's channel count chosen by measuring its operators.
+"""`prune --round-to auto`: channel counts chosen by measurement, per layer and as a whole.
 
 γ decides how many channels a layer needs (n); a vector unit or a kernel library may run n + 3
 channels faster than n (16 at the price of 13). For each group the plan cuts, the candidate counts
@@ -11,9 +11,15 @@ other side. The cheapest count wins; a larger one only when it is faster by more
 
 The timings are cached per machine, runtime, batch size, threads and precision in the user's cache
 folder ($XDG_CACHE_HOME/slimctl or ~/.cache/slimctl, `op_latency.json`): a second prune on this
-machine times only shapes it has not seen. Groups are chosen one at a time, each with the others
-at γ's counts, so the whole model decides last (`auto_widths`): γ's plan and the chosen one are
-timed as deployed, alternating, and the chosen counts are kept only if that model is faster.
+machine times only shapes it has not seen. The operator clock times torch; under onnxruntime there
+is no per-layer choice.
+
+Groups are chosen one at a time, each with the others at γ's counts, and an operator timed alone
+misses what a runtime does across layers (onnxruntime and oneDNN keep a blocked layout from one
+convolution to the next only when every width is a multiple of the block). So the whole model
+decides last (`auto_widths`): γ's counts, the per-layer choice and every count rounded up to a
+multiple of 8 and of 16 (`rounded_plans`) are built and timed as deployed under the conditions the
+user deploys to, alternating, and the fastest is kept.
 """
 
 from __future__ import annotations
@@ -155,8 +161,9 @@ def auto_widths(model: nn.Module, plan: ChannelPlan, *, compensate: str, deploy:
 
 
 def rounded_plans(model: nn.Module, plan: ChannelPlan) -> dict[str, ChannelPlan]:
-    """`plan` with every cut group's count rounded up to a multiple of q (and of the group's grouped
-    convolutions' groups; at most its width), for each q of WHOLE_QUANTA: a kernel library's blocked
+    """`plan` with every cut group's count rounded up so that each division (each group of the grouped
+    convolutions that read or produce it; the whole space otherwise) keeps a multiple of q, at most its
+    width, for each q of WHOLE_QUANTA: a kernel library's blocked
     layouts (onnxruntime's, oneDNN's) want such widths throughout, which no single operator's timing shows.
     The extra channels are the next-highest γ."""
     modules = dict(model.named_modules())
@@ -167,7 +174,7 @@ def rounded_plans(model: nn.Module, plan: ChannelPlan) -> dict[str, ChannelPlan]
             if gp.kept == gp.total or gp.group.selection is not None:
                 groups.append(gp)
                 continue
-            step = math.lcm(q, _step(gp, modules))
+            step = q * _step(gp, modules)  # q per division: each group of a grouped conv is its own GEMM
             groups.append(_with_count(model, gp, min(gp.total, -(-gp.kept // step) * step)))
         out[f"multiples of {q}"] = ChannelPlan(plan.ratio, plan.threshold, tuple(groups))
     return out

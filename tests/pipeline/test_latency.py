@@ -127,6 +127,13 @@ def test_a_slower_cut_is_replaced_by_the_fastest_alternative_measured(densenet_c
     assert kept["channels_kept"] > first["channels_kept"]
 
 
+def test_beside_a_target_a_slower_cut_is_only_warned_about(densenet_checkpoint, tmp_path, gathers_cost):
+    result = run("prune", densenet_checkpoint, "--target-flops", "0.3", "-o", tmp_path / "p.pt", "--no-eval")
+    assert "warning: the pruned model is slower than the original" in result.output
+    speed = slimctl.load_checkpoint(tmp_path / "p.pt")["prune"]["speed"]
+    assert speed["slower"] and "alternatives" not in speed and "adopted" not in speed  # a wider cut misses the target
+
+
 def test_a_model_no_alternative_speeds_up_is_warned_about(sparse_checkpoint, tmp_path, monkeypatch):
     full = slimctl.count_flops(slimctl.load_model(sparse_checkpoint))
     monkeypatch.setattr(latency, "deployed_latency", lambda model, target: 1.0 if slimctl.count_flops(model) == full

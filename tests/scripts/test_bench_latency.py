@@ -16,7 +16,7 @@ def test_the_latency_benchmark_prints_one_row_per_variant(tmp_path):
                                             "PATH": "/usr/bin:/bin"})
     assert done.returncode == 0, done.stderr[-2000:]
     rows = [line for line in out.read_text().splitlines() if line.startswith("| resnet18")]
-    assert [row.split(" | ")[1] for row in rows] == ["slimctl", "auto", "latency"]
+    assert [row.split(" | ")[1] for row in rows] == ["slimctl", "auto", "latency", "coupled"]
     for row in rows:  # a speed-up and the FLOPs removed in each cell
         assert re.fullmatch(r"\d+\.\d\d× \(\d+%.*\)", row.split(" | ")[2].strip(" |")), row
     assert "slower than the original in" in out.read_text() and "--target-latency within ±10%" in out.read_text()
