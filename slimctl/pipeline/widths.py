@@ -40,6 +40,8 @@ from slimctl.base.files import atomic_write_text
 from slimctl.base.registry import input_size
 from slimctl.core.plan import ChannelPlan, GroupPlan, group_scores, keep_largest, plan_masks
 from slimctl.core.surgery import applied_plan
+from slimctl.core.targets import Target, plan_for_target
+from slimctl.errors import SlimctlError
 from slimctl.pipeline.bench import median_ms
 from slimctl.pipeline.latency import Deploy, conditions, time_alternatives
 
@@ -140,24 +142,47 @@ def auto_widths(model: nn.Module, plan: ChannelPlan, *, compensate: str, deploy:
         options["per layer"] = chosen
         op_costs = {c["name"]: c for c in changes}
     options.update(rounded_plans(model, plan))
-    options = _distinct(options)
-    if len(options) == 1:
-        record.update(chosen="γ's counts", candidates={})
-        return plan, record
-    built = {name: applied_plan(model, p, compensate=compensate)[0].eval() for name, p in options.items()}
-    gamma_model = built.pop("γ's counts")
-    times = time_alternatives(gamma_model, built, deploy)
-    times = {"γ's counts": times.pop("unpruned"), **times}
-    best = min(times, key=times.get)
-    if times[best] >= times["γ's counts"] * (1 - PREFER_FEWER):
-        best = "γ's counts"
-    record.update(chosen=best, candidates=times)
-    if best != "γ's counts":
+    chosen, record = _fastest(model, _distinct(options), compensate=compensate, deploy=deploy, record=record)
+    if record["chosen"] != "γ's counts":
         record["changed"] = [{"name": new.group.bn, "gamma": old.kept, "chosen": new.kept,
                               **({k: op_costs[new.group.bn][k] for k in ("ms_gamma", "ms_chosen")}
-                                 if best == "per layer" else {})}
-                             for old, new in zip(plan.groups, options[best].groups) if new.kept != old.kept]
-    return options[best], record
+                                 if record["chosen"] == "per layer" else {})}
+                             for old, new in zip(plan.groups, chosen.groups) if new.kept != old.kept]
+    return chosen, record
+
+
+def _fastest(model: nn.Module, options: dict[str, ChannelPlan], *, compensate: str, deploy: Deploy,
+             record: dict[str, Any]) -> tuple[ChannelPlan, dict[str, Any]]:
+    """The plan of `options` (the first: γ's counts) whose model times fastest as a whole under
+    `deploy`, alternating; another than the first only when faster by more than PREFER_FEWER.
+    `record` gains {chosen, candidates: {name: ms}}."""
+    first = next(iter(options))
+    if len(options) == 1:
+        return options[first], {**record, "chosen": first, "candidates": {}}
+    built = {name: applied_plan(model, p, compensate=compensate)[0].eval() for name, p in options.items()}
+    times = time_alternatives(built.pop(first), built, deploy)
+    times = {first: times.pop("unpruned"), **times}
+    best = min(times, key=times.get)
+    if times[best] >= times[first] * (1 - PREFER_FEWER):
+        best = first
+    return options[best], {**record, "chosen": best, "candidates": times}
+
+
+def target_widths(model: nn.Module, groups, target: Target, plan: ChannelPlan, *, min_channels: int,
+                  compensate: str, deploy: Deploy = Deploy()) -> tuple[ChannelPlan, dict[str, Any]]:
+    """`prune --round-to auto --target-flops/--target-params`: `plan` (the target's search with
+    γ's counts) against the searches with every count a multiple of each of WHOLE_QUANTA, each at the
+    target; the fastest as a whole under `deploy` (another than γ's by more than PREFER_FEWER). A
+    multiple that cannot meet the target is left out."""
+    options = {"γ's counts": plan}
+    for q in WHOLE_QUANTA:
+        try:
+            options[f"multiples of {q}"] = plan_for_target(model, groups, target, min_channels=min_channels,
+                                                           round_to=q, compensate=compensate)[0]
+        except SlimctlError:  # unreachable with that multiple
+            continue
+    return _fastest(model, _distinct(options), compensate=compensate, deploy=deploy,
+                    record={"changed": [], "timed": 0, "cache": None})
 
 
 def rounded_plans(model: nn.Module, plan: ChannelPlan) -> dict[str, ChannelPlan]:

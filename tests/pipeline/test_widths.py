@@ -179,6 +179,25 @@ def test_a_corrupt_cache_is_timed_afresh(tmp_path, monkeypatch, content):
 
 
 def test_a_target_with_a_widening_option_is_refused(sparse_checkpoint, tmp_path):
-    for option in (["--round-to", "auto"], ["--keep-gathers"]):
-        result = run("prune", sparse_checkpoint, "--target-flops", "0.5", *option, "-o", tmp_path / "p.pt", code=2)
+    for target, option in ((["--target-latency", "0.6"], ["--round-to", "auto"]),
+                           (["--target-flops", "0.5"], ["--keep-gathers"])):
+        result = run("prune", sparse_checkpoint, *target, *option, "-o", tmp_path / "p.pt", code=2)
         assert "use one or the other" in result.output and not (tmp_path / "p.pt").exists()
+
+
+def test_auto_beside_a_flops_target_keeps_the_fastest_multiple_that_meets_it(sparse_checkpoint, tmp_path,
+                                                                            eights_are_fast):
+    plain = _prune_to(sparse_checkpoint, tmp_path / "plain.pt")
+    auto = _prune_to(sparse_checkpoint, tmp_path / "auto.pt", "--round-to", "auto")
+    record = auto["widths"]
+    assert record["chosen"] == min(record["candidates"], key=record["candidates"].get) != "γ's counts"
+    assert {"γ's counts", "multiples of 8"} <= set(record["candidates"])
+    q = int(record["chosen"].split()[-1])
+    assert all(layer["kept"] % q == 0 or layer["kept"] == layer["total"] for layer in auto["layers"])
+    for result in (plain, auto):  # each meets the target: at least 40% of the FLOPs gone
+        assert result["flops"] <= 0.6 * result["flops_before"]
+
+
+def _prune_to(checkpoint, out, *extra):
+    return json.loads(run("prune", checkpoint, "--target-flops", "0.4", "-o", out, "--no-eval", "--no-speed-check",
+                          "--json", *extra).output)
