@@ -39,8 +39,8 @@ import torch
 from torch import nn
 
 from slimctl import (Deploy, PruneOptions, count_flops, create_model, environment, fold_bn, latency_timer,
-                     load_model, machine_label, make_checkpoint, parse_latency, prune_checkpoint, save_checkpoint)
-from slimctl.core.targets import parse_target
+                     load_model, machine_label, make_checkpoint, parse_latency, parse_target, prune_checkpoint,
+                     save_checkpoint)
 
 MODELS = ("resnet18,resnet50,mobilenet_v2,mobilenet_v3_large,efficientnet_b0,regnet_x_400mf,resnext50_32x4d,"
           "densenet121,shufflenet_v2_x1_0")

@@ -29,6 +29,7 @@ The CLI's stages and the trainer behind them
     load_config(path, overrides)                     a recipe, validated (what -c and --set give the CLI)
     sparse_train, finetune, prune_checkpoint(…, options=PruneOptions(...))
     parse_latency(text, runtime=..., ...)            a --target-latency for prune_checkpoint(target=...)
+    parse_target(kind, text)                         a --target-flops / --target-params for prune_checkpoint
     Deploy(runtime=..., batch_size=...)              where prune's timings run (PruneOptions(deploy=...))
     load_dataset(name, root, ...), TensorLoader      the datasets and the on-device loader training uses
     fit(model, train_loader, test_loader, cfg.train, ..., io=RunIO(...))   the trainer (plain DataLoaders too)
@@ -59,6 +60,7 @@ from slimctl.core.recalibrate import recalibrate_bn
 from slimctl.core.slimming import Slimming
 from slimctl.core.sparsity import bn_scales
 from slimctl.core.surgery import Pruned, apply_plan, prune_model
+from slimctl.core.targets import parse_target
 from slimctl.data import CIFAR_MEAN, CIFAR_STD, TensorLoader, load_dataset
 from slimctl.errors import SlimctlError
 from slimctl.io.checkpoint import load_checkpoint, load_model, make_checkpoint, save_checkpoint, save_model
@@ -81,7 +83,8 @@ __all__ = [
     "bench_checkpoints", "bn_scales", "channel_groups", "count_flops", "count_params", "create_model",
     "environment", "explain_groups", "export_checkpoint", "finetune", "fit", "fold_bn", "group_scores", "latency_timer",
     "load_checkpoint", "load_config", "load_dataset", "load_model", "machine_label", "make_checkpoint",
-    "make_optimizer", "make_plan", "markdown_table", "measure_exactness", "parse_latency", "plot_gamma_comparison",
+    "make_optimizer", "make_plan", "markdown_table", "measure_exactness", "parse_latency", "parse_target",
+    "plot_gamma_comparison",
     "plot_runs",
     "prune_checkpoint", "prune_model", "read_run", "recalibrate_bn", "register_builder", "removed_positions", "resolve_device",
     "resolve_precision", "save_checkpoint", "save_model", "sparse_train", "teacher_for", "teacher_on_device",
