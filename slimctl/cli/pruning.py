@@ -154,10 +154,14 @@ def print_how_it_cut(result: dict) -> None:
                               "timing noise); pass a slightly lower --target-latency")
     widths = result.get("widths")
     if widths is not None:
+        if "kept" in widths:  # beside --target-latency: each multiple searched to it
+            tried = "; channels kept at the target: " + ", ".join(f"{n} {k}" for n, k in widths["kept"].items())
+        elif widths["candidates"]:
+            tried = "; timed as whole models: " + ", ".join(f"{n} {ms:.3g} ms" for n, ms in widths["candidates"].items())
+        else:
+            tried = "; no other count timed faster op by op"
         out_console.print(f"--round-to auto: {widths['chosen']}" + (
-            f" ({len(widths['changed'])} layers wider than γ chose)" if widths["changed"] else "") + (
-            "; timed as whole models: " + ", ".join(f"{name} {ms:.3g} ms" for name, ms in widths["candidates"].items())
-            if widths["candidates"] else "; no other count timed faster op by op"))
+            f" ({len(widths['changed'])} layers wider than γ chose)" if widths["changed"] else "") + tried)
     if result["speed"] is not None:
         print_speed(result["speed"])
 

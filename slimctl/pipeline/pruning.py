@@ -27,7 +27,7 @@ from slimctl.core.surgery import applied_plan, apply_plan
 from slimctl.core.sweep import largest_safe_ratio, sweep_model
 from slimctl.core.targets import Target, plan_for_target
 from slimctl.data import build_loader
-from slimctl.pipeline.widths import auto_widths, target_widths
+from slimctl.pipeline.widths import auto_widths, latency_widths, target_widths
 from slimctl.pipeline.latency import (Deploy, LatencyTarget, conditions, confirm, deployed_latency,
                                       plan_for_latency)
 from slimctl.pipeline.speed import checked_speed
@@ -145,23 +145,26 @@ def prune_checkpoint(
     if min_channels >= widest > 0:
         raise SlimctlError(f"--min-channels {min_channels} keeps every channel: the widest group has {widest}; "
                            "nothing would be pruned")
-    if isinstance(target, LatencyTarget) and round_to == "auto" or target is not None and options.keep_gathers:
-        raise SlimctlError("--keep-gathers (and --round-to auto beside --target-latency) widen the plan after the "
-                           "target's search, which would then miss it; use one or the other")
+    if target is not None and options.keep_gathers:
+        raise SlimctlError("--keep-gathers widens the plan after the target's search, which would then miss it; use "
+                           "one or the other")
     auto = ratio == "auto" and target is None  # beside a target, _plan_for refuses the pair
     cut = gap_cut(torch.cat([group_scores(model, g) for g in groups] or [torch.zeros(0)])) if auto else None
     plan, latency = _plan_for(model, groups, cfg, ratio=cut.ratio if cut else ratio, target=target,
                               min_channels=min_channels, round_to=1 if round_to == "auto" else round_to,
                               compensate=compensate)
-    ratio = plan.ratio
     widths = None
-    if round_to == "auto" and target is not None:  # each multiple searched to the target, the fastest kept
+    if round_to == "auto" and isinstance(target, LatencyTarget):  # each multiple searched; the widest kept
+        plan, widths, latency = latency_widths(model, groups, target, plan, latency, min_channels=min_channels,
+                                               compensate=compensate)
+    elif round_to == "auto" and target is not None:  # each multiple searched to the target, the fastest kept
         plan, widths = target_widths(model, groups, target, plan, min_channels=min_channels, compensate=compensate,
                                      deploy=options.deploy)
     elif round_to == "auto":
         plan, widths = auto_widths(model, plan, compensate=compensate, deploy=options.deploy)
     if options.keep_gathers:
         plan = plan.keeping(plan.gathered())
+    ratio = plan.ratio
     if out is None:
         out = checkpoint.with_name(f"pruned-r{ratio:g}.pt")
         _check_output(out, checkpoint, force)

@@ -43,7 +43,7 @@ from slimctl.core.surgery import applied_plan
 from slimctl.core.targets import Target, plan_for_target
 from slimctl.errors import SlimctlError
 from slimctl.pipeline.bench import median_ms
-from slimctl.pipeline.latency import Deploy, conditions, time_alternatives
+from slimctl.pipeline.latency import Deploy, LatencyTarget, conditions, plan_for_latency, time_alternatives
 
 SLACK = 0.125  # a layer may keep up to 12.5% more channels than γ chose
 QUANTA = (2, 4, 8, 16, 32, 64)
@@ -183,6 +183,25 @@ def target_widths(model: nn.Module, groups, target: Target, plan: ChannelPlan, *
             continue
     return _fastest(model, _distinct(options), compensate=compensate, deploy=deploy,
                     record={"changed": [], "timed": 0, "cache": None})
+
+
+def latency_widths(model: nn.Module, groups, target: LatencyTarget, plan: ChannelPlan, record: dict[str, Any], *,
+                   min_channels: int, compensate: str) -> tuple[ChannelPlan, dict[str, Any], dict[str, Any]]:
+    """`prune --round-to auto --target-latency`: `plan` (the target's search with γ's counts, which
+    measured `record`) against the searches with every count a multiple of each of WHOLE_QUANTA; of
+    those that meet the target, the one keeping the most channels (the least pruning for that time).
+    (plan, widths record {chosen, kept: {name: channels}}, its latency record)."""
+    found = {"γ's counts": (plan, record)}
+    for q in WHOLE_QUANTA:
+        try:
+            found[f"multiples of {q}"] = plan_for_latency(model, groups, target, min_channels=min_channels,
+                                                          round_to=q, compensate=compensate)
+        except SlimctlError:  # unreachable with that multiple
+            continue
+    kept = {name: p.kept for name, (p, _) in found.items()}
+    best = max(kept, key=kept.get)  # ties: the first, γ's counts
+    chosen, measured = found[best]
+    return chosen, {"changed": [], "timed": 0, "cache": None, "chosen": best, "candidates": {}, "kept": kept}, measured
 
 
 def rounded_plans(model: nn.Module, plan: ChannelPlan) -> dict[str, ChannelPlan]:

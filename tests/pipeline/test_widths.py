@@ -179,10 +179,25 @@ def test_a_corrupt_cache_is_timed_afresh(tmp_path, monkeypatch, content):
 
 
 def test_a_target_with_a_widening_option_is_refused(sparse_checkpoint, tmp_path):
-    for target, option in ((["--target-latency", "0.6"], ["--round-to", "auto"]),
-                           (["--target-flops", "0.5"], ["--keep-gathers"])):
-        result = run("prune", sparse_checkpoint, *target, *option, "-o", tmp_path / "p.pt", code=2)
-        assert "use one or the other" in result.output and not (tmp_path / "p.pt").exists()
+    result = run("prune", sparse_checkpoint, "--target-flops", "0.5", "--keep-gathers", "-o", tmp_path / "p.pt", code=2)
+    assert "use one or the other" in result.output and not (tmp_path / "p.pt").exists()
+
+
+def test_auto_beside_a_latency_target_keeps_the_widest_cut_that_meets_it(sparse_checkpoint, tmp_path, monkeypatch):
+    full = slimctl.count_flops(slimctl.load_model(sparse_checkpoint)) / 1e6
+
+    def odd_widths_cost(model, target):  # FLOPs / 1e6 ms, and 5% of the original's for every width not a multiple of 8
+        return slimctl.count_flops(model) / 1e6 + 0.05 * full * odd_widths_clock(model, target)
+
+    monkeypatch.setattr(latency, "deployed_latency", odd_widths_cost)
+    plain = json.loads(run("prune", sparse_checkpoint, "--target-latency", "0.8", "-o", tmp_path / "p.pt",
+                           "--no-eval", "--json").output)
+    auto = json.loads(run("prune", sparse_checkpoint, "--target-latency", "0.8", "--round-to", "auto", "-o",
+                          tmp_path / "a.pt", "--no-eval", "--json").output)
+    kept = auto["widths"]["kept"]
+    assert auto["widths"]["chosen"] == max(kept, key=kept.get) != "γ's counts"
+    assert kept["γ's counts"] == plain["channels_kept"] < auto["channels_kept"] == kept[auto["widths"]["chosen"]]
+    assert auto["latency"]["met"] and auto["latency"]["pruned_ms"] <= 0.8 * auto["latency"]["unpruned_ms"]
 
 
 def test_auto_beside_a_flops_target_keeps_the_fastest_multiple_that_meets_it(sparse_checkpoint, tmp_path,
