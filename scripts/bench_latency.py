@@ -12,9 +12,10 @@ for that cell, as a user deploying there would (`--runtime R --latency-batch B`)
   latency       `prune --target-latency F`, F = the time fraction slimctl's default reached in the
                 cell (so it aims at the same speed by measurement instead of by γ alone); the cell
                 shows the speed-up aimed at
-  coupled       `prune --coupled max --round-to auto --target-flops N`, N = the FLOPs of slimctl's
-                default in the cell: residual-coupled channels pruned too (as Torch-Pruning does), and
-                of γ's counts and the multiples of 8 and 16 that meet N, the fastest here
+  coupled       `prune --coupled mean --round-to auto --target-flops N`, N = the FLOPs of slimctl's
+                default in the cell: residual-coupled channels pruned too, ranked by the mean |γ| of
+                the set (as Torch-Pruning's group importance does), and of γ's counts and the
+                multiples of 8 and 16 that meet N, the fastest here
   TP none / TP 8  Torch-Pruning (pip install torch-pruning; only this script uses it): BN-scale
                 importance, global pruning, the final classifier ignored, its pruning ratio
                 searched until its FLOPs match slimctl's default in the cell within 1%; round_to
@@ -141,7 +142,7 @@ def cell_variants(m: Model, deploy: Deploy, *, ratio: float, tp_settings: list[i
         return model
 
     builders["latency"] = latency
-    builders["coupled"] = lambda: m.prune("coupled", deploy, coupled="max", round_to="auto",
+    builders["coupled"] = lambda: m.prune("coupled", deploy, coupled="mean", round_to="auto",
                                           target=parse_target("flops", str(count_flops(out["slimctl"]))))[0]
     for round_to in tp_settings:
         builders[f"TP {round_to or 'none'}"] = lambda r=round_to: m.torch_pruning(count_flops(out["slimctl"]), r)

@@ -90,6 +90,17 @@ def fold_bn(model: nn.Module, example_input: torch.Tensor | None = None, *, carr
 # --- per-position terms as a constant channel ------------------------------------------------------
 
 
+def carried_producers(model: nn.Module, example_input: torch.Tensor | None = None) -> set[str]:
+    """The convs to which `fold_bn` gives one more output channel (the constant that carries a
+    per-position compensation term; `carry_constant_maps`): their deployed width is one above the
+    pruned model's, which matters to a runtime that wants widths in multiples of 8."""
+    work = fold_bn(model, example_input, carry_maps=False)
+    if not any(_carried_map(m) for m in work.modules()):
+        return set()
+    return {producer for producer, _ in carry_constant_maps(work, _example(work, example_input))}
+
+
+
 def _carried_map(layer: nn.Module) -> bool:
     """A conv whose constant response has a per-position part that one input channel of ones,
     zero-padded by the conv itself, reproduces (groups=1, its own zero padding; no profile, no gate)."""

@@ -61,17 +61,21 @@ def measure(model: nn.Module, kind: str) -> int:
 def search_plan(
     model: nn.Module, groups: list[ChannelGroup], *, measure: Callable[[nn.Module], float],
     met: Callable[[float], bool], min_channels: int, round_to: int, compensate: str = "exact",
+    adjust: Callable[[ChannelPlan], ChannelPlan] | None = None,
 ) -> tuple[ChannelPlan, float, bool]:
     """(plan, its pruned model's `measure`, True) for the smallest ratio whose pruned model meets
     `met`; or (the most pruning's plan, its measure, False) when even that does not.
 
     Binary search over the k/total ratios (the only ones that differ), assuming that removing more
     channels never makes the measure worse (FLOPs, params; latency up to noise): log2(total) prunes.
+    `adjust` (if given) changes each candidate plan before it is measured (e.g. widths as deployed).
     """
 
     def attempt(k: int) -> tuple[ChannelPlan, float]:
         ratio = (k + 0.5) / total  # int(total · ratio) = k: the k-th smallest score is the threshold
         plan = make_plan(model, groups, ratio, min_channels=min_channels, round_to=round_to)
+        if adjust is not None:
+            plan = adjust(plan)
         return plan, measure(apply_plan(model, plan, compensate=compensate))
 
     total = make_plan(model, groups, 0.0, min_channels=min_channels, round_to=round_to).total
@@ -92,15 +96,16 @@ def search_plan(
 
 def plan_for_target(
     model: nn.Module, groups: list[ChannelGroup], target: Target, *, min_channels: int, round_to: int,
-    compensate: str = "exact",
+    compensate: str = "exact", adjust: Callable[[ChannelPlan], ChannelPlan] | None = None,
 ) -> tuple[ChannelPlan, int]:
-    """The plan of the smallest ratio that meets `target`, and the pruned model's count."""
+    """The plan of the smallest ratio that meets `target`, and the pruned model's count (`adjust`:
+    see `search_plan`)."""
     before = measure(model, target.kind)
     if target.met(before, before):
         return make_plan(model, groups, 0.0, min_channels=min_channels, round_to=round_to), before
     plan, value, met = search_plan(model, groups, measure=lambda m: measure(m, target.kind),
                                    met=lambda v: target.met(v, before), min_channels=min_channels,
-                                   round_to=round_to, compensate=compensate)
+                                   round_to=round_to, compensate=compensate, adjust=adjust)
     if not met:
         reached = f"{100 * (1 - value / before):.1f}% removed, {value:,} left"
         raise SlimctlError(

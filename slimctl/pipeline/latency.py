@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 import statistics
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -115,14 +115,16 @@ def deployed_latency(model: nn.Module, target: LatencyTarget) -> float:
 
 
 def plan_for_latency(model: nn.Module, groups, target: LatencyTarget, *, min_channels: int, round_to: int,
-                     compensate: str) -> tuple[ChannelPlan, dict[str, Any]]:
+                     compensate: str, adjust: Callable[[ChannelPlan], ChannelPlan] | None = None
+                     ) -> tuple[ChannelPlan, dict[str, Any]]:
     """The plan of the smallest ratio whose pruned model meets `target`, and the measured record:
     {target, runtime, batch_size, threads, precision, unpruned_ms, pruned_ms, speedup, machine}.
-    Unreachable is a SlimctlError with the best latency the most pruning reached."""
+    Unreachable is a SlimctlError with the best latency the most pruning reached. `adjust`: see
+    `slimctl.core.targets.search_plan`."""
     unpruned = deployed_latency(model, target)
     plan, pruned_ms, met = search_plan(model, groups, measure=lambda m: deployed_latency(m, target),
                                        met=lambda ms: target.met(ms, unpruned), min_channels=min_channels,
-                                       round_to=round_to, compensate=compensate)
+                                       round_to=round_to, compensate=compensate, adjust=adjust)
     goal = unpruned * target.fraction if target.fraction is not None else target.ms
     if not met:
         raise SlimctlError(

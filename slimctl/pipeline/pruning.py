@@ -27,7 +27,7 @@ from slimctl.core.surgery import applied_plan, apply_plan
 from slimctl.core.sweep import largest_safe_ratio, sweep_model
 from slimctl.core.targets import Target, plan_for_target
 from slimctl.data import build_loader
-from slimctl.pipeline.widths import auto_widths, latency_widths, target_widths
+from slimctl.pipeline.widths import measured_counts
 from slimctl.pipeline.latency import (Deploy, LatencyTarget, conditions, confirm, deployed_latency,
                                       plan_for_latency)
 from slimctl.pipeline.speed import checked_speed
@@ -154,14 +154,9 @@ def prune_checkpoint(
                               min_channels=min_channels, round_to=1 if round_to == "auto" else round_to,
                               compensate=compensate)
     widths = None
-    if round_to == "auto" and isinstance(target, LatencyTarget):  # each multiple searched; the widest kept
-        plan, widths, latency = latency_widths(model, groups, target, plan, latency, min_channels=min_channels,
-                                               compensate=compensate)
-    elif round_to == "auto" and target is not None:  # each multiple searched to the target, the fastest kept
-        plan, widths = target_widths(model, groups, target, plan, min_channels=min_channels, compensate=compensate,
-                                     deploy=options.deploy)
-    elif round_to == "auto":
-        plan, widths = auto_widths(model, plan, compensate=compensate, deploy=options.deploy)
+    if round_to == "auto":
+        plan, widths, latency = measured_counts(model, groups, plan, target, latency, min_channels=min_channels,
+                                                compensate=compensate, deploy=options.deploy)
     if options.keep_gathers:
         plan = plan.keeping(plan.gathered())
     ratio = plan.ratio

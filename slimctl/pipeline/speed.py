@@ -34,7 +34,7 @@ def checked_speed(model: nn.Module, plan: ChannelPlan, pruned: nn.Module, notes:
     record = speed_check(model, pruned, deploy)
     if not (record["slower"] and alternatives):
         return record, plan, pruned, notes
-    options = alternative_plans(model, plan)
+    options = alternative_plans(model, plan, compensate)
     built = {name: applied_plan(model, p, compensate=compensate) for name, p in options.items()}
     times = time_alternatives(model, {"as cut": pruned, **{name: b[0].eval() for name, b in built.items()}}, deploy)
     unpruned_ms = times.pop("unpruned")
@@ -48,7 +48,7 @@ def checked_speed(model: nn.Module, plan: ChannelPlan, pruned: nn.Module, notes:
     return record, new_plan, pruned.eval(), new_notes
 
 
-def alternative_plans(model: nn.Module, plan: ChannelPlan) -> dict[str, ChannelPlan]:
+def alternative_plans(model: nn.Module, plan: ChannelPlan, compensate: str) -> dict[str, ChannelPlan]:
     """The cuts the speed check tries beside `plan` (module docstring), the same ones only once."""
     options: dict[str, ChannelPlan] = {}
     gathered = plan.gathered()
@@ -57,7 +57,7 @@ def alternative_plans(model: nn.Module, plan: ChannelPlan) -> dict[str, ChannelP
     if whole is not None:
         options["gathers kept whole"] = whole
         counts.add(tuple(gp.kept for gp in whole.groups))
-    for name, rounded in rounded_plans(model, plan).items():
+    for name, rounded in rounded_plans(model, plan, compensate=compensate).items():
         for label, candidate in [(name, rounded)] + ([(f"gathers kept whole, {name}", rounded.keeping(gathered))]
                                                      if whole is not None else []):
             key = tuple(gp.kept for gp in candidate.groups)

@@ -38,6 +38,7 @@ from torch.nn import functional as F
 from slimctl.base.device import autocast, resolve_precision
 from slimctl.base.files import atomic_write_text
 from slimctl.base.registry import input_size
+from slimctl.core.fold import carried_producers
 from slimctl.core.plan import ChannelPlan, GroupPlan, group_scores, keep_largest, plan_masks
 from slimctl.core.surgery import applied_plan
 from slimctl.core.targets import Target, plan_for_target
@@ -127,6 +128,18 @@ def time_op(spec: tuple, *, batch_size: int, precision: str) -> float:
         return median_ms(run, repeats=REPEATS, warmup=WARMUP, sync=lambda: None)
 
 
+def measured_counts(model: nn.Module, groups, plan: ChannelPlan, target, latency: dict[str, Any] | None, *,
+                    min_channels: int, compensate: str, deploy: Deploy) -> tuple[ChannelPlan, dict[str, Any], Any]:
+    """`--round-to auto` beside a latency target (`latency_widths`), another target (`target_widths`)
+    or a ratio (`auto_widths`): (plan, widths record, the latency record of the plan written)."""
+    if isinstance(target, LatencyTarget):
+        return latency_widths(model, groups, target, plan, latency, min_channels=min_channels, compensate=compensate)
+    if target is not None:
+        return (*target_widths(model, groups, target, plan, min_channels=min_channels, compensate=compensate,
+                               deploy=deploy), latency)
+    return (*auto_widths(model, plan, compensate=compensate, deploy=deploy), latency)
+
+
 def auto_widths(model: nn.Module, plan: ChannelPlan, *, compensate: str, deploy: Deploy = Deploy()
                 ) -> tuple[ChannelPlan, dict[str, Any]]:
     """`prune --round-to auto`: the fastest, timed as a whole under `deploy` (BNs folded, alternating
@@ -141,7 +154,7 @@ def auto_widths(model: nn.Module, plan: ChannelPlan, *, compensate: str, deploy:
         record.update(timed=clock.timed, cache=str(clock.path))
         options["per layer"] = chosen
         op_costs = {c["name"]: c for c in changes}
-    options.update(rounded_plans(model, plan))
+    options.update(rounded_plans(model, plan, compensate=compensate))
     chosen, record = _fastest(model, _distinct(options), compensate=compensate, deploy=deploy, record=record)
     if record["chosen"] != "γ's counts":
         record["changed"] = [{"name": new.group.bn, "gamma": old.kept, "chosen": new.kept,
@@ -178,7 +191,8 @@ def target_widths(model: nn.Module, groups, target: Target, plan: ChannelPlan, *
     for q in WHOLE_QUANTA:
         try:
             options[f"multiples of {q}"] = plan_for_target(model, groups, target, min_channels=min_channels,
-                                                           round_to=q, compensate=compensate)[0]
+                                                           round_to=q, compensate=compensate,
+                                                           adjust=_aligner(model, q, compensate, min_channels))[0]
         except SlimctlError:  # unreachable with that multiple
             continue
     return _fastest(model, _distinct(options), compensate=compensate, deploy=deploy,
@@ -195,7 +209,8 @@ def latency_widths(model: nn.Module, groups, target: LatencyTarget, plan: Channe
     for q in WHOLE_QUANTA:
         try:
             found[f"multiples of {q}"] = plan_for_latency(model, groups, target, min_channels=min_channels,
-                                                          round_to=q, compensate=compensate)
+                                                          round_to=q, compensate=compensate,
+                                                          adjust=_aligner(model, q, compensate, min_channels))
         except SlimctlError:  # unreachable with that multiple
             continue
     kept = {name: p.kept for name, (p, _) in found.items()}
@@ -204,12 +219,12 @@ def latency_widths(model: nn.Module, groups, target: LatencyTarget, plan: Channe
     return chosen, {"changed": [], "timed": 0, "cache": None, "chosen": best, "candidates": {}, "kept": kept}, measured
 
 
-def rounded_plans(model: nn.Module, plan: ChannelPlan) -> dict[str, ChannelPlan]:
+def rounded_plans(model: nn.Module, plan: ChannelPlan, *, compensate: str = "exact") -> dict[str, ChannelPlan]:
     """`plan` with every cut group's count rounded up so that each division (each group of the grouped
     convolutions that read or produce it; the whole space otherwise) keeps a multiple of q, at most its
-    width, for each q of WHOLE_QUANTA: a kernel library's blocked
-    layouts (onnxruntime's, oneDNN's) want such widths throughout, which no single operator's timing shows.
-    The extra channels are the next-highest γ."""
+    width, for each q of WHOLE_QUANTA: a kernel library's blocked layouts (onnxruntime's, oneDNN's)
+    want such widths throughout, which no single operator's timing shows. The extra channels are the
+    next-highest γ. Then `aligned`: the widths as deployed stay multiples of q."""
     modules = dict(model.named_modules())
     out = {}
     for q in WHOLE_QUANTA:
@@ -220,8 +235,42 @@ def rounded_plans(model: nn.Module, plan: ChannelPlan) -> dict[str, ChannelPlan]
                 continue
             step = q * _step(gp, modules)  # q per division: each group of a grouped conv is its own GEMM
             groups.append(_with_count(model, gp, min(gp.total, -(-gp.kept // step) * step)))
-        out[f"multiples of {q}"] = ChannelPlan(plan.ratio, plan.threshold, tuple(groups))
+        rounded = ChannelPlan(plan.ratio, plan.threshold, tuple(groups))
+        out[f"multiples of {q}"] = aligned(model, rounded, q, compensate=compensate,
+                                          floor={gp.group.bn: gp.kept for gp in plan.groups})
     return out
+
+
+def aligned(model: nn.Module, plan: ChannelPlan, q: int, *, compensate: str, floor: dict[str, int] | None = None,
+            least: int = 1) -> ChannelPlan:
+    """`plan` (counts in multiples of q) with each group whose producer `fold_bn` widens by one
+    constant channel (exact compensation of a padded consumer) one channel narrower, so that the
+    deployed width is a multiple of q again; where that would fall below `floor` (γ's count), q − 1
+    wider instead (at most the group's width); never below `least` (--min-channels). Without a floor
+    (a target's plan) nothing is widened. A group of grouped convolutions is left as it is."""
+    if compensate != "exact":
+        return plan
+    carried = carried_producers(applied_plan(model, plan, compensate=compensate)[0].eval())
+    if not carried:
+        return plan
+    modules = dict(model.named_modules())
+    groups = []
+    for gp in plan.groups:
+        if gp.kept == gp.total or not carried & set(gp.group.producers) or _step(gp, modules) > 1:
+            groups.append(gp)
+            continue
+        if gp.kept - 1 >= max(least, (floor or {}).get(gp.group.bn, 1)):
+            count = gp.kept - 1
+        else:  # a target's plan (no floor) is not widened: it would miss the target
+            count = gp.kept if floor is None else min(gp.total, gp.kept + q - 1)
+        groups.append(_with_count(model, gp, count))
+    return ChannelPlan(plan.ratio, plan.threshold, tuple(groups))
+
+
+def _aligner(model: nn.Module, q: int, compensate: str, min_channels: int):
+    """`aligned` for a target's search: each candidate one channel narrower where its deployed width
+    would be one above a multiple of q (never wider: the target decides the count)."""
+    return lambda plan: aligned(model, plan, q, compensate=compensate, least=min_channels)
 
 
 def _distinct(options: dict[str, ChannelPlan]) -> dict[str, ChannelPlan]:
