@@ -157,6 +157,7 @@ def cell_variants(m: Model, deploy: Deploy, *, ratio: float, tp_settings: list[i
 
 
 # What the speed check wrote instead of the first cut, in a cell: short tags.
+SLOWER_BY = 0.05  # prune's speed check margin (slimctl.pipeline.latency.SLOWER_BY)
 SHORT = {"gathers kept whole": "whole", "multiples of 8": "8s", "multiples of 16": "16s",
          "gathers kept whole, multiples of 8": "whole, 8s", "gathers kept whole, multiples of 16": "whole, 16s"}
 
@@ -165,9 +166,12 @@ def summary(results: dict[str, dict[tuple[str, int], dict[str, tuple[float, str]
     """The goals, counted: slower cells, cells and models at least as fast as Torch-Pruning's better
     setting, latency targets met within ±10%."""
     cells = [(name, cell, row) for name, by_cell in results.items() for cell, row in by_cell.items()]
-    slower = [f"{name} {cell[0]} bs {cell[1]}" for name, cell, row in cells if row["slimctl"][0] < 1]
-    lines = [f"slimctl's default slower than the original in {len(slower)} of {len(cells)} cells"
-             + (f": {', '.join(slower)}" if slower else "")]
+    slower = [f"{name} {cell[0]} bs {cell[1]} ({row['slimctl'][0]:.2f}×)" for name, cell, row in cells
+              if row["slimctl"][0] < 1]
+    beyond = [name for name, cell, row in cells if row["slimctl"][0] < 1 / (1 + SLOWER_BY)]
+    lines = [f"slimctl's default below 1.00× in {len(slower)} of {len(cells)} cells"
+             + (f": {', '.join(slower)}" if slower else "")
+             + f"; slower beyond the speed check's {SLOWER_BY:.0%} noise margin in {len(beyond)}"]
     contested = [(name, cell, row) for name, cell, row in cells if any(k.startswith("TP") for k in row)]
     won = {(name, cell): max(row["slimctl"][0], row.get("coupled", (0,))[0]) >=
            max(v[0] for k, v in row.items() if k.startswith("TP")) for name, cell, row in contested}

@@ -19,4 +19,4 @@ def test_the_latency_benchmark_prints_one_row_per_variant(tmp_path):
     assert [row.split(" | ")[1] for row in rows] == ["slimctl", "auto", "latency", "coupled"]
     for row in rows:  # a speed-up and the FLOPs removed in each cell
         assert re.fullmatch(r"\d+\.\d\d× \(\d+%.*\)", row.split(" | ")[2].strip(" |")), row
-    assert "slower than the original in" in out.read_text() and "--target-latency within ±10%" in out.read_text()
+    assert "slimctl's default below 1.00× in" in out.read_text() and "--target-latency within ±10%" in out.read_text()
