@@ -49,19 +49,20 @@ def checked_speed(model: nn.Module, plan: ChannelPlan, pruned: nn.Module, notes:
 
 
 def alternative_plans(model: nn.Module, plan: ChannelPlan, compensate: str) -> dict[str, ChannelPlan]:
-    """The cuts the speed check tries beside `plan` (module docstring), the same ones only once."""
+    """The cuts the speed check tries beside `plan` (module docstring), the same ones only once, and
+    only those that still remove a channel (rounding a narrow model up can keep every channel)."""
     options: dict[str, ChannelPlan] = {}
     gathered = plan.gathered()
     whole = plan.keeping(gathered) if gathered else None
     counts = {tuple(gp.kept for gp in plan.groups)}
-    if whole is not None:
+    if whole is not None and whole.kept < whole.total:
         options["gathers kept whole"] = whole
         counts.add(tuple(gp.kept for gp in whole.groups))
     for name, rounded in rounded_plans(model, plan, compensate=compensate).items():
         for label, candidate in [(name, rounded)] + ([(f"gathers kept whole, {name}", rounded.keeping(gathered))]
                                                      if whole is not None else []):
             key = tuple(gp.kept for gp in candidate.groups)
-            if key not in counts:
+            if key not in counts and candidate.kept < candidate.total:  # one that prunes nothing is no cut
                 counts.add(key)
                 options[label] = candidate
     return options
