@@ -100,7 +100,6 @@ def carried_producers(model: nn.Module, example_input: torch.Tensor | None = Non
     return {producer for producer, _ in carry_constant_maps(work, _example(work, example_input))}
 
 
-
 def _carried_map(layer: nn.Module) -> bool:
     """A conv whose constant response has a per-position part that one input channel of ones,
     zero-padded by the conv itself, reproduces (groups=1, its own zero padding; no profile, no gate)."""

@@ -137,11 +137,8 @@ def plan_for_latency(model: nn.Module, groups, target: LatencyTarget, *, min_cha
 def confirm(model: nn.Module, pruned: nn.Module, record: dict[str, Any], target: LatencyTarget) -> dict[str, Any]:
     """`record` with the unpruned and pruned latency timed again, alternating for CONFIRM_ROUNDS
     rounds (medians), and the speed-up: the figures the checkpoint keeps."""
-    before, after = [], []
-    for _ in range(CONFIRM_ROUNDS):
-        before.append(deployed_latency(model, target))
-        after.append(deployed_latency(pruned, target))
-    unpruned_ms, pruned_ms = statistics.median(before), statistics.median(after)
+    times = time_alternatives(model, {"pruned": pruned}, target)
+    unpruned_ms, pruned_ms = times["unpruned"], times["pruned"]
     return {**record, "unpruned_ms": unpruned_ms, "pruned_ms": pruned_ms, "speedup": unpruned_ms / pruned_ms,
             "met": target.met(pruned_ms, unpruned_ms)}
 
@@ -171,10 +168,10 @@ def is_slower(ms: float, unpruned_ms: float) -> bool:
     return ms > unpruned_ms * (1 + SLOWER_BY) + SLOWER_MS
 
 
-def time_alternatives(model: nn.Module, alternatives: dict[str, nn.Module], deploy: Deploy) -> dict[str, float]:
+def time_alternatives(model: nn.Module, alternatives: dict[str, nn.Module], target: LatencyTarget
+                      ) -> dict[str, float]:
     """Median milliseconds of each alternative pruned model, alternating with the unpruned `model`
-    (CONFIRM_ROUNDS rounds), under `deploy`; key "unpruned" is the unpruned model's time."""
-    target = deploy.target("alternatives", repeats=10)
+    (CONFIRM_ROUNDS rounds), under `target`'s conditions; key "unpruned" is the unpruned model's time."""
     times: dict[str, list[float]] = {name: [] for name in ("unpruned", *alternatives)}
     for _ in range(CONFIRM_ROUNDS):
         times["unpruned"].append(deployed_latency(model, target))

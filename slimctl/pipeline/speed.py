@@ -36,7 +36,8 @@ def checked_speed(model: nn.Module, plan: ChannelPlan, pruned: nn.Module, notes:
         return record, plan, pruned, notes
     options = alternative_plans(model, plan, compensate)
     built = {name: applied_plan(model, p, compensate=compensate) for name, p in options.items()}
-    times = time_alternatives(model, {"as cut": pruned, **{name: b[0].eval() for name, b in built.items()}}, deploy)
+    times = time_alternatives(model, {"as cut": pruned, **{name: b[0].eval() for name, b in built.items()}},
+                              deploy.target("alternatives", repeats=10))
     unpruned_ms = times.pop("unpruned")
     best = min(times, key=times.get)
     record["alternatives"] = times

@@ -173,7 +173,7 @@ def _fastest(model: nn.Module, options: dict[str, ChannelPlan], *, compensate: s
     if len(options) == 1:
         return options[first], {**record, "chosen": first, "candidates": {}}
     built = {name: applied_plan(model, p, compensate=compensate)[0].eval() for name, p in options.items()}
-    times = time_alternatives(built.pop(first), built, deploy)
+    times = time_alternatives(built.pop(first), built, deploy.target("widths", repeats=10))
     times = {first: times.pop("unpruned"), **times}
     best = min(times, key=times.get)
     if times[best] >= times[first] * (1 - PREFER_FEWER):
