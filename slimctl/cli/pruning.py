@@ -157,7 +157,7 @@ def print_how_it_cut(result: dict) -> None:
         if "kept" in widths:  # beside --target-latency: each multiple searched to it
             tried = "; channels kept at the target: " + ", ".join(f"{n} {k}" for n, k in widths["kept"].items())
         elif widths["candidates"]:
-            tried = "; timed as whole models: " + ", ".join(f"{n} {ms:.3g} ms" for n, ms in widths["candidates"].items())
+            tried = "; timed as whole models: " + _timings(widths["candidates"])
         else:
             tried = "; no other count timed faster op by op"
         out_console.print(f"--round-to auto: {widths['chosen']}" + (
@@ -175,17 +175,20 @@ def print_speed(speed: dict) -> None:
     line = (f"{speed['unpruned_ms']:.3g} ms → {speed['pruned_ms']:.3g} ms ({speed['speedup']:.2f}×), "
             f"{speed['runtime']}, batch {speed['batch_size']}, {speed['precision']}, BNs folded; {speed['machine']}")
     if "adopted" in speed:
-        tried = ", ".join(f"{name} {ms:.3g} ms" for name, ms in speed["alternatives"].items())
         out_console.print(f"speed: the first cut was slower than the original ({speed['first_ms']:.3g} ms); "
-                          f"written instead, measured fastest: {speed['adopted']} ({tried})")
+                          f"written instead, measured fastest: {speed['adopted']} ({_timings(speed['alternatives'])})")
     if not speed["slower"]:
         out_console.print(f"speed: {line}")
         return
-    advice = ("none of the alternatives measured was faster (" + ", ".join(
-        f"{name} {ms:.3g} ms" for name, ms in speed["alternatives"].items()) + "); " if "alternatives" in speed
-              else "")
+    advice = (f"none of the alternatives measured was faster ({_timings(speed['alternatives'])}); "
+              if "alternatives" in speed else "")
     err_console.print(f"[yellow]warning:[/] the pruned model is slower than the original: {line}. {advice}try a lower "
                       "--ratio, or --target-latency to prune to a time measured here")
+
+
+def _timings(ms_by_name: dict[str, float]) -> str:
+    """`name 1.23 ms, …`: what prune timed, in the order it timed them."""
+    return ", ".join(f"{name} {ms:.3g} ms" for name, ms in ms_by_name.items())
 
 
 @cli.command("sweep")

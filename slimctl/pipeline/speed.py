@@ -23,7 +23,7 @@ from torch import nn
 from slimctl.core.plan import ChannelPlan
 from slimctl.core.surgery import applied_plan
 from slimctl.pipeline.latency import Deploy, is_slower, speed_check, time_alternatives
-from slimctl.pipeline.widths import PREFER_FEWER, rounded_plans
+from slimctl.pipeline.widths import PREFER_FEWER, distinct, rounded_plans
 
 
 def checked_speed(model: nn.Module, plan: ChannelPlan, pruned: nn.Module, notes: list, *, compensate: str,
@@ -52,18 +52,10 @@ def checked_speed(model: nn.Module, plan: ChannelPlan, pruned: nn.Module, notes:
 def alternative_plans(model: nn.Module, plan: ChannelPlan, compensate: str) -> dict[str, ChannelPlan]:
     """The cuts the speed check tries beside `plan` (module docstring), the same ones only once, and
     only those that still remove a channel (rounding a narrow model up can keep every channel)."""
-    options: dict[str, ChannelPlan] = {}
     gathered = plan.gathered()
-    whole = plan.keeping(gathered) if gathered else None
-    counts = {tuple(gp.kept for gp in plan.groups)}
-    if whole is not None and whole.kept < whole.total:
-        options["gathers kept whole"] = whole
-        counts.add(tuple(gp.kept for gp in whole.groups))
+    options = {"as cut": plan, **({"gathers kept whole": plan.keeping(gathered)} if gathered else {})}
     for name, rounded in rounded_plans(model, plan, compensate=compensate).items():
-        for label, candidate in [(name, rounded)] + ([(f"gathers kept whole, {name}", rounded.keeping(gathered))]
-                                                     if whole is not None else []):
-            key = tuple(gp.kept for gp in candidate.groups)
-            if key not in counts and candidate.kept < candidate.total:  # one that prunes nothing is no cut
-                counts.add(key)
-                options[label] = candidate
-    return options
+        options[name] = rounded
+        if gathered:
+            options[f"gathers kept whole, {name}"] = rounded.keeping(gathered)
+    return {name: p for name, p in distinct(options).items() if name != "as cut" and p.kept < p.total}

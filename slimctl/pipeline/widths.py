@@ -155,7 +155,7 @@ def auto_widths(model: nn.Module, plan: ChannelPlan, *, compensate: str, deploy:
         options["per layer"] = chosen
         op_costs = {c["name"]: c for c in changes}
     options.update(rounded_plans(model, plan, compensate=compensate))
-    chosen, record = _fastest(model, _distinct(options), compensate=compensate, deploy=deploy, record=record)
+    chosen, record = _fastest(model, distinct(options), compensate=compensate, deploy=deploy, record=record)
     if record["chosen"] != "γ's counts":
         record["changed"] = [{"name": new.group.bn, "gamma": old.kept, "chosen": new.kept,
                               **({k: op_costs[new.group.bn][k] for k in ("ms_gamma", "ms_chosen")}
@@ -195,7 +195,7 @@ def target_widths(model: nn.Module, groups, target: Target, plan: ChannelPlan, *
                                                            adjust=_aligner(model, q, compensate, min_channels))[0]
         except SlimctlError:  # unreachable with that multiple
             continue
-    return _fastest(model, _distinct(options), compensate=compensate, deploy=deploy,
+    return _fastest(model, distinct(options), compensate=compensate, deploy=deploy,
                     record={"changed": [], "timed": 0, "cache": None})
 
 
@@ -273,7 +273,7 @@ def _aligner(model: nn.Module, q: int, compensate: str, min_channels: int):
     return lambda plan: aligned(model, plan, q, compensate=compensate, least=min_channels)
 
 
-def _distinct(options: dict[str, ChannelPlan]) -> dict[str, ChannelPlan]:
+def distinct(options: dict[str, ChannelPlan]) -> dict[str, ChannelPlan]:
     """The plans whose counts differ from every earlier one's (the first of equals stays)."""
     seen, out = set(), {}
     for name, p in options.items():
