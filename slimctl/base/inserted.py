@@ -44,6 +44,11 @@ class ChannelSelection(nn.Module):
         self.register_buffer("indices", torch.arange(num_channels))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Kept indices are sorted and distinct (surgery only ever subsets them), so keeping every
+        # channel is the identity: no gather, which costs a full-width copy (prune's unpruned
+        # reference, a group the plan left whole).
+        if self.indices.numel() == x.shape[1]:
+            return x
         return x.index_select(1, self.indices)
 
     def extra_repr(self) -> str:

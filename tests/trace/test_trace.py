@@ -320,3 +320,14 @@ def test_reused_parameterised_modules_and_shared_inplace_ops_freeze() -> None:
     assert "called 2 times" in result.frozen_bns["bn1"]  # its consumer conv2 is reused
     assert "called 2 times" in result.frozen_bns["bn2"]
     assert "in-place" in result.frozen_bns["bn3"]
+
+
+def test_a_selection_that_keeps_every_channel_is_no_gather() -> None:
+    """Tracing inserts a full-width selection on every selection BN; until a prune narrows it, the
+    model must run as before (no full-width copy), or prune's unpruned reference times slower."""
+    from slimctl.base.inserted import ChannelSelection
+
+    selection, x = ChannelSelection(4), torch.randn(2, 4, 3, 3)
+    assert selection(x) is x
+    selection.indices = selection.indices[torch.tensor([0, 2])]
+    assert torch.equal(selection(x), x[:, [0, 2]])
