@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from slimctl.base.operators import layer_operator
+from slimctl.base.operators import layer_operator, pointwise
 
 GATE = "gate_rows"  # the child name of a GateRows: `<layer computing a gate's logits>.gate_rows`
 # The elementwise ops a gate chain may contain (`slimctl.trace.rules.gate_module_op` reads them off
@@ -81,8 +81,14 @@ class GateRows(nn.Module):
 
     def forward(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """g_removed for the layer's input `x`: its removed rows, then the gate's elementwise ops."""
-        z = layer_operator(layer, self.weight.to(x.dtype), x)
-        z = z + self.bias.to(z.dtype).view((1, -1) + (1,) * (z.dim() - 2))
+        weight, bias = self.weight.to(x.dtype), self.bias.to(x.dtype)
+        if weight.dim() == 4 and x.dim() == 4 and x.shape[-2:] == (1, 1) and pointwise(layer):
+            # A squeeze-and-excitation gate's 1×1 conv on the pooled [N, C, 1, 1]: one matrix product
+            # with its bias, not a conv call and an add (this runs every forward of the pruned model).
+            z = torch.addmm(bias, x.flatten(1), weight.flatten(1).t()).view(x.shape[0], -1, 1, 1)
+        else:
+            z = layer_operator(layer, weight, x)
+            z = z + bias.view((1, -1) + (1,) * (z.dim() - 2))
         return apply_gate(z, self._ops)
 
     def extra_repr(self) -> str:

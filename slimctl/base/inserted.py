@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from slimctl.base.gates import GATE, GateRows, gate_hook, attach_gate_rows, gate_rows_of
-from slimctl.base.operators import kernel_response, layer_operator, profile_map, zero_padded
+from slimctl.base.operators import kernel_response, layer_operator, profile_map, reads_alike, zero_padded
 from slimctl.errors import SlimctlError
 
 SELECT = "select"  # the child name of an inserted ChannelSelection: `<bn>.select`
@@ -88,6 +88,7 @@ class ConstantResponse(nn.Module):
             self.register_buffer("gate_weight", torch.zeros(out, gated, kh, kw))
             self.register_buffer("gate_source", torch.zeros(source, dtype=torch.uint8))
         self._last: tuple[tuple, torch.Tensor] | None = None  # (key, map) of the last position_map
+        self._uniform: tuple[tuple, tuple[torch.Tensor, torch.Tensor]] | None = None  # (key, uniform_response terms)
         self.refresh()
         self._gate: torch.Tensor | None = None  # this forward's g_removed(x), set by the gate's GateRows
 
@@ -96,7 +97,7 @@ class ConstantResponse(nn.Module):
         forward never reads a tensor's values (torch.export and ONNX export cannot)."""
         profile = self._buffers.get("profile")
         self._profile = [tuple(int(v) for v in row) for row in profile.tolist()] if profile is not None else []
-        self._last = None
+        self._last = self._uniform = None
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
         super()._load_from_state_dict(*args, **kwargs)
@@ -124,6 +125,8 @@ class ConstantResponse(nn.Module):
 
         Added in place: the output keeps its memory format (channels_last stays channels_last) and
         no second feature map is allocated; the conv's backward does not need its output."""
+        if "gate_weight" in self._buffers and "pkernel" not in self._buffers and reads_alike(layer):
+            return output.add_(self.uniform_response(output))
         if self._buffers["kernel"].numel():
             output = output.add_(self.position_map(layer, tuple(input_hw), output))
         else:
@@ -131,6 +134,26 @@ class ConstantResponse(nn.Module):
         if "gate_weight" in self._buffers:
             output = output.add_(self.gate_response(layer, tuple(input_hw), output))
         return output
+
+    def uniform_response(self, like: torch.Tensor) -> torch.Tensor:
+        """[N, out, 1, 1] (or [N, out]): the whole response of a layer that reads a constant alike
+        everywhere (`reads_alike`), gated part included, as one matrix product: bias + kernel sums
+        + g_removed(x) · W_gated. A squeeze-and-excitation block's consumer runs this each forward,
+        so it is two ops and one pass over the output instead of one pass per term (MobileNet-V3 at
+        batch 1: about 20% of the pruned model's time went to the terms one by one)."""
+        gate, self._gate = self._gate, None
+        if gate is None:
+            raise RuntimeError(f"the gate values of {self.source!r} were not computed before this layer ran")
+        buffers = self._buffers
+        kernel, bias, weight = buffers["kernel"], buffers["bias"], buffers["gate_weight"]
+        key = (like.dtype, kernel.device, kernel._version, bias._version, weight._version)
+        if torch.compiler.is_compiling() or self._uniform is None or self._uniform[0] != key:
+            per_channel = bias + kernel.sum((1, 2)) if kernel.numel() else bias
+            terms = (per_channel.to(like.dtype), weight.sum((2, 3)).t().to(like.dtype))  # [out], [k, out]
+            self._uniform = (key, terms)
+        per_channel, gated = self._uniform[1]
+        term = torch.addmm(per_channel, gate.flatten(1).to(like.dtype), gated)
+        return term.view(*term.shape, *(1,) * (like.dim() - 2))
 
     def position_map(self, conv: nn.Module, input_hw: tuple[int, int], like: torch.Tensor) -> torch.Tensor:
         """[1, out, H_out, W_out]: bias plus the kernel terms at each output position, for an input of
@@ -184,14 +207,14 @@ class ConstantResponse(nn.Module):
             if name in self._buffers:
                 term = self._buffers[name]
                 term.copy_(term.to(scale.dtype) * scale.view(-1, *(1,) * (term.dim() - 1)))
-        self._last = None
+        self._last = self._uniform = None
 
     def zero_(self) -> None:
         """No removed channel: every term zero (a network trained from scratch)."""
         for name, buffer in self._buffers.items():
             if buffer.is_floating_point():
                 buffer.zero_()
-        self._last = None
+        self._last = self._uniform = None
 
     def extra_repr(self) -> str:
         kind = ", per position" if self.kernel.numel() else ", per channel"

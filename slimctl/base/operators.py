@@ -63,3 +63,18 @@ def kernel_response(layer: nn.Module, kernel: torch.Tensor, shape: torch.Tensor)
     channel per group) on the one-channel map `shape` [1, 1, H, W], which every group reads alike."""
     groups = getattr(layer, "groups", 1)
     return layer_operator(layer, kernel.unsqueeze(1), shape.expand(1, groups, *shape.shape[-2:]))[0]
+
+
+def reads_alike(layer: nn.Module) -> bool:
+    """Whether `layer` turns a constant input map into one value per output channel, the same at
+    every position: a Linear, or a plain Conv2d (torch's own forward) without zero padding."""
+    if isinstance(layer, nn.Linear):
+        return True
+    return type(layer).forward is nn.Conv2d.forward and not zero_padded(layer)
+
+
+def pointwise(layer: nn.Module) -> bool:
+    """Whether `layer` is a plain 1×1 Conv2d (torch's own forward, one group, no padding): on a 1×1
+    input it is a matrix product."""
+    return (type(layer).forward is nn.Conv2d.forward and layer.kernel_size == (1, 1) and layer.groups == 1
+            and not zero_padded(layer) and layer.padding in ((0, 0), "valid"))

@@ -185,6 +185,28 @@ def test_the_gate_term_costs_what_the_removed_channels_cost() -> None:
     assert pruned.body.fc2.out_channels == space.kept
 
 
+def test_a_1x1_gated_consumer_adds_its_whole_term_at_once_as_the_term_by_term_path_would(monkeypatch) -> None:
+    """A gate's 1×1 conv on the pooled map and a 1×1 consumer take the matrix-product path (two ops
+    per forward, for deployed SE models); its result is the general per-term path's, folded or not."""
+    from slimctl.base import gates, inserted
+    from slimctl.core.fold import fold_bn
+
+    model = strongly_sparse(Net(SE(nn.Sigmoid(), nn.Conv2d(C, C, 1))))
+    model.arch_spec = {"arch": None, "input_size": (3, 16, 16)}
+    pruned, *_ = prune_model(model, 0.5)
+    response = response_of(pruned.body.project)
+    with torch.no_grad():  # every term in play (here the removed channels reach the consumer gated only)
+        response.kernel.normal_(generator=torch.Generator().manual_seed(0))
+        response.bias.normal_(generator=torch.Generator().manual_seed(1))
+    for net in (pruned.eval(), fold_bn(pruned)):
+        fast = outputs(net, 21)
+        assert response_of(net.body.project)._uniform is not None
+        with monkeypatch.context() as patched:
+            patched.setattr(inserted, "reads_alike", lambda layer: False)
+            patched.setattr(gates, "pointwise", lambda layer: False)
+            assert rel_err(fast, outputs(net, 21)) < 1e-6
+
+
 def test_a_gated_prune_survives_a_checkpoint_round_trip_and_fine_tuning(tmp_path) -> None:
     from slimctl import load_model, make_checkpoint, save_checkpoint
     from slimctl.models import create_model
