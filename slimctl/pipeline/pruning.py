@@ -27,7 +27,7 @@ from slimctl.core.surgery import applied_plan, apply_plan
 from slimctl.core.sweep import largest_safe_ratio, sweep_model
 from slimctl.core.targets import Target, plan_for_target
 from slimctl.data import build_loader
-from slimctl.pipeline.widths import measured_counts
+from slimctl.pipeline.widths import aligned, aligner, measured_counts
 from slimctl.pipeline.latency import (Deploy, LatencyTarget, conditions, confirm, deployed_latency,
                                       plan_for_latency)
 from slimctl.pipeline.speed import checked_speed
@@ -299,21 +299,27 @@ def sweep_checkpoint(
 def _plan_for(model: nn.Module, groups, cfg: Config | None, *, ratio: float | None,
               target: Target | LatencyTarget | None, min_channels: int, round_to: int, compensate: str):
     """(the plan of `ratio`, of the smallest ratio meeting `target`, or of the config's prune.ratio;
-    for a latency target, what was measured, else None)."""
+    for a latency target, what was measured, else None). With `round_to` > 1 the counts are its
+    multiples as deployed (`widths.aligned`: folding's constant channel included)."""
     if ratio is not None and target is not None:
         raise SlimctlError("give either --ratio or one --target-flops/--target-params/--target-latency, not both")
+    adjust = aligner(model, round_to, compensate, min_channels) if round_to > 1 else None
     if isinstance(target, LatencyTarget):
         return plan_for_latency(model, groups, target, min_channels=min_channels, round_to=round_to,
-                                compensate=compensate)
+                                compensate=compensate, adjust=adjust)
     if target is not None:
         return plan_for_target(model, groups, target, min_channels=min_channels, round_to=round_to,
-                               compensate=compensate)[0], None
+                               compensate=compensate, adjust=adjust)[0], None
     if ratio is None:
         ratio = cfg.prune.ratio if cfg else None
         if ratio is None:
             raise SlimctlError("--ratio is required (the checkpoint records no prune.ratio)")
     validate_ratio(ratio)
-    return make_plan(model, groups, ratio, min_channels=min_channels, round_to=round_to), None
+    plan = make_plan(model, groups, ratio, min_channels=min_channels, round_to=round_to)
+    if adjust is None:
+        return plan, None
+    floor = {gp.group.bn: gp.kept for gp in make_plan(model, groups, ratio, min_channels=min_channels).groups}
+    return aligned(model, plan, round_to, compensate=compensate, floor=floor, least=min_channels), None
 
 
 def _speed(model: nn.Module, plan, pruned: nn.Module, notes: list, compensate: str, options: PruneOptions, *,

@@ -192,7 +192,7 @@ def target_widths(model: nn.Module, groups, target: Target, plan: ChannelPlan, *
         try:
             options[f"multiples of {q}"] = plan_for_target(model, groups, target, min_channels=min_channels,
                                                            round_to=q, compensate=compensate,
-                                                           adjust=_aligner(model, q, compensate, min_channels))[0]
+                                                           adjust=aligner(model, q, compensate, min_channels))[0]
         except SlimctlError:  # unreachable with that multiple
             continue
     return _fastest(model, distinct(options), compensate=compensate, deploy=deploy,
@@ -210,7 +210,7 @@ def latency_widths(model: nn.Module, groups, target: LatencyTarget, plan: Channe
         try:
             found[f"multiples of {q}"] = plan_for_latency(model, groups, target, min_channels=min_channels,
                                                           round_to=q, compensate=compensate,
-                                                          adjust=_aligner(model, q, compensate, min_channels))
+                                                          adjust=aligner(model, q, compensate, min_channels))
         except SlimctlError:  # unreachable with that multiple
             continue
     kept = {name: p.kept for name, (p, _) in found.items()}
@@ -267,9 +267,9 @@ def aligned(model: nn.Module, plan: ChannelPlan, q: int, *, compensate: str, flo
     return ChannelPlan(plan.ratio, plan.threshold, tuple(groups))
 
 
-def _aligner(model: nn.Module, q: int, compensate: str, min_channels: int):
-    """`aligned` for a target's search: each candidate one channel narrower where its deployed width
-    would be one above a multiple of q (never wider: the target decides the count)."""
+def aligner(model: nn.Module, q: int, compensate: str, min_channels: int):
+    """`aligned` for a target's search (`adjust`): each candidate one channel narrower where its
+    deployed width would be one above a multiple of q (never wider: the target decides the count)."""
     return lambda plan: aligned(model, plan, q, compensate=compensate, least=min_channels)
 
 

@@ -224,3 +224,17 @@ def test_auto_beside_a_flops_target_keeps_the_fastest_multiple_that_meets_it(spa
 def _prune_to(checkpoint, out, *extra):
     return json.loads(run("prune", checkpoint, "--target-flops", "0.4", "-o", out, "--no-eval", "--no-speed-check",
                           "--json", *extra).output)
+
+
+def test_a_fixed_multiple_holds_as_deployed_and_never_keeps_fewer_than_gamma(sparse_checkpoint, tmp_path):
+    """Folding carries a padded consumer's compensation in one more channel (8k → 8k + 1): `--round-to
+    8` keeps one channel fewer there (or 7 more, never below γ's count), with a ratio or a target."""
+    plain = _prune(sparse_checkpoint, tmp_path / "plain.pt")
+    eights = _prune(sparse_checkpoint, tmp_path / "r8.pt", "--round-to", "8")
+    assert all(width % 8 == 0 for width in deployed_widths(tmp_path / "r8.pt"))
+    assert any(width % 8 for width in deployed_widths(tmp_path / "plain.pt"))
+    gamma = {row["name"]: row["kept"] for row in plain["layers"]}
+    assert all(row["kept"] >= gamma[row["name"]] for row in eights["layers"])
+    target = _prune_to(sparse_checkpoint, tmp_path / "t8.pt", "--round-to", "8")
+    assert target["flops"] <= 0.6 * target["flops_before"]
+    assert all(width % 8 == 0 for width in deployed_widths(tmp_path / "t8.pt"))
