@@ -7,7 +7,8 @@ For each torchvision model (random weights, γ ~ U(0, 1) seeded: the structure a
 do not need a trained model) and each cell (runtime × batch size), each slimctl variant is pruned
 for that cell, as a user deploying there would (`--runtime R --latency-batch B`):
   slimctl       `prune --ratio R` with the defaults (exact compensation, coupled channels kept, the
-                speed check, which writes a faster alternative cut when the first one is slower)
+                speed check, which writes a faster alternative cut when the first one is not clearly
+                faster)
   auto          the same with `--round-to auto`
   latency       `prune --target-latency F`, F = the time fraction slimctl's default reached in the
                 cell (so it aims at the same speed by measurement instead of by γ alone); the cell

@@ -168,6 +168,11 @@ def is_slower(ms: float, unpruned_ms: float) -> bool:
     return ms > unpruned_ms * (1 + SLOWER_BY) + SLOWER_MS
 
 
+def is_faster(ms: float, unpruned_ms: float) -> bool:
+    """Faster than the unpruned model beyond the noise margins (a cut within them may be slower)."""
+    return ms * (1 + SLOWER_BY) + SLOWER_MS < unpruned_ms
+
+
 def time_alternatives(model: nn.Module, alternatives: dict[str, nn.Module], target: LatencyTarget
                       ) -> dict[str, float]:
     """Median milliseconds of each alternative pruned model, alternating with the unpruned `model`

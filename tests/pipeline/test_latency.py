@@ -191,6 +191,22 @@ def test_a_model_no_alternative_speeds_up_is_warned_about(sparse_checkpoint, tmp
     assert speed["slower"] and "adopted" not in speed and speed["speedup"] == pytest.approx(0.5)
 
 
+def test_a_cut_within_the_noise_margins_is_replaced_too(sparse_checkpoint, tmp_path, monkeypatch):
+    """Within the margins a cut may be slower (DenseNet-121: 0.99× in its check, 0.94× afterwards):
+    only a clearly faster one is kept without trying the alternatives."""
+    full = slimctl.count_flops(slimctl.load_model(sparse_checkpoint))
+
+    def clock(model, target):  # the original 1 ms; any odd width 0.99 ms (no speed-up); multiples of 8: 0.6 ms
+        widths = [m.out_channels for m in slimctl.fold_bn(model).modules() if isinstance(m, nn.Conv2d)]
+        return 1.0 if slimctl.count_flops(model) == full else 0.99 if any(w % 8 for w in widths) else 0.6
+
+    monkeypatch.setattr(latency, "deployed_latency", clock)
+    result = run("prune", sparse_checkpoint, "--ratio", "0.5", "-o", tmp_path / "p.pt", "--no-eval")
+    assert "the first cut was not clearly faster" in result.output and "warning" not in result.output
+    speed = slimctl.load_checkpoint(tmp_path / "p.pt")["prune"]["speed"]
+    assert speed["first_ms"] == 0.99 and speed["pruned_ms"] == 0.6 and speed["adopted"].startswith("multiples of")
+
+
 def test_a_speed_check_that_cannot_run_leaves_the_prune_standing(sparse_checkpoint, tmp_path, monkeypatch):
     def untraceable(*args, **kwargs):
         raise slimctl.SlimctlError("cannot trace Net")
