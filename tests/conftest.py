@@ -78,24 +78,25 @@ def removed_channels(
 ) -> dict[str, torch.Tensor]:
     """BN name → the positions, in that BN's own channels in `model`, that `plan` removes.
 
-    Every ranked BN of a group is listed (a depthwise chain or a coupled set has several). A
-    selection group lists its ranking BN only, at the positions of the BN's full width named by the
-    selection's indices (the BN itself never shrinks). `only` maps a group's BN to the one BN of
-    that group to list instead (sensitivity tests: zeroing one member of a coupled set must differ).
+    Every ranked BN of a group is listed (a depthwise chain or a coupled set has several; a
+    concatenated space, each BN reading it, at its offset there). A selection group lists its
+    ranking BN only, at the positions of the BN's full width named by the selection's indices (the
+    BN itself never shrinks). `only` maps a group's BN to the one BN of that group to list instead
+    (sensitivity tests: zeroing one member of a coupled set must differ).
     """
     removed: dict[str, torch.Tensor] = {}
     for gp in plan.groups:
         gone = torch.ones(gp.total, dtype=torch.bool)
         gone[gp.keep.cpu()] = False
         positions = gone.nonzero().flatten()
-        bns = gp.group.bns
+        at = [(name, 0) for name in gp.group.bns] + [(name, offset) for name, offset, _ in gp.group.slices]
         if gp.group.selection is not None:  # group positions → the BN's full width
             positions = model.get_submodule(gp.group.selection).indices.cpu()[positions]
-            bns = (gp.group.bn,)
+            at = [(gp.group.bn, 0)]
         if only is not None and gp.group.bn in only:
-            bns = (only[gp.group.bn],)
-        for name in bns:
-            removed[name] = torch.cat([removed[name], positions]) if name in removed else positions
+            at = [next(entry for entry in at if entry[0] == only[gp.group.bn])]
+        for name, offset in at:
+            removed[name] = torch.cat([removed[name], positions + offset]) if name in removed else positions + offset
     return removed
 
 

@@ -53,8 +53,25 @@ class ChannelGroup:
     # the same number of channels (which ones may differ per chunk).
     divisions: int = 1
     coupled: bool = False  # a residual-coupled set (several streams that must keep the same channels)
+    # A concatenated space pruned at its producer (`coupled` modes, DenseNet): the BNs that read it
+    # inside a concatenation, as (BN, offset of the space's first channel there, the space's width).
+    # They rank it beside the full-width BNs (`reduce` over all), and each loses the removed channels
+    # at its offset. A space no full-width BN ranks has `bn_is_slice`: `bn` is then only its name,
+    # "<first slice's BN>[start:end]".
+    slices: tuple[tuple[str, int, int], ...] = ()
+    bn_is_slice: bool = False
 
     @property
     def bns(self) -> tuple[str, ...]:
-        """Every BN whose |γ| ranks this group (the first is `bn`)."""
-        return (self.bn, *self.extra_bns)
+        """Every full-width BN whose |γ| ranks this group (the first is `bn`, unless that names a slice)."""
+        return self.extra_bns if self.bn_is_slice else (self.bn, *self.extra_bns)
+
+    @property
+    def ranking_bns(self) -> tuple[str, ...]:
+        """Every BN module whose |γ| ranks some of this group: `bns`, then the BNs of `slices`."""
+        return tuple(dict.fromkeys((*self.bns, *(name for name, *_ in self.slices))))
+
+
+def slice_name(bn: str, offset: int, width: int) -> str:
+    """`bn[offset:offset + width]`: the name of a group that only a slice of BNs ranks."""
+    return f"{bn}[{offset}:{offset + width}]"

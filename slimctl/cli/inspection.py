@@ -155,7 +155,7 @@ def info_cmd(checkpoint: Path | None, arch: str | None, num_classes: int, width:
 @click.argument("source")
 @click.option("--num-classes", type=click.IntRange(min=1), default=10, show_default=True, help="With an arch name.")
 @click.option("--coupled", type=click.Choice(COUPLED_MODES), default="keep", show_default=True,
-              help="How residual-coupled spaces are treated (traced models).")
+              help="How residual-coupled and concatenated spaces are treated (traced models).")
 @click.option("--explain", is_flag=True, help="Also list the members of each space and why frozen ones keep their width.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list of spaces.")
 def groups_cmd(source: str, num_classes: int, coupled: str, explain: bool, as_json: bool) -> None:

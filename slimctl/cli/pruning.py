@@ -31,7 +31,8 @@ from slimctl.core.sweep import DEFAULT_RATIOS
                    "~/.cache/slimctl), and every count rounded up to 8 or 16.")
 @click.option("--coupled", type=click.Choice(COUPLED_MODES), default="keep", show_default=True,
               help="Traced models: keep residual-coupled channels (the paper), or prune each coupled set "
-                   "together, ranked by the max/mean/sum of its BNs' |γ|.")
+                   "together, ranked by the max/mean/sum of its BNs' |γ|; these modes also prune a concatenated "
+                   "space (DenseNet) at its producer, ranked by the BNs that read it, instead of a gather.")
 @click.option("--compensate", type=click.Choice(COMPENSATE_MODES), default="exact", show_default=True,
               help="What a removed channel's constant output (its β, once γ ≈ 0) becomes: exact = its response "
                    "is kept (position-dependent near padded borders; the pruned model equals the original with "

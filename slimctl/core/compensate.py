@@ -95,6 +95,8 @@ def removed_positions(model: nn.Module, plan: ChannelPlan) -> dict[str, torch.Te
             continue
         for bn in gp.group.bns:
             removed.setdefault(bn, []).append(positions)
+        for bn, offset, _ in gp.group.slices:
+            removed.setdefault(bn, []).append(positions + offset)
     return {bn: torch.cat(p).unique() for bn, p in removed.items()}
 
 

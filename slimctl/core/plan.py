@@ -66,13 +66,17 @@ class ChannelPlan:
 
 
 def group_scores(model: nn.Module, group: ChannelGroup) -> torch.Tensor:
-    """|γ| of the group's current channels (for a selection group: only the still-selected ones)."""
-    gamma = model.get_submodule(group.bn).weight.detach().abs().float().cpu()
-    if group.extra_bns:
+    """|γ| of the group's current channels (for a selection group: only the still-selected ones), a
+    channel's several |γ| (extra BNs, slices of BNs over concatenations) reduced by `group.reduce`."""
+    def gammas(name: str) -> torch.Tensor:
+        return model.get_submodule(name).weight.detach().abs().float().cpu()
+
+    ranks = [gammas(n) for n in group.bns] + [gammas(n)[offset:offset + width] for n, offset, width in group.slices]
+    gamma = ranks[0]
+    if len(ranks) > 1:
         if group.reduce not in REDUCTIONS:
             raise SlimctlError(f"unknown score reduction {group.reduce!r}; use one of {', '.join(REDUCTIONS)}")
-        extra = [model.get_submodule(n).weight.detach().abs().float().cpu() for n in group.extra_bns]
-        stacked = torch.stack([gamma, *extra])
+        stacked = torch.stack(ranks)
         gamma = {"max": stacked.amax(0), "mean": stacked.mean(0), "sum": stacked.sum(0)}[group.reduce]
     if group.selection is not None:
         gamma = gamma[model.get_submodule(group.selection).indices.cpu()]
@@ -203,12 +207,16 @@ def plan_masks(modules: dict[str, nn.Module], plan: ChannelPlan
     out_keep: dict[str, torch.Tensor] = {}
     in_mask: dict[str, torch.Tensor] = {}
     selections: dict[str, torch.Tensor] = {}
+    slices: dict[str, torch.Tensor] = {}
     for gp in plan.groups:
         if gp.kept == gp.total:
             continue
         group = gp.group
         for name in group.producers:
             out_keep[name] = gp.keep
+        for name, offset, width in group.slices:  # a BN over a concatenation: its rows of this space
+            rows = slices.setdefault(name, torch.ones(modules[name].num_features, dtype=torch.bool))
+            rows[offset:offset + width] = torch.zeros(width, dtype=torch.bool).index_fill_(0, gp.keep, True)
         if group.selection is not None:
             selections[group.selection] = gp.keep
         space = torch.zeros(gp.total, dtype=torch.bool)
@@ -218,6 +226,7 @@ def plan_masks(modules: dict[str, nn.Module], plan: ChannelPlan
                 in_mask[consumer.module] = torch.ones(_in_width(modules[consumer.module]), dtype=torch.bool)
             columns = space.repeat_interleave(consumer.repeat)
             in_mask[consumer.module][consumer.offset : consumer.offset + columns.numel()] = columns
+    out_keep.update({name: rows.nonzero().flatten() for name, rows in slices.items()})
     return out_keep, in_mask, selections
 
 

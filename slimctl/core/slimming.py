@@ -82,7 +82,7 @@ class Slimming:
         if not self.groups:
             raise SlimctlError(f"{type(self.model).__name__} has no prunable channel groups (no BatchNorm2d after a "
                                "conv whose channels could be removed): nothing to slim")
-        self.gammas = bn_scales(self.model, [g.bn for g in self.groups])
+        self.gammas = bn_scales(self.model, list(dict.fromkeys(b for g in self.groups for b in g.ranking_bns)))
         self.applied_budget = 0.0  # λ·Σ lr over the steps regularized so far
         self._lr_group: tuple[torch.optim.Optimizer, dict] | None = None  # (optimizer, the group holding γ)
 

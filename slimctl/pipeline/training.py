@@ -89,7 +89,7 @@ def sparsity_targets(model: nn.Module, which: str) -> list[str]:
     paper's choice; the same set for the paper's families)."""
     if which == "all":
         return [n for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d) and m.weight is not None]
-    return list(dict.fromkeys(bn for g in channel_groups(model) for bn in g.bns))
+    return list(dict.fromkeys(bn for g in channel_groups(model) for bn in g.ranking_bns))
 
 
 def _train(

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 from torch import fx, nn
 
 from slimctl.errors import SlimctlError
-from slimctl.base.groups import ChannelGroup, Consumer
+from slimctl.base.groups import ChannelGroup, Consumer, slice_name
 from slimctl.base.inserted import SELECT, insert_selections, selection_of
 from slimctl.trace.rules import Op, columns_per_channel, shape
 from slimctl.trace.segments import Seg, not_constant_note, through
@@ -68,7 +68,9 @@ def classify_spaces(w: Walker, coupled: str) -> TraceResult:
     for root in roots:
         sp = w.spaces[root]
         reasons = list(sp.reasons)
-        if not reasons and not sp.bns:
+        if coupled == "keep":  # its readers select from it instead (the paper's DenseNet)
+            reasons += [f"read by BatchNorm2d {name!r} inside a concatenation" for name, *_ in sp.slices]
+        if not reasons and not sp.bns and not sp.slices:
             reasons.append("no BatchNorm2d ranks it")
         if not reasons and not any(isinstance(w.modules[p], (nn.Conv2d, nn.Linear)) and p not in sp.bns
                                    for p in sp.producers):
@@ -86,17 +88,24 @@ def classify_spaces(w: Walker, coupled: str) -> TraceResult:
             spaces.append(SpaceInfo("coupled", sp.width, members, tuple(sp.bns),
                                     "residual-coupled set, kept (coupled='keep', as in the paper)"))
             continue
-        kind = "coupled" if sp.residual else "grouped" if divisions > 1 else \
+        # A concatenated space (read by BNs inside concatenations) is pruned at its producer, every
+        # reading BN losing the removed channels at its offset: coupled, like a residual set.
+        joint = sp.residual or bool(sp.slices)
+        kind = "coupled" if joint else "grouped" if divisions > 1 else \
             "depthwise" if sp.depthwise or len(sp.bns) > 1 else "free"
+        slices = tuple(dict.fromkeys(sp.slices))
+        names = tuple(slice_name(*s) for s in slices)
         groups.append(ChannelGroup(
-            bn=sp.bns[0], producers=tuple(dict.fromkeys(sp.producers)),
+            bn=sp.bns[0] if sp.bns else names[0], producers=tuple(dict.fromkeys(sp.producers)),
             consumers=tuple(dict.fromkeys(sp.consumers)), extra_bns=tuple(sp.bns[1:]),
-            reduce=coupled if sp.residual else "max", divisions=divisions, coupled=sp.residual,
+            reduce=coupled if joint else "max", divisions=divisions, coupled=joint, slices=slices,
+            bn_is_slice=not sp.bns,
         ))
-        spaces.append(SpaceInfo(kind, sp.width, members, tuple(sp.bns), pruned=True,
+        spaces.append(SpaceInfo(kind, sp.width, members, (*sp.bns, *names), pruned=True,
                                 not_constant=tuple(dict.fromkeys(sp.not_constant))))
 
-    grouped_bns = {b for g in groups for b in g.bns}
+    # BNs that rank a concatenated space by a slice keep no selection of their own.
+    grouped_bns = {b for g in groups for b in g.ranking_bns}
     to_insert = []
     for node in w.bn_nodes:
         name = node.target

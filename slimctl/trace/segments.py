@@ -23,6 +23,9 @@ class Space:
     consumers: list[Consumer] = field(default_factory=list)
     readers: list[str] = field(default_factory=list)  # other members (for --explain)
     reasons: list[str] = field(default_factory=list)  # why it is frozen
+    # BNs reading it inside a concatenation: (BN, offset there, width). With coupled="keep" such a
+    # space keeps its width (its readers select from it); else it is pruned at its producer.
+    slices: list[tuple[str, int, int]] = field(default_factory=list)
     not_constant: list[str] = field(default_factory=list)  # consumers reached non-constantly, and why
     residual: bool = False
     depthwise: bool = False

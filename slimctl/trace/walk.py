@@ -77,7 +77,7 @@ class Walker:
             self.spaces[a].residual |= residual
             return
         sa, sb = self.spaces[a], self.spaces[b]
-        for attr in ("producers", "bns", "consumers", "readers", "reasons", "not_constant"):
+        for attr in ("producers", "bns", "consumers", "readers", "reasons", "not_constant", "slices"):
             getattr(sa, attr).extend(x for x in getattr(sb, attr) if x not in getattr(sa, attr))
         sa.residual |= sb.residual | residual
         sa.depthwise |= sb.depthwise
@@ -195,10 +195,17 @@ class Walker:
             sp = self.space(segs[0].space)
             sp.bns.append(name)
             sp.producers.append(name)
-        else:
+        elif sum(seg.width for seg in segs) != m.num_features or any(seg.repeat != 1 for seg in segs):
             for seg in segs:
                 self.space(seg.space).readers.append(name)
             self.freeze(segs, f"read by BatchNorm2d {name!r} inside a concatenation")
+        else:  # a slice of this BN ranks each space (`grouping.classify_spaces` decides what that means)
+            offset = 0
+            for seg in segs:
+                sp = self.space(seg.space)
+                sp.readers.append(name)
+                sp.slices.append((name, offset, seg.width))
+                offset += seg.width
         # After a BN a removed channel is zero (γ, β zeroed) or the constant β (γ ≈ 0).
         if selection_of(m) is not None:  # an inserted selection
             self.freeze(segs, f"BatchNorm2d {name!r} keeps its width (channel selection)")

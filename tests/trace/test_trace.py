@@ -162,6 +162,42 @@ def test_sync_batchnorm_conversion_keeps_the_selections() -> None:
     assert torch.equal(outputs(reattach_selections(synced), x), outputs(pruned, x))
 
 
+# --- concatenations pruned at their producers -----------------------------------------------------
+
+
+@pytest.mark.parametrize("coupled", ["max", "mean"])
+def test_a_coupled_mode_prunes_a_concatenation_at_its_producers(coupled: str) -> None:
+    """DenseNet under --coupled: each concatenated space (a layer's new channels, the stem's, a
+    transition's) is removed at its producer and from every BN that reads it inside a concatenation,
+    ranked by those BNs' slices together: no gather left, every BN narrower."""
+    model, x = torchvision_model("densenet121"), image()
+    result, plan, pruned = prune_traced(model, x, coupled=coupled)
+    sliced = [gp for gp in plan.groups if gp.group.slices]
+    assert len(sliced) == 62 and all(gp.group.reduce == coupled for gp in sliced)  # stem, 58 layers, 3 transitions
+    assert result.selections == () and not any(gp.group.selection for gp in plan.groups)
+    norm5 = pruned.features.norm5
+    assert norm5.num_features < 1024 and pruned.classifier.in_features == norm5.num_features
+    reference = masked_reference(model, plan)
+    assert rel_err(outputs(pruned, x), outputs(reference, x)) < 1e-5
+    assert rel_err(outputs(reference, x), outputs(model, x)) > 1e-3
+    # Sensitivity: zeroing a removed channel in its first reader only is not the same function.
+    only = {gp.group.bn: gp.group.slices[0][0] for gp in sliced if gp.kept < gp.total and len(gp.group.slices) > 1}
+    assert only and rel_err(outputs(pruned, x), outputs(masked_reference(model, plan, only=only), x)) > 1e-3
+    # The checkpoint path rebuilds it from its widths.
+    fresh = create_model("torchvision.densenet121", 10, widths=module_widths(pruned))
+    fresh.load_state_dict(pruned.state_dict())
+    assert torch.equal(outputs(fresh, x), outputs(pruned, x))
+
+
+def test_sparse_training_under_a_coupled_mode_regularizes_the_bns_that_rank_by_slices() -> None:
+    from slimctl import Slimming
+
+    model = torchvision_model("densenet121")
+    slim = Slimming(model, (3, 64, 64), sparsity=1e-4, coupled="max")
+    regularized = {id(g) for g in slim.gammas}
+    assert id(model.features.norm5.weight) in regularized and len(regularized) == len(slim.gammas) == 121
+
+
 # --- residual-coupled sets -----------------------------------------------------------------------
 
 
