@@ -184,7 +184,9 @@ def summary(results: dict[str, dict[tuple[str, int], dict[str, tuple[float, str]
     aimed = [(row["latency"][0], float(row["latency"][1].split("aim ")[1].rstrip("×")))
              for _, _, row in cells if "aim " in row.get("latency", (0, ""))[1]]
     within = sum(abs(got / aim - 1) <= 0.10 for got, aim in aimed)
-    lines.append(f"--target-latency within ±10% of its aim: {within} of {len(aimed)} cells")
+    failed = sum(row.get("latency", (0, ""))[1] == "failed" for _, _, row in cells)  # unreachable: a miss
+    lines.append(f"--target-latency within ±10% of its aim: {within} of {len(aimed) + failed} cells"
+                 + (f" ({failed} unreachable)" if failed else ""))
     return lines
 
 
@@ -218,11 +220,14 @@ def main(models: str, ratio: float, size: int, runtimes: str, batch_sizes: str, 
                     v: (x, ", ".join(filter(None, [f"{100 * (1 - count_flops(found[v]) / m.flops):.0f}%",
                                                    notes.get(v)])))
                     for v, x in measured.items()}
+                if notes.get("latency") == "failed":  # the target was unreachable there: a miss, shown as such
+                    results[name][cell]["latency"] = (0.0, "failed")
                 click.echo(f"{name} {cell}: " + "; ".join(f"{v} {x:.2f}× ({n})"
                                                           for v, (x, n) in results[name][cell].items()), err=True)
             for variant in ("slimctl", "auto", "latency", "coupled", *(f"TP {r or 'none'}" for r in tp_settings)):
                 rows.append([name, variant, *(f"{results[name][c][variant][0]:.2f}× ({results[name][c][variant][1]})"
-                                              if variant in results[name][c] else "failed" for c in cells)])
+                                              if results[name][c].get(variant, (0, "failed"))[1] != "failed"
+                                              else "failed" for c in cells)])
     machine = machine_label(environment(torch.device("cpu"), None))
     text = "\n".join("| " + " | ".join(line) + " |" for line in [header, ["---"] * len(header), *rows])
     goals = "\n".join(f"- {line}" for line in summary(results))

@@ -118,20 +118,34 @@ def plan_for_latency(model: nn.Module, groups, target: LatencyTarget, *, min_cha
                      compensate: str, adjust: Callable[[ChannelPlan], ChannelPlan] | None = None
                      ) -> tuple[ChannelPlan, dict[str, Any]]:
     """The plan of the smallest ratio whose pruned model meets `target`, and the measured record:
-    {target, runtime, batch_size, threads, precision, unpruned_ms, pruned_ms, speedup, machine}.
+    {target, runtime, batch_size, threads, precision, unpruned_ms, pruned_ms, speedup, machine, cut}.
+    A model with selections is searched twice, as cut and with its gathered spaces kept whole (a
+    DenseNet's gathers can cost more than the narrower convs save, so that only the second reaches
+    the time); of those that meet the target, the one keeping the most channels (`cut` names it).
     Unreachable is a SlimctlError with the best latency the most pruning reached. `adjust`: see
     `slimctl.core.targets.search_plan`."""
     unpruned = deployed_latency(model, target)
-    plan, pruned_ms, met = search_plan(model, groups, measure=lambda m: deployed_latency(m, target),
-                                       met=lambda ms: target.met(ms, unpruned), min_channels=min_channels,
-                                       round_to=round_to, compensate=compensate, adjust=adjust)
+    options = {"as cut": adjust}
+    if any(g.selection is not None for g in groups):
+        options["gathers kept whole"] = lambda p: _gathers_whole(adjust(p) if adjust else p)
+    found = {name: search_plan(model, groups, measure=lambda m: deployed_latency(m, target),
+                               met=lambda ms: target.met(ms, unpruned), min_channels=min_channels,
+                               round_to=round_to, compensate=compensate, adjust=option)
+             for name, option in options.items()}
     goal = unpruned * target.fraction if target.fraction is not None else target.ms
-    if not met:
+    reached = {name: plan for name, (plan, _, met) in found.items() if met}
+    if not reached:
+        pruned_ms = min(ms for _, ms, _ in found.values())
         raise SlimctlError(
             f"--target-latency {target.text} ({goal:.3g} ms) is unreachable: the most pruning reaches "
             f"{pruned_ms:.3g} ms against {unpruned:.3g} ms unpruned ({unpruned / pruned_ms:.2f}×), "
             f"{target.runtime}, batch {target.batch_size}; ask for less")
-    return plan, {**conditions(target), "target": target.text, "target_ms": goal}
+    cut = max(reached, key=lambda name: reached[name].kept)  # ties: as cut
+    return reached[cut], {**conditions(target), "target": target.text, "target_ms": goal, "cut": cut}
+
+
+def _gathers_whole(plan: ChannelPlan) -> ChannelPlan:
+    return plan.keeping(plan.gathered())
 
 
 def confirm(model: nn.Module, pruned: nn.Module, record: dict[str, Any], target: LatencyTarget) -> dict[str, Any]:
