@@ -77,4 +77,4 @@ def pointwise(layer: nn.Module) -> bool:
     """Whether `layer` is a plain 1×1 Conv2d (torch's own forward, one group, no padding): on a 1×1
     input it is a matrix product."""
     return (type(layer).forward is nn.Conv2d.forward and layer.kernel_size == (1, 1) and layer.groups == 1
-            and not zero_padded(layer) and layer.padding in ((0, 0), "valid"))
+            and layer.padding in ((0, 0), "valid"))
