@@ -75,3 +75,8 @@ class ChannelGroup:
 def slice_name(bn: str, offset: int, width: int) -> str:
     """`bn[offset:offset + width]`: the name of a group that only a slice of BNs ranks."""
     return f"{bn}[{offset}:{offset + width}]"
+
+
+def ranked_bns(groups: list[ChannelGroup]) -> list[str]:
+    """Every BN module that ranks some group, once each, in order: what sparse training regularizes."""
+    return list(dict.fromkeys(bn for g in groups for bn in g.ranking_bns))

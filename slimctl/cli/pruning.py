@@ -150,8 +150,8 @@ def print_how_it_cut(result: dict) -> None:
             f"latency {latency['unpruned_ms']:.3g} ms → {latency['pruned_ms']:.3g} ms ({latency['speedup']:.2f}×; "
             f"target {latency['target_ms']:.3g} ms), {latency['runtime']}, batch {latency['batch_size']}, "
             f"{latency['precision']}, {latency['threads']} threads; {latency['machine']}"
-            + ("; its gathered spaces kept whole (so it keeps more channels at the target)" if latency.get("cut") == "gathers kept whole"
-               else ""))
+            + ("; its gathered spaces kept whole (so it keeps more channels at the target)"
+               if latency.get("cut") == "gathers kept whole" else ""))
         if not latency["met"]:
             err_console.print("[yellow]warning:[/] timed again, the pruned model misses the target (the machine's "
                               "timing noise); pass a slightly lower --target-latency")

@@ -23,6 +23,7 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
+from slimctl.base.groups import ranked_bns
 from slimctl.base.registry import input_size as recorded_input_size
 from slimctl.core.recalibrate import recalibrate_bn
 from slimctl.core.sparsity import REGULARIZERS, SparsityTerm, bn_scales, gamma_stats, sparsity_for_budget
@@ -82,7 +83,7 @@ class Slimming:
         if not self.groups:
             raise SlimctlError(f"{type(self.model).__name__} has no prunable channel groups (no BatchNorm2d after a "
                                "conv whose channels could be removed): nothing to slim")
-        self.gammas = bn_scales(self.model, list(dict.fromkeys(b for g in self.groups for b in g.ranking_bns)))
+        self.gammas = bn_scales(self.model, ranked_bns(self.groups))
         self.applied_budget = 0.0  # λ·Σ lr over the steps regularized so far
         self._lr_group: tuple[torch.optim.Optimizer, dict] | None = None  # (optimizer, the group holding γ)
 

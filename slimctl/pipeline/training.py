@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from slimctl.base.device import environment, resolve_precision
+from slimctl.base.groups import ranked_bns
 from slimctl.base.files import file_sha256
 from slimctl.base.inserted import ConstantResponse, reattach_selections
 from slimctl.base.registry import TIMM, TORCHVISION, import_timm
@@ -89,7 +90,7 @@ def sparsity_targets(model: nn.Module, which: str) -> list[str]:
     paper's choice; the same set for the paper's families)."""
     if which == "all":
         return [n for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d) and m.weight is not None]
-    return list(dict.fromkeys(bn for g in channel_groups(model) for bn in g.ranking_bns))
+    return ranked_bns(channel_groups(model))
 
 
 def _train(
