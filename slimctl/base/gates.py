@@ -68,6 +68,7 @@ class GateRows(nn.Module):
         """Read the `ops` buffer into plain Python once (after it is written or loaded), so a forward
         never reads a tensor's values (torch.export and ONNX export cannot)."""
         self._ops = gate_functions(self.ops)
+        self._product: tuple | None = None  # (key, weight [in, k], bias [k], the buffers) of the matrix product
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
         super()._load_from_state_dict(*args, **kwargs)
@@ -81,15 +82,29 @@ class GateRows(nn.Module):
 
     def forward(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """g_removed for the layer's input `x`: its removed rows, then the gate's elementwise ops."""
-        weight, bias = self.weight.to(x.dtype), self.bias.to(x.dtype)
-        if weight.dim() == 4 and x.dim() == 4 and x.shape[-2:] == (1, 1) and pointwise(layer):
+        if x.dim() == 4 and x.shape[2] == 1 and x.shape[3] == 1 and self._buffers["weight"].dim() == 4 \
+                and pointwise(layer):
             # A squeeze-and-excitation gate's 1×1 conv on the pooled [N, C, 1, 1]: one matrix product
-            # with its bias, not a conv call and an add (this runs every forward of the pruned model).
-            z = torch.addmm(bias, x.flatten(1), weight.flatten(1).t()).view(x.shape[0], -1, 1, 1)
-        else:
-            z = layer_operator(layer, weight, x)
-            z = z + bias.view((1, -1) + (1,) * (z.dim() - 2))
-        return apply_gate(z, self._ops)
+            # with its bias, [N, k] (this runs every forward of the pruned model, so the transposed
+            # weight is kept, not rebuilt: each op costs microseconds at batch 1).
+            weight, bias = self.product_terms(x.dtype)
+            return apply_gate(torch.addmm(bias, x.flatten(1), weight), self._ops)
+        z = layer_operator(layer, self.weight.to(x.dtype), x)
+        return apply_gate(z + self.bias.to(x.dtype).view((1, -1) + (1,) * (z.dim() - 2)), self._ops)
+
+    def product_terms(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weight [in, k], bias [k]) in `dtype` for the matrix-product path, kept until the dtype or
+        a buffer changes (under torch.compile, rebuilt: the graph holds no Python state)."""
+        weight, bias = self._buffers["weight"], self._buffers["bias"]
+        if torch.compiler.is_compiling():
+            return weight.flatten(1).t().to(dtype), bias.to(dtype)
+        # The buffers' identities too (`.to()` replaces them); the cache holds them, so no id is reused.
+        key = (dtype, id(weight), weight._version, id(bias), bias._version)
+        product = self._product
+        if product is None or product[0] != key:
+            product = (key, weight.flatten(1).t().to(dtype).contiguous(), bias.to(dtype), weight, bias)
+            object.__setattr__(self, "_product", product)
+        return product[1], product[2]
 
     def extra_repr(self) -> str:
         return f"rows={self.weight.shape[0]}, sink={self.sink!r}"
@@ -97,8 +112,8 @@ class GateRows(nn.Module):
 
 def gate_hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
     rows = module._modules[GATE]
-    if rows._sink is not None:
-        rows._sink._gate = rows.forward(module, inputs[0])
+    if rows._sink is not None:  # a plain attribute write: nn.Module.__setattr__ costs microseconds per forward
+        object.__setattr__(rows._sink, "_gate", rows.forward(module, inputs[0]))
 
 
 def gate_rows_of(layer: nn.Module) -> GateRows | None:

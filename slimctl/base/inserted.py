@@ -89,6 +89,7 @@ class ConstantResponse(nn.Module):
             self.register_buffer("gate_source", torch.zeros(source, dtype=torch.uint8))
         self._last: tuple[tuple, torch.Tensor] | None = None  # (key, map) of the last position_map
         self._uniform: tuple[tuple, tuple[torch.Tensor, torch.Tensor]] | None = None  # (key, uniform_response terms)
+        self._alike: bool | None = None  # whether the whole term is `uniform_response` (read off its layer once)
         self.refresh()
         self._gate: torch.Tensor | None = None  # this forward's g_removed(x), set by the gate's GateRows
 
@@ -97,7 +98,7 @@ class ConstantResponse(nn.Module):
         forward never reads a tensor's values (torch.export and ONNX export cannot)."""
         profile = self._buffers.get("profile")
         self._profile = [tuple(int(v) for v in row) for row in profile.tolist()] if profile is not None else []
-        self._last = self._uniform = None
+        self._last = self._uniform = self._alike = None
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
         super()._load_from_state_dict(*args, **kwargs)
@@ -125,7 +126,11 @@ class ConstantResponse(nn.Module):
 
         Added in place: the output keeps its memory format (channels_last stays channels_last) and
         no second feature map is allocated; the conv's backward does not need its output."""
-        if "gate_weight" in self._buffers and "pkernel" not in self._buffers and reads_alike(layer):
+        alike = self._alike
+        if alike is None:
+            alike = "gate_weight" in self._buffers and "pkernel" not in self._buffers and reads_alike(layer)
+            object.__setattr__(self, "_alike", alike)
+        if alike:
             return output.add_(self.uniform_response(output))
         if self._buffers["kernel"].numel():
             output = output.add_(self.position_map(layer, tuple(input_hw), output))
@@ -141,7 +146,8 @@ class ConstantResponse(nn.Module):
         + g_removed(x) · W_gated. A squeeze-and-excitation block's consumer runs this each forward,
         so it is two ops and one pass over the output instead of one pass per term (MobileNet-V3 at
         batch 1: about 20% of the pruned model's time went to the terms one by one)."""
-        gate, self._gate = self._gate, None
+        gate = self._gate
+        object.__setattr__(self, "_gate", None)
         if gate is None:
             raise RuntimeError(f"the gate values of {self.source!r} were not computed before this layer ran")
         buffers = self._buffers
@@ -152,7 +158,9 @@ class ConstantResponse(nn.Module):
             terms = (per_channel.to(like.dtype), weight.sum((2, 3)).t().to(like.dtype))  # [out], [k, out]
             self._uniform = (key, terms)
         per_channel, gated = self._uniform[1]
-        term = torch.addmm(per_channel, gate.flatten(1).to(like.dtype), gated)
+        if gate.dim() > 2 or gate.dtype != like.dtype:  # the gate rows' matrix product hands [N, k] in its dtype
+            gate = gate.flatten(1).to(like.dtype)
+        term = torch.addmm(per_channel, gate, gated)
         return term.view(*term.shape, *(1,) * (like.dim() - 2))
 
     def position_map(self, conv: nn.Module, input_hw: tuple[int, int], like: torch.Tensor) -> torch.Tensor:
@@ -182,7 +190,8 @@ class ConstantResponse(nn.Module):
     def gate_response(self, layer: nn.Module, input_hw: tuple[int, int], like: torch.Tensor) -> torch.Tensor:
         """W[:, removed]·(c ⊙ g_removed(x)) for this forward's gate values: [N, out, 1, 1] when the
         layer reads a spatially constant map alike everywhere, else the layer's operator on the map."""
-        gate, self._gate = self._gate, None
+        gate = self._gate
+        object.__setattr__(self, "_gate", None)
         if gate is None:
             raise RuntimeError(f"the gate values of {self.source!r} were not computed before this layer ran")
         weight = self._buffers["gate_weight"].to(like.dtype)  # [out, k, kh, kw]: gated consumers are convs

@@ -204,7 +204,21 @@ def test_a_1x1_gated_consumer_adds_its_whole_term_at_once_as_the_term_by_term_pa
         with monkeypatch.context() as patched:
             patched.setattr(inserted, "reads_alike", lambda layer: False)
             patched.setattr(gates, "pointwise", lambda layer: False)
+            response_of(net.body.project).refresh()  # it read its layer once
             assert rel_err(fast, outputs(net, 21)) < 1e-6
+        response_of(net.body.project).refresh()
+    # the kept matrix-product terms follow the buffers: an in-place edit, a dtype change
+    rows = gate_rows_of(pruned.body.fc2)
+    before = outputs(pruned, 21)
+    with torch.no_grad():
+        rows.weight.mul_(3.0)
+        rows.bias.add_(1.0)
+    edited = outputs(pruned, 21)
+    assert rel_err(edited, before) > 1e-3
+    with torch.no_grad():
+        doubled = pruned.double()(torch.randn(2, 3, 21, 21, generator=torch.Generator().manual_seed(21)).double())
+    assert rel_err(doubled, edited.double()) < 1e-5
+    assert rows.product_terms(torch.float64)[0].dtype == torch.float64
 
 
 def test_a_gated_prune_survives_a_checkpoint_round_trip_and_fine_tuning(tmp_path) -> None:
