@@ -125,6 +125,14 @@ def masked_reference(
     return zero_channels(model, removed_channels(model, plan, only=only), zero_beta=zero_beta)
 
 
+def use_clock(monkeypatch, clock) -> None:
+    """Time every model prune measures with `clock(model, target)` → ms (a noiseless stand-in for the
+    deployed latency: the search, the speed check and the widths' whole-model timings all read it)."""
+    from slimctl.pipeline import latency
+
+    monkeypatch.setattr(latency, "latency_clock", lambda model, target: lambda: clock(model, target))
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """max |a − b| relative to max |b|."""
     return float((a - b).abs().max() / b.abs().max())

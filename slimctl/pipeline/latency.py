@@ -2,16 +2,19 @@
 or `--target-latency 8ms`, measured on this machine as the model is deployed (BNs folded where
 exact), for a runtime (torch or onnxruntime), a batch size, a thread count and a precision.
 
-The search is the FLOPs target's (`slimctl.core.targets.search_plan`) with the measured median
-latency as the measure; the result is timed again against the unpruned model, alternating, so the
-figures recorded in the checkpoint and printed are from the same conditions and moment.
+The search is the FLOPs target's (`slimctl.core.targets.search_plan`) with the measured latency as
+the measure, each candidate timed between timings of the unpruned model (`paired_measure`); the
+result is timed again against the unpruned model, alternating, so the figures recorded in the
+checkpoint and printed are from the same conditions and moment. Each model is folded, moved or
+exported once per comparison (`latency_clock`), as a deployed model is.
 """
 
 from __future__ import annotations
 
+import math
 import re
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 import torch
@@ -26,6 +29,7 @@ from slimctl.errors import SlimctlError, out_of_memory_as_error
 from slimctl.pipeline.bench import RUNTIMES, latency_timer
 
 CONFIRM_ROUNDS = 3  # alternating unpruned / pruned timings behind the recorded figures
+PAIRED_ROUNDS = 3  # alternating unpruned / candidate timings behind each decision of a latency search
 
 # prune's speed check: the pruned model counts as slower only when its median is above the unpruned
 # one's by more than both margins (a shared machine's timing noise; sub-millisecond models jitter).
@@ -101,17 +105,50 @@ class _Threads:
         torch.set_num_threads(self.before)
 
 
-def deployed_latency(model: nn.Module, target: LatencyTarget) -> float:
-    """Median milliseconds of one forward pass of `model` as deployed (eval, BNs folded where exact)
-    under `target`'s conditions, on the CPU."""
+def latency_clock(model: nn.Module, target: LatencyTarget) -> Callable[[], float]:
+    """A function → the median milliseconds of one forward pass of `model` as deployed (eval, BNs
+    folded where exact) under `target`'s conditions, on the CPU. The model is folded, moved and (for
+    onnxruntime) exported once, here; call the clock as often as needed (alternating rounds)."""
     device = torch.device("cpu")
     dtype = resolve_precision(target.precision, device) if target.runtime == "torch" else None
     size = input_size(model)
-    with _Threads(target.threads), out_of_memory_as_error(f"timing at batch size {target.batch_size}",
-                                                          "--latency-batch"):
+    memory = (f"timing at batch size {target.batch_size}", "--latency-batch")
+    with _Threads(target.threads), out_of_memory_as_error(*memory):
         timer = latency_timer(fold_bn(model.eval()), batch_size=target.batch_size, input_size=size,
                               runtime=target.runtime, device=device, dtype=dtype)
-        return timer(repeats=target.repeats, warmup=3)
+
+    def clock() -> float:
+        with _Threads(target.threads), out_of_memory_as_error(*memory):
+            return timer(repeats=target.repeats, warmup=3)
+    return clock
+
+
+def deployed_latency(model: nn.Module, target: LatencyTarget) -> float:
+    """Median milliseconds of one forward pass of `model` as deployed under `target`'s conditions."""
+    return latency_clock(model, target)()
+
+
+def paired_measure(model: nn.Module, target: LatencyTarget) -> tuple[float, Callable[[nn.Module], float]]:
+    """(the unpruned model's milliseconds, a measure of candidates) for a latency search. Each
+    candidate is timed in PAIRED_ROUNDS rounds between two timings of the unpruned model, so a
+    machine that drifts (a shared CPU, a clock that ramps) shifts both: a fraction target gets the
+    median of the candidate's time over the geometric mean of the unpruned times around it, × the
+    unpruned time; a time target the candidate's median. A single timing per candidate, against one
+    unpruned timing at the start, let noise and drift decide where the search stopped."""
+    target = replace(target, repeats=max(5, target.repeats // 2))  # per round: about as many runs in all
+    reference = latency_clock(model, target)
+    unpruned = statistics.median(reference() for _ in range(PAIRED_ROUNDS))
+
+    def measure(candidate: nn.Module) -> float:
+        clock = latency_clock(candidate, target)
+        before, ratios, times = reference(), [], []
+        for _ in range(PAIRED_ROUNDS):
+            ms, after = clock(), reference()
+            ratios.append(ms / math.sqrt(before * after))
+            times.append(ms)
+            before = after
+        return statistics.median(times) if target.fraction is None else unpruned * statistics.median(ratios)
+    return unpruned, measure
 
 
 def plan_for_latency(model: nn.Module, groups, target: LatencyTarget, *, min_channels: int, round_to: int,
@@ -124,11 +161,11 @@ def plan_for_latency(model: nn.Module, groups, target: LatencyTarget, *, min_cha
     the time); of those that meet the target, the one keeping the most channels (`cut` names it).
     Unreachable is a SlimctlError with the best latency the most pruning reached. `adjust`: see
     `slimctl.core.targets.search_plan`."""
-    unpruned = deployed_latency(model, target)
+    unpruned, measure = paired_measure(model, target)
     options = {"as cut": adjust}
     if any(g.selection is not None for g in groups):
         options["gathers kept whole"] = lambda p: _gathers_whole(adjust(p) if adjust else p)
-    found = {name: search_plan(model, groups, measure=lambda m: deployed_latency(m, target),
+    found = {name: search_plan(model, groups, measure=measure,
                                met=lambda ms: target.met(ms, unpruned), min_channels=min_channels,
                                round_to=round_to, compensate=compensate, adjust=option)
              for name, option in options.items()}
@@ -191,9 +228,10 @@ def time_alternatives(model: nn.Module, alternatives: dict[str, nn.Module], targ
                       ) -> dict[str, float]:
     """Median milliseconds of each alternative pruned model, alternating with the unpruned `model`
     (CONFIRM_ROUNDS rounds), under `target`'s conditions; key "unpruned" is the unpruned model's time."""
-    times: dict[str, list[float]] = {name: [] for name in ("unpruned", *alternatives)}
+    clocks = {"unpruned": latency_clock(model, target),
+              **{name: latency_clock(alternative, target) for name, alternative in alternatives.items()}}
+    times: dict[str, list[float]] = {name: [] for name in clocks}
     for _ in range(CONFIRM_ROUNDS):
-        times["unpruned"].append(deployed_latency(model, target))
-        for name, alternative in alternatives.items():
-            times[name].append(deployed_latency(alternative, target))
+        for name, clock in clocks.items():
+            times[name].append(clock())
     return {name: statistics.median(t) for name, t in times.items()}

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import slimctl
-from conftest import run, strongly_sparse
+from conftest import run, strongly_sparse, use_clock
 from slimctl.errors import SlimctlError
 from slimctl.pipeline import latency
 from slimctl.pipeline.latency import parse_latency
@@ -19,7 +19,7 @@ from slimctl.pipeline.latency import parse_latency
 @pytest.fixture
 def flops_as_time(monkeypatch):
     """A noiseless clock: a model's "latency" is its FLOPs / 1e6 ms, so the search can be checked exactly."""
-    monkeypatch.setattr(latency, "deployed_latency", lambda model, target: slimctl.count_flops(model) / 1e6)
+    use_clock(monkeypatch, lambda model, target: slimctl.count_flops(model) / 1e6)
 
 
 def test_parse_latency_reads_fractions_and_times():
@@ -54,6 +54,24 @@ def test_an_unreachable_latency_says_the_best_reached_and_writes_nothing(sparse_
     both = run("prune", sparse_checkpoint, "--target-latency", "0.5", "--target-flops", "0.5", "-o",
                tmp_path / "p.pt", code=2)
     assert "give one of --target-flops, --target-params and --target-latency" in both.output
+
+
+def test_a_machine_that_slows_down_during_the_search_finds_the_plan_a_steady_one_does(monkeypatch, sparse_checkpoint):
+    """Each candidate is timed between two timings of the unpruned model: every timing 5% slower than
+    the one before (a CPU that throttles) leaves the search where a steady clock leaves it."""
+    import itertools
+
+    from slimctl.pipeline.latency import plan_for_latency
+
+    model = slimctl.load_model(sparse_checkpoint)
+    groups = slimctl.channel_groups(model)
+    options = dict(min_channels=1, round_to=1, compensate="exact")
+    use_clock(monkeypatch, lambda m, target: slimctl.count_flops(m) / 1e6)
+    steady, _ = plan_for_latency(model, groups, parse_latency("0.5"), **options)
+    calls = itertools.count()
+    use_clock(monkeypatch, lambda m, target: slimctl.count_flops(m) / 1e6 * 1.05 ** next(calls))
+    drifting, _ = plan_for_latency(model, groups, parse_latency("0.5"), **options)
+    assert next(calls) > 40 and [gp.kept for gp in drifting.groups] == [gp.kept for gp in steady.groups]
 
 
 def test_deployed_latency_times_the_folded_model_under_the_conditions(sparse_checkpoint):
@@ -106,7 +124,7 @@ def gathers_cost(monkeypatch):
                       and m.indices.numel() < max(int(m.indices.max()) + 1, 1))
         return slimctl.count_flops(model) / 1e6 + 1.0 * gathers
 
-    monkeypatch.setattr(latency, "deployed_latency", clock)
+    use_clock(monkeypatch, clock)
 
 
 def test_a_cut_that_only_gathers_is_warned_about_and_keep_gathers_is_faster(densenet_checkpoint, tmp_path,
@@ -198,7 +216,7 @@ def test_an_alternative_that_prunes_nothing_is_not_tried():
 
 def test_a_model_no_alternative_speeds_up_is_warned_about(sparse_checkpoint, tmp_path, monkeypatch):
     full = slimctl.count_flops(slimctl.load_model(sparse_checkpoint))
-    monkeypatch.setattr(latency, "deployed_latency", lambda model, target: 1.0 if slimctl.count_flops(model) == full
+    use_clock(monkeypatch, lambda model, target: 1.0 if slimctl.count_flops(model) == full
                         else 2.0)  # every pruned model takes twice the original's time
     result = run("prune", sparse_checkpoint, "--ratio", "0.5", "-o", tmp_path / "p.pt", "--no-eval")
     assert "warning: the pruned model is slower than the original" in result.output
@@ -216,7 +234,7 @@ def test_a_cut_within_the_noise_margins_is_replaced_too(sparse_checkpoint, tmp_p
         widths = [m.out_channels for m in slimctl.fold_bn(model).modules() if isinstance(m, nn.Conv2d)]
         return 1.0 if slimctl.count_flops(model) == full else 0.99 if any(w % 8 for w in widths) else 0.6
 
-    monkeypatch.setattr(latency, "deployed_latency", clock)
+    use_clock(monkeypatch, clock)
     result = run("prune", sparse_checkpoint, "--ratio", "0.5", "-o", tmp_path / "p.pt", "--no-eval")
     assert "the first cut was not clearly faster" in result.output and "warning" not in result.output
     speed = slimctl.load_checkpoint(tmp_path / "p.pt")["prune"]["speed"]

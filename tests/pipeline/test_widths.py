@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import slimctl
-from conftest import run
+from conftest import run, use_clock
 from slimctl.pipeline import latency, widths
 from slimctl.pipeline.widths import candidates
 
@@ -38,7 +38,7 @@ def eights_are_fast(monkeypatch, tmp_path):
         return cost / 2 if c_in % 8 == 0 and c_out % 8 == 0 else cost
 
     monkeypatch.setattr(widths, "time_op", clock)
-    monkeypatch.setattr(latency, "deployed_latency", odd_widths_clock)  # the whole model, as confirm times it
+    use_clock(monkeypatch, odd_widths_clock)  # the whole model, as confirm times it
     return timed
 
 
@@ -95,7 +95,7 @@ def test_under_onnxruntime_the_whole_models_decide_without_operator_timing(spars
                                                                            eights_are_fast, monkeypatch):
     monkeypatch.setattr(widths, "time_op", lambda *a, **k: pytest.fail("timed a torch operator for onnxruntime"))
     seen = []
-    monkeypatch.setattr(latency, "deployed_latency", lambda model, target: seen.append(target) or
+    use_clock(monkeypatch, lambda model, target: seen.append(target) or
                         odd_widths_clock(model, target))
     auto = _prune(sparse_checkpoint, tmp_path / "auto.pt", "--round-to", "auto", "--runtime", "onnxruntime",
                   "--latency-batch", "4")
@@ -108,7 +108,7 @@ def test_under_onnxruntime_the_whole_models_decide_without_operator_timing(spars
 
 def test_counts_faster_op_by_op_but_not_as_a_whole_are_reverted(sparse_checkpoint, tmp_path, eights_are_fast,
                                                                monkeypatch):
-    monkeypatch.setattr(latency, "deployed_latency", lambda model, target: slimctl.count_flops(model) / 1e6)
+    use_clock(monkeypatch, lambda model, target: slimctl.count_flops(model) / 1e6)
     plain = _prune(sparse_checkpoint, tmp_path / "plain.pt")
     auto = _prune(sparse_checkpoint, tmp_path / "auto.pt", "--round-to", "auto")
     assert auto["widths"]["chosen"] == "γ's counts" and auto["widths"]["changed"] == []
@@ -139,7 +139,7 @@ def test_timings_are_cached_per_conditions(sparse_checkpoint, tmp_path, eights_a
 def test_a_clock_without_a_preference_changes_nothing(sparse_checkpoint, tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.setattr(widths, "time_op", lambda spec, **k: float(spec[1] * spec[2]))  # more channels: slower
-    monkeypatch.setattr(latency, "deployed_latency", lambda model, target: slimctl.count_flops(model) / 1e6)
+    use_clock(monkeypatch, lambda model, target: slimctl.count_flops(model) / 1e6)
     plain = _prune(sparse_checkpoint, tmp_path / "plain.pt")
     auto = _prune(sparse_checkpoint, tmp_path / "auto.pt", "--round-to", "auto")
     assert auto["widths"]["changed"] == [] and auto["layers"] == plain["layers"]
@@ -197,7 +197,7 @@ def test_auto_beside_a_latency_target_keeps_the_widest_cut_that_meets_it(sparse_
     def odd_widths_cost(model, target):  # FLOPs / 1e6 ms, and 5% of the original's for every width not a multiple of 8
         return slimctl.count_flops(model) / 1e6 + 0.05 * full * odd_widths_clock(model, target)
 
-    monkeypatch.setattr(latency, "deployed_latency", odd_widths_cost)
+    use_clock(monkeypatch, odd_widths_cost)
     plain = json.loads(run("prune", sparse_checkpoint, "--target-latency", "0.8", "-o", tmp_path / "p.pt",
                            "--no-eval", "--json").output)
     auto = json.loads(run("prune", sparse_checkpoint, "--target-latency", "0.8", "--round-to", "auto", "-o",
