@@ -146,10 +146,7 @@ class ConstantResponse(nn.Module):
         + g_removed(x) · W_gated. A squeeze-and-excitation block's consumer runs this each forward,
         so it is two ops and one pass over the output instead of one pass per term (MobileNet-V3 at
         batch 1: about 20% of the pruned model's time went to the terms one by one)."""
-        gate = self._gate
-        object.__setattr__(self, "_gate", None)
-        if gate is None:
-            raise RuntimeError(f"the gate values of {self.source!r} were not computed before this layer ran")
+        gate = self._take_gate()
         buffers = self._buffers
         kernel, bias, weight = buffers["kernel"], buffers["bias"], buffers["gate_weight"]
         key = (like.dtype, kernel.device, kernel._version, bias._version, weight._version)
@@ -162,6 +159,15 @@ class ConstantResponse(nn.Module):
             gate = gate.flatten(1).to(like.dtype)
         term = torch.addmm(per_channel, gate, gated)
         return term.view(*term.shape, *(1,) * (like.dim() - 2))
+
+    def _take_gate(self) -> torch.Tensor:
+        """This forward's gate values, cleared so that none outlives it (a plain attribute write:
+        nn.Module.__setattr__ costs microseconds per forward)."""
+        gate = self._gate
+        object.__setattr__(self, "_gate", None)
+        if gate is None:
+            raise RuntimeError(f"the gate values of {self.source!r} were not computed before this layer ran")
+        return gate
 
     def position_map(self, conv: nn.Module, input_hw: tuple[int, int], like: torch.Tensor) -> torch.Tensor:
         """[1, out, H_out, W_out]: bias plus the kernel terms at each output position, for an input of
@@ -190,10 +196,7 @@ class ConstantResponse(nn.Module):
     def gate_response(self, layer: nn.Module, input_hw: tuple[int, int], like: torch.Tensor) -> torch.Tensor:
         """W[:, removed]·(c ⊙ g_removed(x)) for this forward's gate values: [N, out, 1, 1] when the
         layer reads a spatially constant map alike everywhere, else the layer's operator on the map."""
-        gate = self._gate
-        object.__setattr__(self, "_gate", None)
-        if gate is None:
-            raise RuntimeError(f"the gate values of {self.source!r} were not computed before this layer ran")
+        gate = self._take_gate()
         weight = self._buffers["gate_weight"].to(like.dtype)  # [out, k, kh, kw]: gated consumers are convs
         gate = gate.reshape(gate.shape[0], gate.shape[1], *([1] * (like.dim() - 2))).to(like.dtype)
         if not zero_padded(layer) and all(d == 1 for d in gate.shape[2:]):
