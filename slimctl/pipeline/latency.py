@@ -29,7 +29,7 @@ from slimctl.errors import SlimctlError, out_of_memory_as_error
 from slimctl.pipeline.bench import RUNTIMES, latency_timer
 
 CONFIRM_ROUNDS = 3  # alternating unpruned / pruned timings behind the recorded figures
-PAIRED_ROUNDS = 3  # alternating unpruned / candidate timings behind each decision of a latency search
+PAIRED_ROUNDS = 3  # timings of a candidate (each after one of the unpruned model, for a fraction) per decision
 
 # prune's speed check: the pruned model counts as slower only when its median is above the unpruned
 # one's by more than both margins (a shared machine's timing noise; sub-millisecond models jitter).
@@ -141,13 +141,14 @@ def paired_measure(model: nn.Module, target: LatencyTarget) -> tuple[float, Call
 
     def measure(candidate: nn.Module) -> float:
         clock = latency_clock(candidate, target)
-        before, ratios, times = reference(), [], []
+        if target.fraction is None:  # a time is absolute: the unpruned timings would go unread
+            return statistics.median(clock() for _ in range(PAIRED_ROUNDS))
+        before, ratios = reference(), []
         for _ in range(PAIRED_ROUNDS):
             ms, after = clock(), reference()
             ratios.append(ms / math.sqrt(before * after))
-            times.append(ms)
             before = after
-        return statistics.median(times) if target.fraction is None else unpruned * statistics.median(ratios)
+        return unpruned * statistics.median(ratios)
     return unpruned, measure
 
 

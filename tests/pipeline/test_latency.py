@@ -74,6 +74,23 @@ def test_a_machine_that_slows_down_during_the_search_finds_the_plan_a_steady_one
     assert next(calls) > 40 and [gp.kept for gp in drifting.groups] == [gp.kept for gp in steady.groups]
 
 
+def test_a_time_target_is_met_by_the_candidates_own_timings(monkeypatch, sparse_checkpoint):
+    """`8ms`-style targets are absolute: each candidate is judged by its own median, and the unpruned
+    model is timed only for the reference the search reports (no timings that go unread)."""
+    from slimctl.pipeline.latency import plan_for_latency
+
+    model = slimctl.load_model(sparse_checkpoint)
+    full = slimctl.count_flops(model)
+    unpruned_timings = []
+    use_clock(monkeypatch, lambda m, target: (unpruned_timings.append(1) if slimctl.count_flops(m) == full else None)
+              or slimctl.count_flops(m) / 1e6)
+    goal = 0.4 * full / 1e6
+    plan, record = plan_for_latency(model, slimctl.channel_groups(model), parse_latency(f"{goal}ms"), min_channels=1,
+                                    round_to=1, compensate="exact")
+    assert slimctl.count_flops(slimctl.apply_plan(model, plan)) / 1e6 <= goal == pytest.approx(record["target_ms"])
+    assert len(unpruned_timings) == latency.PAIRED_ROUNDS
+
+
 def test_deployed_latency_times_the_folded_model_under_the_conditions(sparse_checkpoint):
     model = slimctl.load_model(sparse_checkpoint)
     threads = torch.get_num_threads()
