@@ -266,3 +266,52 @@ def test_a_speed_check_that_cannot_run_leaves_the_prune_standing(sparse_checkpoi
     result = run("prune", sparse_checkpoint, "--ratio", "0.5", "-o", tmp_path / "p.pt", "--no-eval")
     assert "speed check skipped: cannot trace Net" in result.output and (tmp_path / "p.pt").exists()
     assert slimctl.load_checkpoint(tmp_path / "p.pt")["prune"]["speed"] == {"skipped": "cannot trace Net"}
+
+
+class _Mallopt:
+    """A stand-in for glibc's handle: records mallopt's settings."""
+
+    def __init__(self) -> None:
+        self.settings: dict[int, int] = {}
+
+    def mallopt(self, param: int, value: int) -> int:
+        self.settings[param] = value
+        return 1
+
+
+def test_timing_keeps_freed_memory_in_the_process_and_restores_the_defaults(monkeypatch):
+    from slimctl.pipeline import bench
+
+    libc = _Mallopt()
+    monkeypatch.setattr(bench, "_glibc", lambda: libc)
+    seen = []
+    bench.median_ms(lambda: seen.append(dict(libc.settings)), repeats=2, warmup=1, sync=lambda: None)
+    assert seen == [{bench.M_MMAP_MAX: 0, bench.M_TRIM_THRESHOLD: bench.KEEP_TRIM_THRESHOLD}] * 3
+    assert libc.settings == {bench.M_MMAP_MAX: bench.DEFAULT_MMAP_MAX, bench.M_TRIM_THRESHOLD: bench.DEFAULT_TRIM_THRESHOLD}
+    libc.settings.clear()
+    with pytest.raises(RuntimeError), bench.freed_memory_kept():
+        raise RuntimeError("a forward that fails")
+    assert libc.settings[bench.M_MMAP_MAX] == bench.DEFAULT_MMAP_MAX  # restored on the way out of an error too
+
+
+def _resident_bytes() -> int:
+    import os
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def test_under_glibc_a_freed_block_stays_resident_only_while_timing():
+    from slimctl.pipeline import bench
+
+    if bench._glibc() is None:
+        pytest.skip("glibc only")
+    size = 64 * 2 ** 20  # bytes: above glibc's largest mmap threshold (32 MiB), so normally returned at once
+
+    def freed_delta() -> int:
+        before = _resident_bytes()
+        block = torch.ones(size // 4)  # touched, so resident
+        del block
+        return _resident_bytes() - before
+    with bench.freed_memory_kept():
+        kept = freed_delta()
+    assert kept > size // 2 and freed_delta() < size // 4
