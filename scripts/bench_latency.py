@@ -17,6 +17,8 @@ for that cell, as a user deploying there would (`--runtime R --latency-batch B`)
                 default in the cell: residual-coupled channels pruned too, ranked by the mean |γ| of
                 the set (as Torch-Pruning's group importance does), and of γ's counts and the
                 multiples of 8 and 16 that meet N, the fastest here
+  flops         `prune --round-to auto --target-flops N`: residual-coupled channels kept (the default),
+                the counts chosen by measurement, at the FLOPs of slimctl's default in the cell
   TP none / TP 8  Torch-Pruning (pip install torch-pruning; only this script uses it): BN-scale
                 importance, global pruning, the final classifier ignored, its pruning ratio
                 searched until its FLOPs match slimctl's default in the cell within 1%; round_to
@@ -145,6 +147,8 @@ def cell_variants(m: Model, deploy: Deploy, *, ratio: float, tp_settings: list[i
     builders["latency"] = latency
     builders["coupled"] = lambda: m.prune("coupled", deploy, coupled="mean", round_to="auto",
                                           target=parse_target("flops", str(count_flops(out["slimctl"]))))[0]
+    builders["flops"] = lambda: m.prune("flops", deploy, round_to="auto",
+                                        target=parse_target("flops", str(count_flops(out["slimctl"]))))[0]
     for round_to in tp_settings:
         builders[f"TP {round_to or 'none'}"] = lambda r=round_to: m.torch_pruning(count_flops(out["slimctl"]), r)
     for tag, build in builders.items():
@@ -163,6 +167,10 @@ SHORT = {"gathers kept whole": "whole", "multiples of 8": "8s", "multiples of 16
          "gathers kept whole, multiples of 8": "whole, 8s", "gathers kept whole, multiples of 16": "whole, 16s"}
 
 
+# slimctl's variants at the FLOPs of its default in the cell, the ones set against Torch-Pruning's.
+EQUAL_FLOPS = ("slimctl", "coupled", "flops")
+
+
 def summary(results: dict[str, dict[tuple[str, int], dict[str, tuple[float, str]]]]) -> list[str]:
     """The goals, counted: slower cells, cells and models at least as fast as Torch-Pruning's better
     setting, latency targets met within ±10%."""
@@ -174,11 +182,11 @@ def summary(results: dict[str, dict[tuple[str, int], dict[str, tuple[float, str]
              + (f": {', '.join(slower)}" if slower else "")
              + f"; slower beyond the speed check's {SLOWER_BY:.0%} noise margin in {len(beyond)}"]
     contested = [(name, cell, row) for name, cell, row in cells if any(k.startswith("TP") for k in row)]
-    won = {(name, cell): max(row["slimctl"][0], row.get("coupled", (0,))[0]) >=
+    won = {(name, cell): max(row[v][0] for v in EQUAL_FLOPS if v in row) >=
            max(v[0] for k, v in row.items() if k.startswith("TP")) for name, cell, row in contested}
     models = sorted({name for name, _ in won})
     all_won = [name for name in models if all(w for (n, _), w in won.items() if n == name)]
-    lines.append(f"slimctl's better setting (default or coupled) at least as fast as Torch-Pruning's better "
+    lines.append(f"slimctl's best setting ({', '.join(EQUAL_FLOPS)}) at least as fast as Torch-Pruning's better "
                  f"setting at the same FLOPs: {sum(won.values())} of "
                  f"{len(won)} cells; in every cell on {len(all_won)} of {len(models)} models ({', '.join(all_won)})")
     aimed = [(row["latency"][0], float(row["latency"][1].split("aim ")[1].rstrip("×")))
@@ -224,7 +232,7 @@ def main(models: str, ratio: float, size: int, runtimes: str, batch_sizes: str, 
                     results[name][cell]["latency"] = (0.0, "failed")
                 click.echo(f"{name} {cell}: " + "; ".join(f"{v} {x:.2f}× ({n})"
                                                           for v, (x, n) in results[name][cell].items()), err=True)
-            for variant in ("slimctl", "auto", "latency", "coupled", *(f"TP {r or 'none'}" for r in tp_settings)):
+            for variant in ("slimctl", "auto", "latency", "coupled", "flops", *(f"TP {r or 'none'}" for r in tp_settings)):
                 rows.append([name, variant, *(f"{results[name][c][variant][0]:.2f}× ({results[name][c][variant][1]})"
                                               if results[name][c].get(variant, (0, "failed"))[1] != "failed"
                                               else "failed" for c in cells)])

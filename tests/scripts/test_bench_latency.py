@@ -16,7 +16,7 @@ def test_the_latency_benchmark_prints_one_row_per_variant(tmp_path):
                                             "PATH": "/usr/bin:/bin"})
     assert done.returncode == 0, done.stderr[-2000:]
     rows = [line for line in out.read_text().splitlines() if line.startswith("| resnet18")]
-    assert [row.split(" | ")[1] for row in rows] == ["slimctl", "auto", "latency", "coupled"]
+    assert [row.split(" | ")[1] for row in rows] == ["slimctl", "auto", "latency", "coupled", "flops"]
     for row in rows:  # a speed-up and the FLOPs removed in each cell
         cell = row.split(" | ")[2].strip(" |")
         if cell == "failed" and " latency " in row:  # a target timing noise made unreachable: said, not hidden
