@@ -59,6 +59,10 @@ def candidates(n: int, total: int) -> list[int]:
     return sorted({n} | {-(-n // q) * q for q in QUANTA if -(-n // q) * q <= top})
 
 
+# How operators are timed, part of the cache's key: timings taken another way are not reused.
+TIMING = "freed memory kept"
+
+
 def cache_path() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "slimctl" / "op_latency.json"
@@ -84,7 +88,8 @@ class OpClock:
 
     def key_prefix(self) -> str:
         c = self.conditions
-        return f"{c['machine']}|{c['runtime']}|batch {c['batch_size']}|{c['threads']} threads|{c['precision']}"
+        return (f"{c['machine']}|{c['runtime']}|batch {c['batch_size']}|{c['threads']} threads|{c['precision']}"
+                f"|{TIMING}")
 
     def ms(self, spec: tuple) -> float:
         key = ",".join(map(str, spec))

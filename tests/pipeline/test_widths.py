@@ -238,3 +238,15 @@ def test_a_fixed_multiple_holds_as_deployed_and_never_keeps_fewer_than_gamma(spa
     target = _prune_to(sparse_checkpoint, tmp_path / "t8.pt", "--round-to", "8")
     assert target["flops"] <= 0.6 * target["flops_before"]
     assert all(width % 8 == 0 for width in deployed_widths(tmp_path / "t8.pt"))
+
+
+def test_timings_cached_before_memory_was_kept_while_timing_are_not_reused(tmp_path):
+    from slimctl.pipeline.latency import LatencyTarget, conditions
+
+    cache = tmp_path / "op_latency.json"
+    now = conditions(LatencyTarget("t", fraction=1.0))
+    prefix = widths.OpClock(now, path=cache).key_prefix()
+    assert prefix.endswith("|" + widths.TIMING)
+    cache.write_text(json.dumps({prefix.removesuffix("|" + widths.TIMING): {"linear,4,4": 2.0},
+                                 prefix: {"linear,8,8": 3.0}}))
+    assert widths.OpClock(now, path=cache).entries == {"linear,8,8": 3.0}
