@@ -14,6 +14,9 @@ pruning collapses. Here each consumer keeps that input's response. A consumer re
 - c·g(x), after a squeeze-and-excitation gate g: the gate's layer keeps its removed rows
   (`inserted.GateRows`) and the consumer adds W[:, removed]·(c ⊙ g_removed(x)) every forward.
 
+A channel whose c is 0 (β ≤ 0 before a ReLU; β = 0 before SiLU or hard-swish) adds nothing, and a
+consumer that reads only such channels gets no term: nothing runs for it each forward.
+
 Modes: `exact` keeps all of it, so the pruned model equals the original with only the removed
 channels' γ zeroed; `bias` keeps the spatial mean at the model's input size (a plain bias: exact for
 Linear and unpadded consumers, lossy near padded borders; gates stay exact); `none` nothing (the
@@ -233,8 +236,9 @@ def _add_term(result: Compensation, model: nn.Module, name: str, reads: list[_Re
         values = x[:, columns]
         if not _close(values, values[:1]):
             return "the removed columns it reads differ between inputs"
-        weight = layer.weight.detach()[:, columns.to(layer.weight.device)]
-        result.terms[name] = Term(bias=(weight @ values[0].to(weight)).cpu())
+        if bool(values[0].any()):  # removed channels that read 0 add nothing (no term, nothing to run)
+            weight = layer.weight.detach()[:, columns.to(layer.weight.device)]
+            result.terms[name] = Term(bias=(weight @ values[0].to(weight)).cpu())
         return None
     if not isinstance(layer, nn.Conv2d) or x.dim() != 4:
         return f"a {type(layer).__name__} consumer"
@@ -250,7 +254,8 @@ def _add_term(result: Compensation, model: nn.Module, name: str, reads: list[_Re
             why = _constant_term(term, layer, read, values, mode)
         if why is not None:
             return why
-    result.terms[name] = term
+    if term.gate_weight is not None or term.kernel is not None or term.pkernel is not None or bool(term.bias.any()):
+        result.terms[name] = term  # else every removed channel it reads is 0: no term to run each forward
     return None
 
 
@@ -259,6 +264,8 @@ def _constant_term(term: Term, layer: nn.Conv2d, read: _Read, values: torch.Tens
     const = values[0, :, :1, :1]
     if not _close(values, const.unsqueeze(0)):
         return "the removed channels it reads are not constant over the batch and the map"
+    if not bool(const.any()):  # 0 (β ≤ 0 before a ReLU, β = 0 before SiLU): the removal is exact as it is
+        return None
     kernel = _reduced_kernel(layer, read.columns, const.flatten())
     if not zero_padded(layer):
         term.bias += kernel.sum((1, 2))
@@ -280,6 +287,8 @@ def _profile_term(term: Term, layer: nn.Conv2d, read: _Read, values: torch.Tenso
     const = (values[0] * shape).sum((1, 2)) / (shape * shape).sum()  # least squares, per channel
     if not _close(values, const[None, :, None, None] * shape):
         return "the removed channels it reads do not follow the average pools' profile"
+    if not bool(const.any()):
+        return None
     kernel = _reduced_kernel(layer, read.columns, const)
     if mode == "exact":
         term.pkernel = kernel if term.pkernel is None else term.pkernel + kernel
@@ -312,11 +321,17 @@ def _gate_term(result: Compensation, term: Term, model: nn.Module, name: str, re
     const = (values * gate).sum((0, 2, 3)) / spread  # least squares, per channel
     if not _close(values, const[None, :, None, None] * gate):
         return f"the removed channels it reads are not a constant times gate {source!r}"
-    weight = layer.weight.detach()[:, read.columns.to(layer.weight.device)]
+    # Only channels whose constant is not 0 reach the consumer (c·g = 0 otherwise): each gate row
+    # kept costs every forward, so those are all the term keeps.
+    nonzero = (const != 0).cpu()
+    if not bool(nonzero.any()):
+        return None
+    columns, positions, const = read.columns[nonzero], read.positions[nonzero], const[nonzero.to(const.device)]
+    weight = layer.weight.detach()[:, columns.to(layer.weight.device)]
     term.gate_weight = weight * const.to(weight)[None, :, None, None]
     term.gate_source = source
-    rows = gate_layer.weight.detach()[read.positions.to(gate_layer.weight.device)]
-    bias = gate_layer.bias.detach()[read.positions] if gate_layer.bias is not None else torch.zeros(rows.shape[0])
+    rows = gate_layer.weight.detach()[positions.to(gate_layer.weight.device)]
+    bias = gate_layer.bias.detach()[positions] if gate_layer.bias is not None else torch.zeros(rows.shape[0])
     result.gates[source] = GateTerm(weight=rows.cpu(), bias=bias.cpu(), ops=codes.float(), sink=name)
     return None
 

@@ -16,7 +16,7 @@ from torch.nn import functional as F
 
 from conftest import masked_reference, rel_err, strongly_sparse
 from slimctl.base.gates import gate_rows_of
-from slimctl.base.inserted import response_of
+from slimctl.base.inserted import ConstantResponse, response_of
 from slimctl.core.surgery import prune_model
 
 C = 8  # channels of the construct's space
@@ -277,3 +277,26 @@ def test_profiled_and_gated_terms_run_in_an_exported_program(construct: str) -> 
     program = torch.export.export(pruned, (x,))
     with torch.no_grad():
         assert rel_err(program.module()(x), pruned(x)) < 1e-5
+
+
+@pytest.mark.parametrize("construct", ["se_sigmoid", "se_hardsigmoid_padded_consumer", "avg_pool_padded",
+                                       "strided_padded"])
+def test_removed_channels_that_read_zero_add_no_term_and_stay_exact(construct: str) -> None:
+    """β = 0 before a ReLU (as initialised), or β < 0: the removed channels emit 0, so
+    no consumer gets a term or gate rows to run each forward; where they emit c ≠ 0, the terms are there."""
+    def built(beta: float) -> nn.Module:
+        model = strongly_sparse(Net(CONSTRUCTS[construct]()))
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.bias.data.fill_(beta)  # so the removed channels' β too: relu(-0.3) = relu(0) = 0
+        model.arch_spec = {"arch": None, "input_size": (3, 16, 16)}
+        return model
+
+    counted = {}
+    for beta in (0.0, -0.3, 0.4):
+        model = built(beta)
+        pruned, plan, exactness, notes, reference = pruned_and_references(model, "exact")
+        assert exactness.exact and rel_err(outputs(pruned, 21), outputs(reference, 21)) < 1e-5, (beta, notes)
+        counted[beta] = (sum(isinstance(m, ConstantResponse) for m in pruned.modules()),
+                         sum(gate_rows_of(m) is not None for m in pruned.modules()))
+    assert counted[0.0] == counted[-0.3] == (0, 0) and counted[0.4][0] > 0, counted
