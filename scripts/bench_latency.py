@@ -254,7 +254,8 @@ def main(models: str, ratio: float, size: int, runtimes: str, batch_sizes: str, 
                     results[name][cell]["latency"] = (0.0, "failed")
                 click.echo(f"{name} {cell}: " + "; ".join(f"{v} {x:.2f}× ({n})"
                                                           for v, (x, n) in results[name][cell].items()), err=True)
-            for variant in ("slimctl", "auto", "latency", "coupled", "flops", *(f"TP {r or 'none'}" for r in tp_settings)):
+            for variant in ("slimctl", "auto", "latency", "coupled", "flops",
+                            *(f"TP {r or 'none'}" for r in tp_settings)):
                 rows.append([name, variant, *(f"{results[name][c][variant][0]:.2f}× ({results[name][c][variant][1]})"
                                               if results[name][c].get(variant, (0, "failed"))[1] != "failed"
                                               else "failed" for c in cells)])

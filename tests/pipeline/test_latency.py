@@ -287,7 +287,8 @@ def test_timing_keeps_freed_memory_in_the_process_and_restores_the_defaults(monk
     seen = []
     bench.median_ms(lambda: seen.append(dict(libc.settings)), repeats=2, warmup=1, sync=lambda: None)
     assert seen == [{bench.M_MMAP_MAX: 0, bench.M_TRIM_THRESHOLD: bench.KEEP_TRIM_THRESHOLD}] * 3
-    assert libc.settings == {bench.M_MMAP_MAX: bench.DEFAULT_MMAP_MAX, bench.M_TRIM_THRESHOLD: bench.DEFAULT_TRIM_THRESHOLD}
+    assert libc.settings == {bench.M_MMAP_MAX: bench.DEFAULT_MMAP_MAX,
+                             bench.M_TRIM_THRESHOLD: bench.DEFAULT_TRIM_THRESHOLD}
     libc.settings.clear()
     with pytest.raises(RuntimeError), bench.freed_memory_kept():
         raise RuntimeError("a forward that fails")
