@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 
 import pytest
@@ -309,10 +310,15 @@ def test_under_glibc_a_freed_block_stays_resident_only_while_timing():
     size = 64 * 2 ** 20  # bytes: above glibc's largest mmap threshold (32 MiB), so normally returned at once
 
     def returned_on_free() -> int:  # bytes the process gives back when a touched block is freed
-        block = torch.ones(size // 4)
-        before = _resident_bytes()
-        del block
-        return before - _resident_bytes()
+        gc.collect()  # earlier tests' garbage is freed now, not by a collection inside the measurement
+        gc.disable()
+        try:
+            block = torch.ones(size // 4)
+            before = _resident_bytes()
+            del block
+            return before - _resident_bytes()
+        finally:
+            gc.enable()
     with bench.freed_memory_kept():
         kept = returned_on_free()
     assert kept < size // 4 and returned_on_free() > size // 2
