@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import platform
 import statistics
 import tempfile
@@ -37,6 +38,7 @@ DEFAULT_MMAP_MAX = 65536  # allocations served by mmap at once
 KEEP_TRIM_THRESHOLD = 1 << 30  # bytes: while timing, freed memory up to 1 GiB stays in the process
 
 
+@functools.cache  # loaded once: every timing call asks
 def _glibc() -> Any:
     """The C library's handle where it is glibc (mallopt exists), else None (macOS, Windows, musl)."""
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
