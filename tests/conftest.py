@@ -199,3 +199,37 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+class Bottleneck(nn.Module):
+    """ResNeXt's block: 1×1 → 3×3 with 4 groups of 3 → 1×1, a residual around it (kept: coupled)."""
+
+    def __init__(self, groups: int = 4, per: int = 3, in_c: int = 8) -> None:
+        super().__init__()
+        width = groups * per
+        self.stem, self.bn0 = nn.Conv2d(3, in_c, 3, padding=1, bias=False), nn.BatchNorm2d(in_c)
+        self.a, self.bn_a = nn.Conv2d(in_c, width, 1, bias=False), nn.BatchNorm2d(width)
+        self.b, self.bn_b = nn.Conv2d(width, width, 3, padding=1, groups=groups, bias=False), nn.BatchNorm2d(width)
+        self.c, self.bn_c = nn.Conv2d(width, in_c, 1, bias=False), nn.BatchNorm2d(in_c)
+        self.head = nn.Linear(in_c, 5)
+        self.arch_spec = {"arch": None, "num_classes": 5, "arch_args": {}, "input_size": [3, 8, 8]}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn0(self.stem(x)))
+        y = torch.relu(self.bn_a(self.a(x)))
+        y = torch.relu(self.bn_b(self.b(y)))
+        x = torch.relu(x + self.bn_c(self.c(y)))
+        return self.head(x.mean((2, 3)))
+
+
+def grouped_bottleneck(seed: int = 0) -> nn.Module:
+    """A `Bottleneck` in float64 with random γ and β (removed channels emit constants that are not 0)."""
+    torch.manual_seed(seed)
+    model = Bottleneck().double()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.weight.data.uniform_(0, 1)
+            m.bias.data.uniform_(-0.5, 0.5)  # removed channels emit constants that are not 0
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 1.5)
+    return model.eval()

@@ -28,7 +28,8 @@ from slimctl.core.sweep import DEFAULT_RATIOS
               help="Keep a multiple of N channels per layer (faster on GPUs/vector units); 1 = the paper; auto = "
                    "the fastest, timed here as whole models under --runtime/--latency-batch/--threads/--precision, "
                    "of γ's counts, counts chosen per layer by timing its operators (torch; cached in "
-                   "~/.cache/slimctl), and every count rounded up to 8 or 16.")
+                   "~/.cache/slimctl), every count rounded up to 8 or 16, and whole groups of grouped convs "
+                   "dropped instead of channels in every group.")
 @click.option("--coupled", type=click.Choice(COUPLED_MODES), default="keep", show_default=True,
               help="Traced models: keep residual-coupled channels (the paper), or prune each coupled set "
                    "together, ranked by the max/mean/sum of its BNs' |γ|; these modes also prune a concatenated "

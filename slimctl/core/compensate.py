@@ -147,6 +147,9 @@ def apply_compensation(pruned: nn.Module, comp: Compensation, out_keep: dict[str
         rows = out_keep.get(name)
         take = (lambda t: t) if rows is None else (lambda t: t[rows.to(t.device)])
         per_channel = term.kernel is None and term.pkernel is None and term.gate_weight is None
+        if term.gate_weight is None and not any(bool(take(t).any()) for t in (term.bias, term.kernel, term.pkernel)
+                                                if t is not None):
+            continue  # its removed inputs reached only removed outputs (a grouped conv's dropped groups)
         if per_channel and layer.bias is not None and response_of(layer) is None:  # the layer's own bias
             with torch.no_grad():
                 layer.bias.add_(take(term.bias).to(layer.bias))

@@ -40,6 +40,9 @@ class ChannelPlan:
     ratio: float
     threshold: float | None  # None at ratio 0: nothing is removed
     groups: tuple[GroupPlan, ...]
+    # Indices of `groups` that keep the same whole chunks of grouped convs (`slimctl.core.grouped`):
+    # one of them kept whole keeps the others whole too, or a conv's two sides would disagree.
+    links: tuple[tuple[int, ...], ...] = ()
 
     def layers(self) -> list[dict]:
         """Per ranked BN: {name, kept, total} (the JSON/table view)."""
@@ -50,10 +53,11 @@ class ChannelPlan:
         return sum(g.kept for g in self.groups)
 
     def keeping(self, indices: set[int]) -> ChannelPlan:
-        """This plan with the groups at `indices` kept whole."""
+        """This plan with the groups at `indices` (and those linked to them) kept whole."""
+        indices = set(indices).union(*(link for link in self.links if indices & set(link)))
         groups = tuple(GroupPlan(g.group, torch.arange(g.total), g.total) if i in indices else g
                        for i, g in enumerate(self.groups))
-        return ChannelPlan(self.ratio, self.threshold, groups)
+        return ChannelPlan(self.ratio, self.threshold, groups, self.links)
 
     @property
     def total(self) -> int:

@@ -110,23 +110,28 @@ def _sliced_layer(module: nn.Module, state: dict[str, torch.Tensor], out_idx: to
 def _sliced_grouped(
     module: nn.Conv2d, state: dict[str, torch.Tensor], out_idx: torch.Tensor | None, in_idx: torch.Tensor | None
 ) -> nn.Module:
-    """A grouped conv keeps the same number of input (and output) channels in every group; each kept
-    output row then reads its own group's kept input columns (which may differ between groups)."""
+    """A grouped conv keeps the same number of input (and output) channels in every group it keeps;
+    each kept output row then reads its own group's kept input columns (which may differ between
+    groups). A group whose channels all go on both sides is dropped (`slimctl.core.grouped`)."""
     g, weight = module.groups, state["weight"]
     in_pg, out_pg = module.in_channels // g, module.out_channels // g
     out_idx = torch.arange(module.out_channels) if out_idx is None else out_idx.cpu()
     in_idx = torch.arange(module.in_channels) if in_idx is None else in_idx.cpu()
-    for idx, per, what in ((in_idx, in_pg, "input"), (out_idx, out_pg, "output")):
-        counts = torch.bincount(idx // per, minlength=g)
-        if not bool((counts == counts[0]).all()) or int(counts[0]) == 0:
+    in_counts, out_counts = torch.bincount(in_idx // in_pg, minlength=g), torch.bincount(out_idx // out_pg, minlength=g)
+    kept = in_counts > 0
+    if not torch.equal(kept, out_counts > 0) or not bool(kept.any()):
+        raise TypeError(f"grouped conv {module} must keep input and output channels in the same groups")
+    for counts, what in ((in_counts, "input"), (out_counts, "output")):
+        if not bool((counts[kept] == counts[kept][0]).all()):
             raise TypeError(f"grouped conv {module} must keep the same number of {what} channels per group")
-    local = (in_idx % in_pg).view(g, -1)  # kept input columns, per group, within the group's filter
-    cols = local[out_idx // out_pg].to(weight.device)  # [kept out, kept in per group]
+    local = (in_idx % in_pg).view(int(kept.sum()), -1)  # kept input columns, per kept group, within its filter
+    rank = torch.cumsum(kept, 0) - 1  # a kept group's position among the kept ones
+    cols = local[rank[out_idx // out_pg]].to(weight.device)  # [kept out, kept in per group]
     rows = weight[out_idx.to(weight.device)]
     state["weight"] = torch.gather(rows, 1, cols[:, :, None, None].expand(-1, -1, *rows.shape[2:]))
     if "bias" in state:
         state["bias"] = state["bias"][out_idx.to(state["bias"].device)]
-    return _loaded(resized(module, [len(in_idx), len(out_idx), g]), state)
+    return _loaded(resized(module, [len(in_idx), len(out_idx), int(kept.sum())]), state)
 
 
 def _loaded(new: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:

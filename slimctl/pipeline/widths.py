@@ -10,15 +10,15 @@ other side. The cheapest count wins; a larger one only when it is faster by more
 (timing noise must not buy channels). Keeping extra channels keeps the next-highest γ.
 
 The timings are cached per machine, runtime, batch size, threads and precision in the user's cache
-folder ($XDG_CACHE_HOME/slimctl or ~/.cache/slimctl, `op_latency.json`): a second prune on this
-machine times only shapes it has not seen. The operator clock times torch; under onnxruntime there
-is no per-layer choice.
+folder (`slimctl.pipeline.opclock`): a second prune on this machine times only shapes it has not
+seen. The operator clock times torch; under onnxruntime there is no per-layer choice.
 
 Groups are chosen one at a time, each with the others at γ's counts, and an operator timed alone
 misses what a runtime does across layers (onnxruntime and oneDNN keep a blocked layout from one
 convolution to the next only when every width is a multiple of the block). So the whole model
 decides last (`auto_widths`): γ's counts, the per-layer choice and every count rounded up to a
-multiple of 8 and of 16 (`rounded_plans`) are built and timed as deployed under the conditions the
+multiple of 8 and of 16 (`rounded_plans`) and, on a model with grouped convolutions, whole groups
+kept or dropped (`slimctl.core.grouped`) are built and timed as deployed under the conditions the
 user deploys to, alternating, and the fastest is kept.
 """
 
@@ -29,27 +29,25 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from slimctl.base.device import autocast, resolve_precision
-from slimctl.base.files import atomic_write_text
 from slimctl.base.registry import input_size
 from slimctl.core.fold import carried_producers
+from slimctl.core.grouped import linked_sets, whole_groups
 from slimctl.core.plan import ChannelPlan, GroupPlan, group_scores, keep_largest, plan_masks
 from slimctl.core.surgery import applied_plan
 from slimctl.core.targets import Target, plan_for_target
 from slimctl.errors import SlimctlError
-from slimctl.pipeline.bench import median_ms
 from slimctl.pipeline.latency import Deploy, LatencyTarget, conditions, plan_for_latency, time_alternatives
+from slimctl.pipeline.opclock import OpClock
 
 SLACK = 0.125  # a layer may keep up to 12.5% more channels than γ chose
 QUANTA = (2, 4, 8, 16, 32, 64)
 PREFER_FEWER = 0.02  # a larger count must be this much faster (fraction of the cost) to be chosen
-REPEATS, WARMUP = 15, 3
 WHOLE_QUANTA = (8, 16)  # the uniform multiples also timed as whole models
 
 
@@ -57,80 +55,6 @@ def candidates(n: int, total: int) -> list[int]:
     """γ's count `n` and the multiples of QUANTA a little above it, at most `total`."""
     top = min(total, max(math.ceil(n * (1 + SLACK)), -(-n // 8) * 8))
     return sorted({n} | {-(-n // q) * q for q in QUANTA if -(-n // q) * q <= top})
-
-
-# How operators are timed, part of the cache's key: timings taken another way are not reused.
-TIMING = "freed memory kept"
-
-
-def cache_path() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "slimctl" / "op_latency.json"
-
-
-@dataclass
-class OpClock:
-    """Milliseconds of one convolution or linear layer at given shapes, timed under `conditions`
-    (on the CPU, torch) and remembered in `path` across runs."""
-
-    conditions: dict[str, Any]
-    path: Path = field(default_factory=cache_path)
-    timed: int = 0  # shapes timed now (the rest came from the cache)
-    entries: dict[str, float] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        try:
-            stored = json.loads(self.path.read_text())
-            self.entries = {k: float(v) for k, v in stored.get(self.key_prefix(), {}).items()
-                            if isinstance(v, (int, float)) and math.isfinite(v) and v > 0}
-        except (OSError, ValueError, AttributeError, TypeError, RecursionError):  # none yet, or unreadable
-            self.entries = {}
-
-    def key_prefix(self) -> str:
-        c = self.conditions
-        return (f"{c['machine']}|{c['runtime']}|batch {c['batch_size']}|{c['threads']} threads|{c['precision']}"
-                f"|{TIMING}")
-
-    def ms(self, spec: tuple) -> float:
-        key = ",".join(map(str, spec))
-        if key not in self.entries:
-            self.entries[key] = time_op(spec, batch_size=self.conditions["batch_size"],
-                                        precision=self.conditions["precision"])
-            self.timed += 1
-        return self.entries[key]
-
-    def save(self) -> None:
-        try:
-            stored = json.loads(self.path.read_text()) if self.path.exists() else {}
-            if not isinstance(stored, dict):
-                stored = {}
-        except (OSError, ValueError, RecursionError):
-            stored = {}
-        stored[self.key_prefix()] = self.entries
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(self.path, json.dumps(stored))
-        except OSError:  # a read-only home: the choice stands, only the cache is lost
-            pass
-
-
-def time_op(spec: tuple, *, batch_size: int, precision: str) -> float:
-    """Median milliseconds of one op: ("conv", in, out, kh, kw, sh, sw, ph, pw, dh, dw, groups, H, W)
-    or ("linear", in, out), on random inputs in inference mode."""
-    dtype = resolve_precision(precision, torch.device("cpu"))
-    if spec[0] == "linear":
-        _, c_in, c_out = spec
-        x, w = torch.randn(batch_size, c_in), torch.randn(c_out, c_in)
-        def run() -> None:
-            F.linear(x, w)
-    else:
-        _, c_in, c_out, kh, kw, sh, sw, ph, pw, dh, dw, groups, height, width = spec
-        x = torch.randn(batch_size, c_in, height, width).contiguous(memory_format=torch.channels_last)
-        w = torch.randn(c_out, c_in // groups, kh, kw).contiguous(memory_format=torch.channels_last)
-        def run() -> None:
-            F.conv2d(x, w, None, (sh, sw), (ph, pw), (dh, dw), groups)
-    with torch.inference_mode(), autocast(torch.device("cpu"), dtype):
-        return median_ms(run, repeats=REPEATS, warmup=WARMUP, sync=lambda: None)
 
 
 def measured_counts(model: nn.Module, groups, plan: ChannelPlan, target, latency: dict[str, Any] | None, *,
@@ -160,6 +84,8 @@ def auto_widths(model: nn.Module, plan: ChannelPlan, *, compensate: str, deploy:
         options["per layer"] = chosen
         op_costs = {c["name"]: c for c in changes}
     options.update(rounded_plans(model, plan, compensate=compensate))
+    if linked_sets(model, plan):
+        options["whole groups"] = whole_groups(model, plan)
     chosen, record = _fastest(model, distinct(options), compensate=compensate, deploy=deploy, record=record)
     if record["chosen"] != "γ's counts":
         record["changed"] = [{"name": new.group.bn, "gamma": old.kept, "chosen": new.kept,
@@ -193,12 +119,11 @@ def target_widths(model: nn.Module, groups, target: Target, plan: ChannelPlan, *
     target; the fastest as a whole under `deploy` (another than γ's by more than PREFER_FEWER). A
     multiple that cannot meet the target is left out."""
     options = {"γ's counts": plan}
-    for q in WHOLE_QUANTA:
+    for name, (round_to, adjust) in searches(model, plan, min_channels=min_channels, compensate=compensate).items():
         try:
-            options[f"multiples of {q}"] = plan_for_target(model, groups, target, min_channels=min_channels,
-                                                           round_to=q, compensate=compensate,
-                                                           adjust=aligner(model, q, compensate, min_channels))[0]
-        except SlimctlError:  # unreachable with that multiple
+            options[name] = plan_for_target(model, groups, target, min_channels=min_channels, round_to=round_to,
+                                            compensate=compensate, adjust=adjust)[0]
+        except SlimctlError:  # unreachable that way
             continue
     return _fastest(model, distinct(options), compensate=compensate, deploy=deploy,
                     record={"changed": [], "timed": 0, "cache": None})
@@ -211,12 +136,11 @@ def latency_widths(model: nn.Module, groups, target: LatencyTarget, plan: Channe
     those that meet the target, the one keeping the most channels (the least pruning for that time).
     (plan, widths record {chosen, kept: {name: channels}}, its latency record)."""
     found = {"γ's counts": (plan, record)}
-    for q in WHOLE_QUANTA:
+    for name, (round_to, adjust) in searches(model, plan, min_channels=min_channels, compensate=compensate).items():
         try:
-            found[f"multiples of {q}"] = plan_for_latency(model, groups, target, min_channels=min_channels,
-                                                          round_to=q, compensate=compensate,
-                                                          adjust=aligner(model, q, compensate, min_channels))
-        except SlimctlError:  # unreachable with that multiple
+            found[name] = plan_for_latency(model, groups, target, min_channels=min_channels, round_to=round_to,
+                                           compensate=compensate, adjust=adjust)
+        except SlimctlError:  # unreachable that way
             continue
     kept = {name: p.kept for name, (p, _) in found.items()}
     best = max(kept, key=kept.get)  # ties: the first, γ's counts
@@ -278,11 +202,21 @@ def aligner(model: nn.Module, q: int, compensate: str, min_channels: int):
     return lambda plan: aligned(model, plan, q, compensate=compensate, least=min_channels)
 
 
+def searches(model: nn.Module, plan: ChannelPlan, *, min_channels: int, compensate: str
+             ) -> dict[str, tuple[int, Callable[[ChannelPlan], ChannelPlan]]]:
+    """The searches run beside γ's counts at a target, by name: (round_to, adjust) with every count
+    a multiple of each of WHOLE_QUANTA, and whole groups of grouped convs where the model has any."""
+    found = {f"multiples of {q}": (q, aligner(model, q, compensate, min_channels)) for q in WHOLE_QUANTA}
+    if linked_sets(model, plan):
+        found["whole groups"] = (1, lambda p: whole_groups(model, p, min_channels=min_channels))
+    return found
+
+
 def distinct(options: dict[str, ChannelPlan]) -> dict[str, ChannelPlan]:
-    """The plans whose counts differ from every earlier one's (the first of equals stays)."""
+    """The plans that keep other channels than every earlier one (the first of equals stays)."""
     seen, out = set(), {}
     for name, p in options.items():
-        counts = tuple(gp.kept for gp in p.groups)
+        counts = tuple(tuple(gp.keep.tolist()) for gp in p.groups)
         if counts not in seen:
             seen.add(counts)
             out[name] = p

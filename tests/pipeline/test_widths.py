@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 import slimctl
-from conftest import run, use_clock
-from slimctl.pipeline import latency, widths
+from conftest import grouped_bottleneck, run, use_clock
+from slimctl.pipeline import latency, opclock, widths
 from slimctl.pipeline.widths import candidates
 
 
@@ -37,7 +37,7 @@ def eights_are_fast(monkeypatch, tmp_path):
         cost = c_in // groups * c_out * kh * kw * height * width * 1e-6
         return cost / 2 if c_in % 8 == 0 and c_out % 8 == 0 else cost
 
-    monkeypatch.setattr(widths, "time_op", clock)
+    monkeypatch.setattr(opclock, "time_op", clock)
     use_clock(monkeypatch, odd_widths_clock)  # the whole model, as confirm times it
     return timed
 
@@ -93,7 +93,7 @@ def test_auto_keeps_the_faster_count_and_the_next_highest_gamma(sparse_checkpoin
 
 def test_under_onnxruntime_the_whole_models_decide_without_operator_timing(sparse_checkpoint, tmp_path,
                                                                            eights_are_fast, monkeypatch):
-    monkeypatch.setattr(widths, "time_op", lambda *a, **k: pytest.fail("timed a torch operator for onnxruntime"))
+    monkeypatch.setattr(opclock, "time_op", lambda *a, **k: pytest.fail("timed a torch operator for onnxruntime"))
     seen = []
     use_clock(monkeypatch, lambda model, target: seen.append(target) or
                         odd_widths_clock(model, target))
@@ -122,7 +122,7 @@ def _auto_plan(model, tmp_path):
     from slimctl.pipeline.latency import LatencyTarget, conditions
 
     plan = slimctl.make_plan(model, slimctl.channel_groups(model), 0.5)
-    return widths.measured_widths(model, plan, widths.OpClock(conditions(LatencyTarget("t", fraction=1.0))))[0]
+    return widths.measured_widths(model, plan, opclock.OpClock(conditions(LatencyTarget("t", fraction=1.0))))[0]
 
 
 def test_timings_are_cached_per_conditions(sparse_checkpoint, tmp_path, eights_are_fast, monkeypatch):
@@ -131,14 +131,14 @@ def test_timings_are_cached_per_conditions(sparse_checkpoint, tmp_path, eights_a
     stored = json.loads((tmp_path / "cache" / "slimctl" / "op_latency.json").read_text())
     [key] = stored
     assert "batch 1" in key and "fp32" in key and "threads" in key
-    monkeypatch.setattr(widths, "time_op", lambda *a, **k: pytest.fail("timed a shape the cache holds"))
+    monkeypatch.setattr(opclock, "time_op", lambda *a, **k: pytest.fail("timed a shape the cache holds"))
     second = _prune(sparse_checkpoint, tmp_path / "b.pt", "--round-to", "auto")
     assert second["widths"]["timed"] == 0 and second["layers"] == first["layers"]
 
 
 def test_a_clock_without_a_preference_changes_nothing(sparse_checkpoint, tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    monkeypatch.setattr(widths, "time_op", lambda spec, **k: float(spec[1] * spec[2]))  # more channels: slower
+    monkeypatch.setattr(opclock, "time_op", lambda spec, **k: float(spec[1] * spec[2]))  # more channels: slower
     use_clock(monkeypatch, lambda model, target: slimctl.count_flops(model) / 1e6)
     plain = _prune(sparse_checkpoint, tmp_path / "plain.pt")
     auto = _prune(sparse_checkpoint, tmp_path / "auto.pt", "--round-to", "auto")
@@ -154,14 +154,14 @@ def test_grouped_convolutions_get_counts_their_groups_divide(tmp_path, monkeypat
     from slimctl.pipeline.latency import LatencyTarget, conditions
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    monkeypatch.setattr(widths, "time_op", lambda spec, **k: 1.0 if spec[2] % 8 else 0.5)  # 8s look fast
+    monkeypatch.setattr(opclock, "time_op", lambda spec, **k: 1.0 if spec[2] % 8 else 0.5)  # 8s look fast
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 24, 3, padding=1), nn.BatchNorm2d(24), nn.ReLU(),
                           nn.Conv2d(24, 24, 3, padding=1, groups=3), nn.BatchNorm2d(24), nn.ReLU(),
                           nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(24, 10)).eval()
     model.arch_spec = {"arch": None, "num_classes": 10, "arch_args": {}, "input_size": [3, 16, 16]}
     plan = slimctl.make_plan(model, slimctl.channel_groups(model), 0.4)
-    chosen, _ = widths.measured_widths(model, plan, widths.OpClock(conditions(LatencyTarget("t", fraction=1.0))))
+    chosen, _ = widths.measured_widths(model, plan, opclock.OpClock(conditions(LatencyTarget("t", fraction=1.0))))
     for gp in chosen.groups:  # every count runs: a multiple of the grouped conv's 3 groups
         assert gp.kept % 3 == 0
     slimctl.apply_plan(model, chosen)(torch.zeros(1, 3, 16, 16))
@@ -174,16 +174,16 @@ def test_a_corrupt_cache_is_timed_afresh(tmp_path, monkeypatch, content):
     cache = tmp_path / "slimctl" / "op_latency.json"
     cache.parent.mkdir()
     now = conditions(LatencyTarget("t", fraction=1.0))
-    prefix = widths.OpClock(now, path=cache).key_prefix()
+    prefix = opclock.OpClock(now, path=cache).key_prefix()
     if content in ("negative", "nan"):  # well-formed, but a cost no operator has
         content = json.dumps({prefix: {"linear,4,4": -1.0 if content == "negative" else float("nan")}})
     cache.write_text(content)
-    clock = widths.OpClock(now, path=cache)
+    clock = opclock.OpClock(now, path=cache)
     assert clock.entries == {}
-    monkeypatch.setattr(widths, "time_op", lambda spec, **k: 2.0)
+    monkeypatch.setattr(opclock, "time_op", lambda spec, **k: 2.0)
     assert clock.ms(("linear", 4, 4)) == 2.0 and clock.timed == 1
     clock.save()
-    assert widths.OpClock(clock.conditions, path=cache).entries == {"linear,4,4": 2.0}
+    assert opclock.OpClock(clock.conditions, path=cache).entries == {"linear,4,4": 2.0}
 
 
 def test_a_target_with_a_widening_option_is_refused(sparse_checkpoint, tmp_path):
@@ -245,8 +245,44 @@ def test_timings_cached_before_memory_was_kept_while_timing_are_not_reused(tmp_p
 
     cache = tmp_path / "op_latency.json"
     now = conditions(LatencyTarget("t", fraction=1.0))
-    prefix = widths.OpClock(now, path=cache).key_prefix()
-    assert prefix.endswith("|" + widths.TIMING)
-    cache.write_text(json.dumps({prefix.removesuffix("|" + widths.TIMING): {"linear,4,4": 2.0},
+    prefix = opclock.OpClock(now, path=cache).key_prefix()
+    assert prefix.endswith("|" + opclock.TIMING)
+    cache.write_text(json.dumps({prefix.removesuffix("|" + opclock.TIMING): {"linear,4,4": 2.0},
                                  prefix: {"linear,8,8": 3.0}}))
-    assert widths.OpClock(now, path=cache).entries == {"linear,8,8": 3.0}
+    assert opclock.OpClock(now, path=cache).entries == {"linear,8,8": 3.0}
+
+
+def narrow_groups_clock(model, target):
+    """A kernel library that runs narrow groups poorly: 10 ms for each grouped conv with fewer than 3
+    channels a group, plus 0.01 ms a channel of every conv."""
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    return sum(10.0 * (1 < m.groups < m.in_channels and m.in_channels // m.groups < 3) + 0.01 * m.out_channels
+               for m in convs)
+
+
+@pytest.fixture
+def bottleneck(monkeypatch, tmp_path):
+    """ResNeXt's block (4 groups of 3) with random γ, operators all alike, whole models on the clock above."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(opclock, "time_op", lambda spec, **k: 1.0)  # no per-layer preference
+    use_clock(monkeypatch, narrow_groups_clock)
+    return grouped_bottleneck().float()
+
+
+def test_auto_times_whole_groups_and_keeps_them_when_faster(bottleneck):
+    plan = slimctl.make_plan(bottleneck, slimctl.channel_groups(bottleneck), 0.5)
+    chosen, record = widths.auto_widths(bottleneck, plan, compensate="exact")
+    assert record["chosen"] == "whole groups" and "γ's counts" in record["candidates"]
+    pruned = slimctl.apply_plan(bottleneck, chosen)
+    assert pruned.b.groups < 4 and pruned.b.in_channels // pruned.b.groups == 3
+
+
+def test_auto_beside_a_flops_target_searches_whole_groups_at_the_target(bottleneck):
+    from slimctl.core.targets import measure, parse_target, plan_for_target
+
+    groups, target = slimctl.channel_groups(bottleneck), parse_target("flops", "0.3")
+    plan, _ = plan_for_target(bottleneck, groups, target, min_channels=1, round_to=1)
+    chosen, record = widths.target_widths(bottleneck, groups, target, plan, min_channels=1, compensate="exact")
+    assert record["chosen"] == "whole groups"
+    pruned = slimctl.apply_plan(bottleneck, chosen)
+    assert pruned.b.groups < 4 and measure(pruned, "flops") <= 0.7 * measure(bottleneck, "flops")
