@@ -16,10 +16,12 @@ for that cell, as a user deploying there would (`--runtime R --latency-batch B`)
                 (`--precision fp32`, the cell's runtime and batch size), which the goal is judged by
   coupled       `prune --coupled mean --round-to auto --target-flops N`, N = the FLOPs of slimctl's
                 default in the cell: residual-coupled channels pruned too, ranked by the mean |γ| of
-                the set (as Torch-Pruning's group importance does), and of γ's counts and the
-                multiples of 8 and 16 that meet N, the fastest here
+                the set (as Torch-Pruning's group importance does), and of γ's counts, the
+                multiples of 8 and 16 and whole groups of grouped convs that meet N, the fastest here
   flops         `prune --round-to auto --target-flops N`: residual-coupled channels kept (the default),
                 the counts chosen by measurement, at the FLOPs of slimctl's default in the cell
+An `auto`, `coupled` or `flops` cell tagged `groups` is one where `--round-to auto` chose whole groups
+of grouped convolutions dropped (fewer groups of the original width).
   TP none / TP 8  Torch-Pruning (pip install torch-pruning; only this script uses it): BN-scale
                 importance, global pruning, the final classifier ignored, its pruning ratio
                 searched until its FLOPs match slimctl's default in the cell within 1%; round_to
@@ -147,8 +149,14 @@ def cell_variants(m: Model, deploy: Deploy, *, ratio: float, tp_settings: list[i
     out, notes = {"unpruned": m.model}, {}
     out["slimctl"], result = m.prune("default", deploy, ratio=ratio)
     notes["slimctl"] = SHORT.get((result["speed"] or {}).get("adopted"), "")
-    builders: dict[str, Callable[[], nn.Module]] = {
-        "auto": lambda: m.prune("auto", deploy, ratio=ratio, round_to="auto")[0]}
+
+    def noted(tag: str, **kwargs: Any) -> nn.Module:  # a cut with whole groups dropped says so in its cell
+        model, pruned = m.prune(tag, deploy, **kwargs)
+        if (pruned["widths"] or {}).get("chosen") == "whole groups":
+            notes[tag] = "groups"
+        return model
+
+    builders: dict[str, Callable[[], nn.Module]] = {"auto": lambda: noted("auto", ratio=ratio, round_to="auto")}
     speed = result["speed"] if "pruned_ms" in (result["speed"] or {}) else {"pruned_ms": 0.95, "unpruned_ms": 1}
     fraction = min(0.95, speed["pruned_ms"] / speed["unpruned_ms"])
 
@@ -159,10 +167,10 @@ def cell_variants(m: Model, deploy: Deploy, *, ratio: float, tp_settings: list[i
         return model
 
     builders["latency"] = latency
-    builders["coupled"] = lambda: m.prune("coupled", deploy, coupled="mean", round_to="auto",
-                                          target=parse_target("flops", str(count_flops(out["slimctl"]))))[0]
-    builders["flops"] = lambda: m.prune("flops", deploy, round_to="auto",
-                                        target=parse_target("flops", str(count_flops(out["slimctl"]))))[0]
+    builders["coupled"] = lambda: noted("coupled", coupled="mean", round_to="auto",
+                                        target=parse_target("flops", str(count_flops(out["slimctl"]))))
+    builders["flops"] = lambda: noted("flops", round_to="auto",
+                                      target=parse_target("flops", str(count_flops(out["slimctl"]))))
     for round_to in tp_settings:
         builders[f"TP {round_to or 'none'}"] = lambda r=round_to: m.torch_pruning(count_flops(out["slimctl"]), r)
     for tag, build in builders.items():
