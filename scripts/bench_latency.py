@@ -186,7 +186,8 @@ def cell_variants(m: Model, deploy: Deploy, *, ratio: float, tp_settings: list[i
 # What the speed check wrote instead of the first cut, in a cell: short tags.
 SLOWER_BY = 0.05  # prune's speed check margin (slimctl.pipeline.latency.SLOWER_BY)
 SHORT = {"gathers kept whole": "whole", "multiples of 8": "8s", "multiples of 16": "16s",
-         "gathers kept whole, multiples of 8": "whole, 8s", "gathers kept whole, multiples of 16": "whole, 16s"}
+         "gathers kept whole, multiples of 8": "whole, 8s", "gathers kept whole, multiples of 16": "whole, 16s",
+         "whole groups": "groups"}
 
 
 def _figure(note: str, label: str, default: float | None = None) -> float:

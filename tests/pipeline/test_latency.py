@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import slimctl
-from conftest import run, strongly_sparse, use_clock
+from conftest import grouped_bottleneck, run, strongly_sparse, use_clock
 from slimctl.errors import SlimctlError
 from slimctl.pipeline import latency
 from slimctl.pipeline.latency import parse_latency
@@ -329,3 +329,21 @@ def test_under_glibc_a_freed_block_stays_resident_only_while_timing():
         pytest.skip("glibc only")
     size, returned, kept = (int(x) for x in out[1:])
     assert returned > size // 2 and kept < size // 4
+
+
+def test_a_cut_with_narrow_groups_is_replaced_by_whole_groups_when_faster(monkeypatch):
+    from slimctl.core.surgery import applied_plan
+    from slimctl.pipeline.latency import Deploy
+    from slimctl.pipeline.speed import checked_speed
+
+    def clock(model, target):  # narrow groups (fewer than 3 channels a group) cost 10 ms; the original 5 ms
+        convs = [m for m in model.modules() if isinstance(m, nn.Conv2d) and 1 < m.groups < m.in_channels]
+        return 10.0 if any(m.in_channels // m.groups < 3 for m in convs) else 5.0 if convs[0].groups == 4 else 2.0
+
+    use_clock(monkeypatch, clock)
+    model = grouped_bottleneck().float()
+    plan = slimctl.make_plan(model, slimctl.channel_groups(model), 0.5)
+    pruned, notes, plan = applied_plan(model, plan, compensate="exact")
+    record, _, written, _ = checked_speed(model, plan, pruned.eval(), notes, compensate="exact", deploy=Deploy())
+    assert record["adopted"] == "whole groups" and record["pruned_ms"] == 2.0 and record["first_ms"] == 10.0
+    assert written.b.groups < 4 and written.b.in_channels // written.b.groups == 3
