@@ -71,7 +71,7 @@ def main(models: str, batch_sizes: str, size: int, rounds: int, repeats: int) ->
                 rows.append(f"| {name} | {groups}×{g}, {hw}×{hw}, stride {stride} | {batch} | "
                             + " | ".join(f"{v:.3f}" for v in ms.values())
                             + f" | {ms['per group'] / ms['whole groups']:.2f}× |")
-    click.echo(f"{machine_label(environment(torch.device('cpu'), None))}, torch, fp32, "
+    click.echo(f"{machine_label(environment(torch.device('cpu'), None))}, torch, "
                f"median of {rounds} rounds × {repeats} passes\n")
     click.echo("| model | groups × width, map, stride | batch | original ms | per group ms | whole groups ms "
                "| per group / whole groups |")

@@ -1,11 +1,12 @@
 """Whole groups of grouped convolutions: a plan that drops some of a grouped conv's groups outright.
 
 The plain plan keeps the same number of channels in every group of a grouped conv (ResNeXt's 32
-groups of 4 become 32 groups of 2). Kernel libraries run narrow groups poorly: oneDNN on an Intel
-Xeon, 2 threads, ResNeXt-50's first 3×3 grouped conv at batch 16 took 5.4 ms with 32 groups of 2
-channels and 2.9 ms with 16 groups of 4 (the same channels kept; `scripts/bench_latency.py`'s
-models show it as a whole). Dropping whole groups instead gives a conv with fewer groups of the
-original width.
+groups of 4 become 32 groups of 2). Kernel libraries run narrow groups poorly: ResNeXt-50's first
+3×3 grouped conv at batch 16 took 3.05 ms with 32 groups of 2 channels and 2.28 ms with 16 groups
+of 4 (torch, an Intel Xeon, 2 threads; `scripts/bench_grouped.py`), though the second keeps twice
+the multiply-adds. Dropping whole groups gives a conv with fewer groups of the original width.
+Which runs faster depends on the widths and the runtime (wide groups favour the plain plan), so
+prune decides by timing whole models (`--round-to auto`, the speed check).
 
 A grouped conv reads one space and produces another: dropping its group j removes the j-th chunk of
 both. So the spaces joined through grouped convs form a *linked set* that keeps the same chunks.

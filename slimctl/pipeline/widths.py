@@ -24,16 +24,11 @@ user deploys to, alternating, and the fastest is kept.
 
 from __future__ import annotations
 
-import json
 import math
-import os
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from slimctl.base.registry import input_size
 from slimctl.core.fold import carried_producers
