@@ -216,7 +216,10 @@ def _batch_sizes(ctx: click.Context, param: click.Parameter, value: str) -> list
 @click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True,
               help="auto: bf16 where the device runs it natively, else fp32.")
 @click.option("--repeats", type=click.IntRange(min=1), default=20, show_default=True,
-              help="Timed forward passes per batch size (after 3 warm-up passes); the median is reported.")
+              help="Timed forward passes per batch size and round (after 3 warm-up passes).")
+@click.option("--rounds", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Rounds, the checkpoints alternating, so a noisy machine slows them alike; the median of "
+                   "the rounds' medians is reported.")
 @click.option("--fold-bn/--no-fold-bn", default=True, show_default=True,
               help="Time each model with its BNs folded into the convs before them where exact, as deployed.")
 @click.option("--runtime", default="torch", show_default=True, metavar="torch[,onnxruntime]",
@@ -226,7 +229,7 @@ def _batch_sizes(ctx: click.Context, param: click.Parameter, value: str) -> list
               help="CPU threads for torch and onnxruntime (e.g. 1 for single-thread latency) [default: torch's].")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list of rows.")
 def bench_cmd(checkpoints: tuple[Path, ...], batch_sizes: list[int], device: str, precision: str, repeats: int,
-              fold_bn: bool, runtime: str, threads: int | None, as_json: bool) -> None:
+              rounds: int, fold_bn: bool, runtime: str, threads: int | None, as_json: bool) -> None:
     """Inference latency of each checkpoint (e.g. baseline then pruned), with the speed-up against the first."""
     from slimctl.pipeline.bench import bench_checkpoints
     from slimctl.output.report import bench_table
@@ -237,7 +240,7 @@ def bench_cmd(checkpoints: tuple[Path, ...], batch_sizes: list[int], device: str
     if threads is not None:
         torch.set_num_threads(threads)
     rows = bench_checkpoints(list(checkpoints), batch_sizes=batch_sizes, device=dev, dtype=dtype, repeats=repeats,
-                             fold_bn=fold_bn, runtimes=tuple(r.strip() for r in runtime.split(",")))
+                             rounds=rounds, fold_bn=fold_bn, runtimes=tuple(r.strip() for r in runtime.split(",")))
     if as_json:
         click.echo(json.dumps(rows, indent=2))
     else:

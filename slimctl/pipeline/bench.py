@@ -128,24 +128,47 @@ def bench_checkpoints(
     dtype: torch.dtype | None,
     repeats: int = 20,
     warmup: int = 3,
+    rounds: int = 3,
     fold_bn: bool = True,
     runtimes: tuple[str, ...] = ("torch",),
 ) -> list[dict[str, Any]]:
     """One row per (runtime, checkpoint, batch size): params, FLOPs, latency, images/s, and the
     speed-up against the first checkpoint in the same runtime.
 
+    Latency is the median over `rounds` rounds of each round's median of `repeats` passes, the
+    checkpoints alternating round after round: a shared machine's slow spell then slows them alike
+    instead of one of them (timed one after the other, a pruned MobileNet-V2 at batch 16 read 1.84×
+    where alternating rounds read 2.00×; docs/deploy.md).
     `fold_bn`: time each model with its BNs folded where exact (each row says so, and how many
     BNs were folded); params and FLOPs are always the checkpoint's own (unfolded) counts.
     `onnxruntime` times the model exported to ONNX (fp32, CPU; `pip install 'slimctl[export]'`)."""
     unknown = sorted(set(runtimes) - set(RUNTIMES))
     if unknown:
         raise SlimctlError(f"unknown runtime {', '.join(unknown)}; use {' and/or '.join(RUNTIMES)}")
-    models = [(p, model_from_checkpoint(load_checkpoint(p), source=str(p))) for p in paths]
-    rows = []
+    rows, timers = _timers(paths, batch_sizes=batch_sizes, device=device, dtype=dtype, fold_bn=fold_bn,
+                           runtimes=runtimes)
+    times: list[list[float]] = [[] for _ in rows]
+    for _ in range(rounds):
+        for row, timer, measured in zip(rows, timers, times):
+            with out_of_memory_as_error(f"timing {row['checkpoint']} at batch size {row['batch_size']}",
+                                        "--batch-sizes"):
+                measured.append(timer(repeats=repeats, warmup=warmup))
     baseline: dict[tuple[str, int], float] = {}
+    for row, measured in zip(rows, times):
+        ms = statistics.median(measured)
+        baseline.setdefault((row["runtime"], row["batch_size"]), ms)
+        row.update(latency_ms=ms, images_per_sec=row["batch_size"] / ms * 1e3,
+                   speedup=baseline[row["runtime"], row["batch_size"]] / ms)
+    return rows
+
+
+def _timers(paths: list[Path], *, batch_sizes: list[int], device: torch.device, dtype: torch.dtype | None,
+            fold_bn: bool, runtimes: tuple[str, ...]) -> tuple[list[dict[str, Any]], list[Callable[..., float]]]:
+    """`bench_checkpoints`' rows without their timings, in order, and a timer for each."""
+    models = [(p, model_from_checkpoint(load_checkpoint(p), source=str(p))) for p in paths]
+    rows, timers = [], []
     for runtime in runtimes:
         for path, model in models:
-            params, flops = count_params(model), count_flops(model)
             timed, folded = model, 0
             if fold_bn:
                 try:
@@ -156,16 +179,11 @@ def bench_checkpoints(
             size = tuple(model.arch_spec["input_size"])
             for bs in batch_sizes:
                 with out_of_memory_as_error(f"timing {path} at batch size {bs}", "--batch-sizes"):
-                    timer = latency_timer(timed, batch_size=bs, input_size=size, runtime=runtime, device=device,
-                                          dtype=dtype)
-                    ms = timer(repeats=repeats, warmup=warmup)
-                baseline.setdefault((runtime, bs), ms)
-                rows.append({
-                    "checkpoint": str(path), "runtime": runtime, "params": params, "flops": flops, "batch_size": bs,
-                    "latency_ms": ms, "images_per_sec": bs / ms * 1e3, "speedup": baseline[runtime, bs] / ms,
-                    "fold_bn": fold_bn, "bns_folded": folded,
-                })
-    return rows
+                    timers.append(latency_timer(timed, batch_size=bs, input_size=size, runtime=runtime,
+                                                device=device, dtype=dtype))
+                rows.append({"checkpoint": str(path), "runtime": runtime, "params": count_params(model),
+                             "flops": count_flops(model), "batch_size": bs, "fold_bn": fold_bn, "bns_folded": folded})
+    return rows, timers
 
 
 def _onnxruntime_session(model: nn.Module, *, batch_size: int, input_size: tuple[int, ...]) -> tuple[Any, dict]:

@@ -347,3 +347,25 @@ def test_a_cut_with_narrow_groups_is_replaced_by_whole_groups_when_faster(monkey
     record, _, written, _ = checked_speed(model, plan, pruned.eval(), notes, compensate="exact", deploy=Deploy())
     assert record["adopted"] == "whole groups" and record["pruned_ms"] == 2.0 and record["first_ms"] == 10.0
     assert written.b.groups < 4 and written.b.in_channels // written.b.groups == 3
+
+
+def test_bench_alternates_the_checkpoints_round_after_round_and_reports_the_median(sparse_checkpoint, monkeypatch):
+    from slimctl.pipeline import bench
+
+    events = []  # ("built", i) when checkpoint i's timer is made, i when it is timed
+
+    def timer_for(model, **kwargs):
+        index = sum(1 for e in events if isinstance(e, tuple))
+        events.append(("built", index))
+        times = iter(([1.0, 2.0, 9.0], [4.0, 1.0, 2.0])[index])  # ms, round after round
+
+        def timer(repeats, warmup):
+            events.append(index)
+            return next(times)
+        return timer
+
+    monkeypatch.setattr(bench, "latency_timer", timer_for)
+    rows = bench.bench_checkpoints([sparse_checkpoint, sparse_checkpoint], batch_sizes=[1],
+                                   device=torch.device("cpu"), dtype=None, rounds=3)
+    assert events == [("built", 0), ("built", 1), 0, 1, 0, 1, 0, 1]  # built once each, then alternating
+    assert [r["latency_ms"] for r in rows] == [2.0, 2.0] and [r["speedup"] for r in rows] == [1.0, 1.0]
