@@ -164,10 +164,18 @@ def print_how_it_cut(result: dict) -> None:
             tried = "; timed as whole models: " + _timings(widths["candidates"])
         else:
             tried = "; no other count timed faster op by op"
-        out_console.print(f"--round-to auto: {widths['chosen']}" + (
-            f" ({len(widths['changed'])} layers wider than γ chose)" if widths["changed"] else "") + tried)
+        out_console.print(f"--round-to auto: {widths['chosen']}" + _changed(widths["changed"]) + tried)
     if result["speed"] is not None:
         print_speed(result["speed"])
+
+
+def _changed(changed: list[dict]) -> str:
+    """How many layers --round-to auto made wider (and, dropping whole groups, narrower) than γ chose."""
+    if not changed:
+        return ""
+    wider = sum(c["chosen"] > c["gamma"] for c in changed)
+    narrower = len(changed) - wider
+    return f" ({wider} layers wider" + (f", {narrower} narrower" if narrower else "") + " than γ chose)"
 
 
 def print_speed(speed: dict) -> None:

@@ -286,3 +286,16 @@ def test_auto_beside_a_flops_target_searches_whole_groups_at_the_target(bottlene
     assert record["chosen"] == "whole groups"
     pruned = slimctl.apply_plan(bottleneck, chosen)
     assert pruned.b.groups < 4 and measure(pruned, "flops") <= 0.7 * measure(bottleneck, "flops")
+
+
+def test_prune_says_how_many_layers_whole_groups_made_wider_and_narrower(bottleneck, tmp_path):
+    slimctl.save_model(bottleneck, tmp_path / "s.pt", args={}, stage="sparse-train")
+    result = _prune(tmp_path / "s.pt", tmp_path / "p.pt", "--round-to", "auto")
+    widths_record = result["widths"]
+    assert widths_record["chosen"] == "whole groups"
+    wider = sum(c["chosen"] > c["gamma"] for c in widths_record["changed"])
+    narrower = sum(c["chosen"] < c["gamma"] for c in widths_record["changed"])
+    text = run("prune", tmp_path / "s.pt", "--ratio", "0.5", "--round-to", "auto", "-o", tmp_path / "q.pt",
+               "--no-eval", "--no-speed-check").output
+    assert f"--round-to auto: whole groups ({wider} layers wider" in text
+    assert (f", {narrower} narrower than γ chose)" in text) == (narrower > 0)
