@@ -166,6 +166,7 @@ def _timers(paths: list[Path], *, batch_sizes: list[int], device: torch.device, 
             fold_bn: bool, runtimes: tuple[str, ...]) -> tuple[list[dict[str, Any]], list[Callable[..., float]]]:
     """`bench_checkpoints`' rows without their timings, in order, and a timer for each."""
     models = [(p, model_from_checkpoint(load_checkpoint(p), source=str(p))) for p in paths]
+    counts = {p: {"params": count_params(m), "flops": count_flops(m)} for p, m in models}  # FLOPs: a forward pass
     rows, timers = [], []
     for runtime in runtimes:
         for path, model in models:
@@ -181,8 +182,8 @@ def _timers(paths: list[Path], *, batch_sizes: list[int], device: torch.device, 
                 with out_of_memory_as_error(f"timing {path} at batch size {bs}", "--batch-sizes"):
                     timers.append(latency_timer(timed, batch_size=bs, input_size=size, runtime=runtime,
                                                 device=device, dtype=dtype))
-                rows.append({"checkpoint": str(path), "runtime": runtime, "params": count_params(model),
-                             "flops": count_flops(model), "batch_size": bs, "fold_bn": fold_bn, "bns_folded": folded})
+                rows.append({"checkpoint": str(path), "runtime": runtime, **counts[path], "batch_size": bs,
+                             "fold_bn": fold_bn, "bns_folded": folded})
     return rows, timers
 
 
